@@ -1,0 +1,7 @@
+//! fcdev: remote development clusters. One binary: the laptop CLI and `fcdev server` (control API, VM
+//! orchestration and the WireGuard hub).
+
+pub mod api;
+pub mod names;
+pub mod server;
+pub mod tunnel;

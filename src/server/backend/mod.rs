@@ -1,0 +1,124 @@
+//! How VMs are run. The orchestrator only talks to this trait; `qemu` runs real VMs, `process` is a test backend
+//! whose "VMs" are local processes serving HTTP on loopback (for control-plane tests; never the server default).
+//!
+//! Every method is blocking: the orchestrator calls them from `spawn_blocking`.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use crate::api::Subnet;
+use crate::server::images::{Image, VmTemplate};
+
+pub mod process;
+pub mod qemu;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{message}")]
+    Failed {
+        message: String,
+        /// The last lines of the VM's log (qemu stderr/serial), for the user.
+        log_tail: Option<String>,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BackendError {
+    pub fn msg(message: impl Into<String>) -> Self {
+        BackendError::Failed {
+            message: message.into(),
+            log_tail: None,
+        }
+    }
+}
+
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// One engineer's network: a /24 with the host gateway on `.1`.
+#[derive(Debug, Clone)]
+pub struct NamespaceNet {
+    /// The namespace name (a DNS label, e.g. `alice`).
+    pub name: String,
+    /// Stable small integer, unique per namespace; use it for bridge/tap names (`fcbr<index>`, `fct<index>v<slot>`).
+    pub index: u32,
+    pub subnet: Subnet,
+    pub gateway: Ipv4Addr,
+}
+
+/// Everything a backend needs to start one VM of a cluster.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub namespace: NamespaceNet,
+    pub cluster: String,
+    /// Position in the image template (0-based); the address is `.10 + slot`.
+    pub slot: u32,
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub mac: String,
+    pub image: Image,
+    pub template: VmTemplate,
+    /// The VM's own folder: overlay disk, sockets, pid file, logs. Created by the orchestrator; the backend owns
+    /// what is inside it. Removing the folder must be enough to forget the VM once it is stopped.
+    pub run_dir: PathBuf,
+    /// Engineers' ssh public keys to authorize inside the guest (never baked into the shared image).
+    pub ssh_keys: Vec<String>,
+}
+
+/// How a VM was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Restored from the image's onboarding snapshot.
+    Restore,
+    /// Booted from the kernel/disk.
+    Boot,
+}
+
+impl StartMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartMode::Restore => "restore",
+            StartMode::Boot => "boot",
+        }
+    }
+}
+
+pub trait Backend: Send + Sync {
+    /// Short name for logs and `/v1/health` (`qemu`, `process`).
+    fn kind(&self) -> &'static str;
+
+    /// The accelerator in use (`kvm`, `tcg`, or `none`), reported by `/v1/health`.
+    fn accelerator(&self) -> String {
+        "none".to_string()
+    }
+
+    /// How long a VM may take to become ready after `start` (longer under TCG).
+    fn ready_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(60)
+    }
+
+    /// Create the namespace's bridge/isolation (idempotent).
+    fn ensure_namespace(&self, ns: &NamespaceNet) -> BackendResult<()>;
+
+    /// Remove the namespace's bridge/isolation (idempotent; called when it has no VMs left).
+    fn remove_namespace(&self, ns: &NamespaceNet) -> BackendResult<()>;
+
+    /// Start one VM: create its disk overlay if missing, then restore the onboarding snapshot when the image has
+    /// one, else boot. Returns without waiting for readiness.
+    fn start(&self, vm: &VmSpec) -> BackendResult<StartMode>;
+
+    /// Whether the VM answers its readiness probe right now (must return quickly, ~1 s at most).
+    fn probe(&self, vm: &VmSpec) -> bool;
+
+    /// Whether the VM's process is alive (used to notice killed VMs and to re-adopt after a server restart).
+    fn is_running(&self, vm: &VmSpec) -> bool;
+
+    /// Stop the VM and remove its runtime files (sockets, pid file); keeps the disk overlay.
+    fn stop(&self, vm: &VmSpec) -> BackendResult<()>;
+
+    /// Throw the VM's disk overlay away (reset / delete). The VM is stopped first by the caller.
+    fn discard_disk(&self, vm: &VmSpec) -> BackendResult<()>;
+
+    /// The last lines of the VM's log, for error messages.
+    fn log_tail(&self, vm: &VmSpec) -> Option<String>;
+}

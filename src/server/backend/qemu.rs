@@ -1,0 +1,1 @@
+//! Real VMs with qemu-system-x86_64 (placeholder).

@@ -1,0 +1,1 @@
+//! The userspace WireGuard data path (placeholder).
