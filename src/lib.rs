@@ -2,6 +2,8 @@
 //! orchestration and the WireGuard hub).
 
 pub mod api;
+pub mod cli;
+pub mod image;
 pub mod names;
 pub mod server;
 pub mod tunnel;

@@ -1,0 +1,3 @@
+//! Command-line front ends.
+
+pub mod image;

@@ -1,1 +1,0 @@
-//! Real VMs with qemu-system-x86_64 (placeholder).
