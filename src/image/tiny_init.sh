@@ -55,7 +55,7 @@ configure() {
   [ -n "$IP" ] && ip addr add "$IP" dev eth0
   ip link set eth0 up
   [ -n "$GW" ] && ip route replace default via "$GW"
-  ip neigh flush dev eth0 2>/dev/null
+  ip neigh flush dev eth0 >/dev/null 2>&1
   hostname "$NAME"
   echo "$NAME" > /etc/hostname
   page

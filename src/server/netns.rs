@@ -88,9 +88,15 @@ fn nft(script: &str) -> NetResult<()> {
     run("nft", "nftables", &["-f", "-"], Some(script)).map(|_| ())
 }
 
-/// Whether a network interface exists in the current network namespace.
+/// Whether a network interface exists in the calling thread's network namespace. (`/sys/class/net` shows the
+/// namespace sysfs was mounted in, and `/proc/self/net` the main thread's, so neither works after `setns`.)
 pub fn link_exists(name: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(name).exists()
+    let Ok(dev) = std::fs::read_to_string("/proc/thread-self/net/dev") else {
+        return false;
+    };
+    dev.lines()
+        .filter_map(|l| l.split_once(':'))
+        .any(|(n, _)| n.trim() == name)
 }
 
 fn sysctl(path: &str, value: &str) -> NetResult<()> {
@@ -197,5 +203,56 @@ mod tests {
         assert_eq!(bridge_name(7), "fcbr7");
         assert_eq!(tap_name(12, 3), "fct12v3");
         assert!(tap_name(99_999, 999).len() <= 15);
+    }
+}
+
+/// A named network namespace (`ip netns add NAME`) that the calling thread enters; on drop the thread goes
+/// back to its previous namespace and the namespace is deleted. Threads and processes started by this thread
+/// afterwards live in the namespace too. Used by tests and benchmarks (and usable by `fcdev server --dev`).
+pub struct ThreadNetns {
+    name: String,
+    original: std::fs::File,
+}
+
+fn setns_file(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a namespace fd we own.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl ThreadNetns {
+    pub fn create_and_enter(name: &str) -> NetResult<ThreadNetns> {
+        let sys = |path: &str| {
+            let p = path.to_string();
+            move |source| NetError::Sysctl { path: p, source }
+        };
+        let original =
+            std::fs::File::open("/proc/thread-self/ns/net").map_err(sys("/proc/thread-self/ns/net"))?;
+        let _ = ip(&["netns", "del", name]);
+        ip(&["netns", "add", name])?;
+        let path = format!("/run/netns/{name}");
+        let ns = std::fs::File::open(&path).map_err(sys(&path))?;
+        setns_file(&ns).map_err(sys(&path))?;
+        let guard = ThreadNetns {
+            name: name.to_string(),
+            original,
+        };
+        ip(&["link", "set", "lo", "up"])?;
+        Ok(guard)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for ThreadNetns {
+    fn drop(&mut self) {
+        let _ = setns_file(&self.original);
+        let _ = ip(&["netns", "del", &self.name]);
     }
 }

@@ -7,6 +7,7 @@
 //! file instead of starting a second one.
 
 pub mod agent;
+pub mod bench;
 pub mod cmdline;
 pub mod proc;
 pub mod qmp;
@@ -257,6 +258,12 @@ impl QemuBackend {
         })
     }
 
+    /// How long one boot attempt may take before the VM is killed and booted once more (default 45 s).
+    pub fn with_boot_deadline(mut self, deadline: Duration) -> Self {
+        self.boot_deadline = deadline;
+        self
+    }
+
     /// The resolved accelerator (never `Auto`).
     pub fn accel(&self) -> Accel {
         self.accel
@@ -467,6 +474,11 @@ impl Supervisor {
                 let status = q.status().map_err(|e| e.to_string())?;
                 if status == "running" {
                     break;
+                }
+                if status == "paused" {
+                    // The snapshot was saved from a paused guest, so the restored one stays paused: resume it.
+                    q.execute("cont", json!({})).map_err(|e| e.to_string())?;
+                    continue;
                 }
                 if status != "inmigrate" && status != "prelaunch" && status != "restore-vm" {
                     let (_, err) = q.migrate_status().unwrap_or(("?".into(), None));
