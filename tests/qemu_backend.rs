@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use fcdev::server::backend::qemu::bench::{cluster_specs, down, http_get, namespace, up};
 use fcdev::server::backend::qemu::{Accel, QemuBackend, QemuConfig};
-use fcdev::server::backend::{Backend, StartMode};
+use fcdev::server::backend::{Backend, StartMode, VmSpec};
 use fcdev::server::images::Image;
 use fcdev::server::netns::{self, ThreadNetns};
 
@@ -78,6 +78,18 @@ fn run_root(tag: &str) -> tempfile::TempDir {
         .expect("temp dir")
 }
 
+/// Stops the VMs even when an assertion fails (qemu outlives the test process otherwise).
+struct Cleanup<'a> {
+    backend: &'a QemuBackend,
+    vms: Vec<VmSpec>,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = down(self.backend, &self.vms);
+    }
+}
+
 fn enter_netns(tag: &str) -> ThreadNetns {
     let name = format!("fcdevtest-{}-{tag}", std::process::id());
     ThreadNetns::create_and_enter(&name).unwrap_or_else(|e| panic!("netns {name}: {e}"))
@@ -94,6 +106,10 @@ fn boot_three_vms_and_fetch_their_pages() {
     b.ensure_namespace(&ns).expect("namespace");
     let root = run_root("boot");
     let vms = cluster_specs(&image, &ns, "c1", root.path()).expect("specs");
+    let _cleanup = Cleanup {
+        backend: &b,
+        vms: vms.clone(),
+    };
     let result = up(&b, &vms, b.ready_deadline());
     let (modes, took) = match result {
         Ok(r) => r,
@@ -110,7 +126,10 @@ fn boot_three_vms_and_fetch_their_pages() {
     }
     // A file written on the disk survives in a booted VM (the disk is at /data).
     let (rc, out) = b
-        .guest_exec(&vms[1], "echo hello > /data/marker && sync && cat /data/marker")
+        .guest_exec(
+            &vms[1],
+            "echo hello > /data/marker && sync && cat /data/marker",
+        )
         .expect("exec");
     assert_eq!((rc, out.trim()), (0, "hello"));
     down(&b, &vms).expect("down");
@@ -129,6 +148,10 @@ fn restore_reset_down_and_readopt() {
     b.ensure_namespace(&ns).expect("namespace");
     let root = run_root("restore");
     let vms = cluster_specs(&image, &ns, "c1", root.path()).expect("specs");
+    let _cleanup = Cleanup {
+        backend: &b,
+        vms: vms.clone(),
+    };
     let (modes, took) = up(&b, &vms, Duration::from_secs(60)).unwrap_or_else(|e| {
         let _ = down(&b, &vms);
         panic!("restore failed: {e:?}")
@@ -167,7 +190,11 @@ fn restore_reset_down_and_readopt() {
     let t0 = Instant::now();
     assert_eq!(b.start(f1).expect("start"), StartMode::Restore);
     while !b.probe(f1) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", b.log_tail(f1));
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            b.log_tail(f1)
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     eprintln!("reset of f1 in {:.2} s", t0.elapsed().as_secs_f64());
@@ -209,6 +236,22 @@ fn namespaces_are_isolated() {
     let mut other = cluster_specs(&image, &ns_b, "c1", &root.path().join("b")).expect("specs");
     other.truncate(1);
     vms.extend(other);
+    let _cleanup = Cleanup {
+        backend: &b,
+        vms: vms.clone(),
+    };
+    // What the WireGuard hub does: a route per tunnel peer to its TUN device (a dummy here).
+    for cmd in [
+        "tuntap add dev fcdtun0 mode tun",
+        "link set fcdtun0 up",
+        "route add 10.240.3.2/32 dev fcdtun0",
+    ] {
+        let ok = std::process::Command::new("ip")
+            .args(cmd.split(' '))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip {cmd}");
+    }
     up(&b, &vms, Duration::from_secs(60)).unwrap_or_else(|e| {
         let _ = down(&b, &vms);
         panic!("up failed: {e:?}")
@@ -216,7 +259,11 @@ fn namespaces_are_isolated() {
     let a = &vms[0];
     let check = |cmd: &str| b.guest_exec(a, cmd).expect("exec").0;
     assert_eq!(check("ping -c 1 -W 2 10.240.3.1"), 0, "own gateway");
-    assert_ne!(check("ping -c 1 -W 2 10.240.4.1"), 0, "other gateway reachable");
+    assert_ne!(
+        check("ping -c 1 -W 2 10.240.4.1"),
+        0,
+        "other gateway reachable"
+    );
     assert_ne!(
         check("wget -q -T 2 -O - http://10.240.4.10/"),
         0,
@@ -244,6 +291,10 @@ fn faults_are_noticed() {
     b.ensure_namespace(&ns).expect("namespace");
     let root = run_root("faults");
     let vms = cluster_specs(&image, &ns, "c1", root.path()).expect("specs");
+    let _cleanup = Cleanup {
+        backend: &b,
+        vms: vms.clone(),
+    };
 
     // A killed qemu is noticed.
     let vm = &vms[0];
@@ -253,7 +304,10 @@ fn faults_are_noticed() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let t0 = Instant::now();
     while b.is_running(vm) {
-        assert!(t0.elapsed() < Duration::from_secs(5), "killed qemu still running");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "killed qemu still running"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     b.stop(vm).expect("stop after kill");
@@ -273,6 +327,7 @@ fn faults_are_noticed() {
     assert!(tail.contains("console.log"), "{tail}");
     assert!(tail.contains("not ready within 15 s"), "{tail}");
     b.stop(&never).expect("stop");
+    b.discard_disk(&never).expect("discard");
     assert!(!b.is_running(&never));
     b.remove_namespace(&ns).expect("remove namespace");
 }

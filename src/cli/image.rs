@@ -87,10 +87,7 @@ pub fn run(args: ImageArgs, data_dir: &Path) -> anyhow::Result<()> {
             let report = snapshot_image(&dir, &backend)
                 .with_context(|| format!("snapshotting image `{name}`"))?;
             for (key, vms, ms) in &report.snapshots {
-                println!(
-                    "snapshot {key} for {} (saved in {ms} ms)",
-                    vms.join(", ")
-                );
+                println!("snapshot {key} for {} (saved in {ms} ms)", vms.join(", "));
             }
             println!(
                 "snapshot of {name} done in {:.1} s ({})",

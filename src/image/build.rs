@@ -117,10 +117,7 @@ pub fn find_kernel(version: Option<&str>) -> BuildResult<String> {
         .collect();
     versions.sort();
     let cloud = versions.iter().rev().find(|v| v.ends_with("-cloud-amd64"));
-    cloud
-        .or(versions.last())
-        .cloned()
-        .ok_or_else(missing)
+    cloud.or(versions.last()).cloned().ok_or_else(missing)
 }
 
 /// Module files (in load order) for `names` and their dependencies.
@@ -186,7 +183,7 @@ fn shared_libs(binary: &Path) -> Vec<PathBuf> {
         .filter_map(|l| {
             let l = l.trim();
             let p = match l.split_once("=>") {
-                Some((_, rest)) => rest.trim().split_whitespace().next()?,
+                Some((_, rest)) => rest.split_whitespace().next()?,
                 None => l.split_whitespace().next()?,
             };
             p.starts_with('/').then(|| PathBuf::from(p))
@@ -247,8 +244,21 @@ pub fn tiny_initramfs(kver: &str, opts: &BuildOptions) -> BuildResult<Vec<u8>> {
         dirs: BTreeSet::new(),
     };
     for d in [
-        "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/etc", "/proc", "/sys", "/dev", "/tmp", "/run",
-        "/data", "/www", "/root", "/var/log", "/lib/modules",
+        "/bin",
+        "/sbin",
+        "/usr/bin",
+        "/usr/sbin",
+        "/etc",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/tmp",
+        "/run",
+        "/data",
+        "/www",
+        "/root",
+        "/var/log",
+        "/lib/modules",
     ] {
         t.dir_all(d);
     }
@@ -289,7 +299,11 @@ pub fn tiny_initramfs(kver: &str, opts: &BuildOptions) -> BuildResult<Vec<u8>> {
     t.file("/etc/group", 0o644, b"root:x:0:\nwww:x:33:\n");
     t.file("/etc/shells", 0o644, b"/bin/sh\n");
     t.file("/etc/hosts", 0o644, b"127.0.0.1 localhost\n");
-    t.file("/etc/nsswitch.conf", 0o644, b"passwd: files\ngroup: files\n");
+    t.file(
+        "/etc/nsswitch.conf",
+        0o644,
+        b"passwd: files\ngroup: files\n",
+    );
     t.file("/init", 0o755, TINY_INIT.as_bytes());
     Ok(t.cpio.finish())
 }
@@ -317,7 +331,11 @@ pub fn empty_disk(out: &Path, size_mb: u32) -> BuildResult<()> {
             "install the Debian package `e2fsprogs`",
         )
     } else {
-        run("busybox", &["mke2fs", "-L", "data", &raw_s], "install `busybox-static`")
+        run(
+            "busybox",
+            &["mke2fs", "-L", "data", &raw_s],
+            "install `busybox-static`",
+        )
     };
     mkfs?;
     let out_s = out.to_string_lossy().to_string();

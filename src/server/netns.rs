@@ -52,7 +52,12 @@ fn check_name(name: &str) -> NetResult<()> {
     Ok(())
 }
 
-fn run(program: &str, package: &'static str, args: &[&str], stdin: Option<&str>) -> NetResult<String> {
+fn run(
+    program: &str,
+    package: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> NetResult<String> {
     use std::io::Write;
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -119,7 +124,17 @@ pub fn ensure_bridge(index: u32, subnet: Subnet, gateway: Ipv4Addr) -> NetResult
         }
     }
     // No STP delay: VMs must talk the moment their tap joins.
-    let _ = ip(&["link", "set", &br, "type", "bridge", "forward_delay", "0", "stp_state", "0"]);
+    let _ = ip(&[
+        "link",
+        "set",
+        &br,
+        "type",
+        "bridge",
+        "forward_delay",
+        "0",
+        "stp_state",
+        "0",
+    ]);
     let addr = format!("{gateway}/{}", subnet.prefix);
     ip(&["addr", "replace", &addr, "dev", &br])?;
     ip(&["link", "set", &br, "up"])?;
@@ -162,7 +177,9 @@ pub fn remove_bridge(index: u32) -> NetResult<()> {
         }
     }
     let table = table_name(index);
-    nft(&format!("table inet {table} {{}}\ndelete table inet {table}\n"))
+    nft(&format!(
+        "table inet {table} {{}}\ndelete table inet {table}\n"
+    ))
 }
 
 /// Create the VM's tap (persistent, so qemu can open it by name) and attach it to the namespace bridge.
@@ -194,18 +211,6 @@ pub fn remove_tap(index: u32, slot: u32) -> NetResult<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_fit_in_ifnamsiz() {
-        assert_eq!(bridge_name(7), "fcbr7");
-        assert_eq!(tap_name(12, 3), "fct12v3");
-        assert!(tap_name(99_999, 999).len() <= 15);
-    }
-}
-
 /// A named network namespace (`ip netns add NAME`) that the calling thread enters; on drop the thread goes
 /// back to its previous namespace and the namespace is deleted. Threads and processes started by this thread
 /// afterwards live in the namespace too. Used by tests and benchmarks (and usable by `fcdev server --dev`).
@@ -230,8 +235,8 @@ impl ThreadNetns {
             let p = path.to_string();
             move |source| NetError::Sysctl { path: p, source }
         };
-        let original =
-            std::fs::File::open("/proc/thread-self/ns/net").map_err(sys("/proc/thread-self/ns/net"))?;
+        let original = std::fs::File::open("/proc/thread-self/ns/net")
+            .map_err(sys("/proc/thread-self/ns/net"))?;
         let _ = ip(&["netns", "del", name]);
         ip(&["netns", "add", name])?;
         let path = format!("/run/netns/{name}");
@@ -254,5 +259,17 @@ impl Drop for ThreadNetns {
     fn drop(&mut self) {
         let _ = setns_file(&self.original);
         let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_in_ifnamsiz() {
+        assert_eq!(bridge_name(7), "fcbr7");
+        assert_eq!(tap_name(12, 3), "fct12v3");
+        assert!(tap_name(99_999, 999).len() <= 15);
     }
 }

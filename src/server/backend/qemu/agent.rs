@@ -52,9 +52,17 @@ impl GuestConfig {
             self.gateway,
             self.name,
             self.namespace,
-            if self.role.is_empty() { "-" } else { &self.role },
+            if self.role.is_empty() {
+                "-"
+            } else {
+                &self.role
+            },
             self.mac,
-            if keys.is_empty() { "-".to_string() } else { keys },
+            if keys.is_empty() {
+                "-".to_string()
+            } else {
+                keys
+            },
             hex::encode(seed)
         )
     }
@@ -86,7 +94,9 @@ pub fn request(
         }
     };
     let mut writer = stream.try_clone()?;
-    let poll = resend.unwrap_or(Duration::from_millis(200)).min(Duration::from_millis(200));
+    let poll = resend
+        .unwrap_or(Duration::from_millis(200))
+        .min(Duration::from_millis(200));
     stream.set_read_timeout(Some(poll))?;
     let mut reader = BufReader::new(stream);
     let send = |w: &mut UnixStream| -> std::io::Result<()> {
@@ -129,7 +139,14 @@ pub fn request(
 
 /// Wait until the guest agent answers (the guest finished booting its services).
 pub fn ping(socket: &Path, timeout: Duration) -> Result<(), AgentError> {
-    request(socket, "ping", "pong", timeout, Some(Duration::from_millis(500))).map(|_| ())
+    request(
+        socket,
+        "ping",
+        "pong",
+        timeout,
+        Some(Duration::from_millis(500)),
+    )
+    .map(|_| ())
 }
 
 /// Tell a restored guest who it is; returns when the guest confirmed.

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::api::Subnet;
-use crate::server::backend::{Backend, BackendError, BackendResult, NamespaceNet, StartMode, VmSpec};
+use crate::server::backend::{
+    Backend, BackendError, BackendResult, NamespaceNet, StartMode, VmSpec,
+};
 use crate::server::images::Image;
 
 /// A namespace `name` with index `index` on 10.240.<index>.0/24.
@@ -60,10 +62,16 @@ pub fn up(
 ) -> BackendResult<(Vec<StartMode>, Duration)> {
     let t0 = Instant::now();
     let modes: Vec<BackendResult<StartMode>> = std::thread::scope(|s| {
-        let handles: Vec<_> = vms.iter().map(|vm| s.spawn(move || backend.start(vm))).collect();
+        let handles: Vec<_> = vms
+            .iter()
+            .map(|vm| s.spawn(move || backend.start(vm)))
+            .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(BackendError::msg("start panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(BackendError::msg("start panicked")))
+            })
             .collect()
     });
     let modes = modes.into_iter().collect::<BackendResult<Vec<_>>>()?;

@@ -30,7 +30,10 @@ pub enum Memory {
     Anonymous,
     /// Guest RAM in a file: `share=true` for the snapshot source (the file becomes the snapshot's memory),
     /// `share=false` for restores (the snapshot's file mapped copy-on-write).
-    File { path: PathBuf, share: bool },
+    File {
+        path: PathBuf,
+        share: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -67,7 +70,10 @@ impl Launch {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |v: OsString| a.push(v);
         push(os("-name"));
-        push(os(format!("fcdev-{},process=fcdev-{}", self.name, self.name)));
+        push(os(format!(
+            "fcdev-{},process=fcdev-{}",
+            self.name, self.name
+        )));
         push(os("-nodefaults"));
         push(os("-no-user-config"));
         push(os("-display"));

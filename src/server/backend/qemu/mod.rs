@@ -208,8 +208,7 @@ pub fn probe_addr(probe: &str, addr: std::net::Ipv4Addr) -> bool {
         return true;
     }
     let _ = s.set_read_timeout(Some(Duration::from_millis(700)));
-    if s
-        .write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+    if s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .is_err()
     {
         return false;
@@ -291,9 +290,9 @@ impl QemuBackend {
 
     /// Create `overlay` as a qcow2 on `base` (never a copy).
     pub fn create_overlay(&self, base: &Path, overlay: &Path) -> BackendResult<()> {
-        let base = base.canonicalize().map_err(|e| {
-            BackendError::msg(format!("base disk {}: {e}", base.display()))
-        })?;
+        let base = base
+            .canonicalize()
+            .map_err(|e| BackendError::msg(format!("base disk {}: {e}", base.display())))?;
         let fmt = if base.extension().is_some_and(|e| e == "qcow2") {
             "qcow2"
         } else {
@@ -337,7 +336,10 @@ impl QemuBackend {
             .map_err(|e| BackendError::msg(format!("tap for {}: {e}", vm.name)))
     }
 
-    fn kernel_paths(image: &Image, template: &VmTemplate) -> BackendResult<(PathBuf, Option<PathBuf>)> {
+    fn kernel_paths(
+        image: &Image,
+        template: &VmTemplate,
+    ) -> BackendResult<(PathBuf, Option<PathBuf>)> {
         let kernel = template
             .kernel
             .as_deref()
@@ -368,7 +370,11 @@ impl QemuBackend {
             kernel,
             initrd,
             append: boot_append(&vm.template, &guest_config(vm)),
-            disk: vm.template.disk.as_ref().map(|_| vm.run_dir.join(files::DISK)),
+            disk: vm
+                .template
+                .disk
+                .as_ref()
+                .map(|_| vm.run_dir.join(files::DISK)),
             net: Net::Tap(tap),
             mac: vm.mac.clone(),
             memory: Memory::Anonymous,
@@ -378,7 +384,12 @@ impl QemuBackend {
     }
 
     /// Start qemu waiting for an incoming migration and feed it the snapshot's state.
-    fn launch_restore(&self, vm: &VmSpec, tap: String, snap: &snapshot::Found) -> BackendResult<()> {
+    fn launch_restore(
+        &self,
+        vm: &VmSpec,
+        tap: String,
+        snap: &snapshot::Found,
+    ) -> BackendResult<()> {
         let (kernel, initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
         let launch = Launch {
             accel: self.accel,
@@ -388,7 +399,11 @@ impl QemuBackend {
             kernel,
             initrd,
             append: snap.meta.append.clone(),
-            disk: vm.template.disk.as_ref().map(|_| vm.run_dir.join(files::DISK)),
+            disk: vm
+                .template
+                .disk
+                .as_ref()
+                .map(|_| vm.run_dir.join(files::DISK)),
             net: Net::Tap(tap),
             mac: vm.mac.clone(),
             memory: Memory::File {
@@ -419,7 +434,9 @@ impl QemuBackend {
             return;
         }
         if graceful {
-            if let Ok(mut q) = qmp::Qmp::connect(&run_dir.join(files::QMP), Duration::from_millis(300)) {
+            if let Ok(mut q) =
+                qmp::Qmp::connect(&run_dir.join(files::QMP), Duration::from_millis(300))
+            {
                 let _ = q.execute("quit", json!({}));
             }
             if proc::wait_gone(pid, run_dir, Duration::from_secs(3)) {
@@ -531,7 +548,10 @@ impl Supervisor {
                 for f in [files::QMP, files::AGENT, files::PID] {
                     let _ = std::fs::remove_file(run.join(f));
                 }
-                note(run, &format!("booting (attempt {attempt}, accel {})", self.accel));
+                note(
+                    run,
+                    &format!("booting (attempt {attempt}, accel {})", self.accel),
+                );
                 if let Err(e) = proc::spawn_detached(&self.binary, &launch.args(), run) {
                     note(run, &format!("qemu did not start: {e}"));
                     continue;
@@ -632,7 +652,10 @@ impl Backend for QemuBackend {
                     return Ok(StartMode::Restore);
                 }
                 Err(e) => {
-                    note(run, &format!("restore could not start ({e}); booting instead"));
+                    note(
+                        run,
+                        &format!("restore could not start ({e}); booting instead"),
+                    );
                     Self::kill_vm(run, false);
                 }
             }

@@ -54,7 +54,9 @@ impl Qmp {
         };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "unexpected greeting {greeting}"
+            )));
         }
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)
@@ -66,7 +68,8 @@ impl Qmp {
         if n == 0 {
             return Err(QmpError::Protocol("connection closed".into()));
         }
-        serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("bad JSON {line:?}: {e}")))
+        serde_json::from_str(&line)
+            .map_err(|e| QmpError::Protocol(format!("bad JSON {line:?}: {e}")))
     }
 
     /// Run a command and return its `return` value; events received meanwhile are skipped.

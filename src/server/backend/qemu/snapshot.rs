@@ -211,8 +211,8 @@ impl QemuBackend {
             append,
             save_ms,
         };
-        let text = toml::to_string(&meta)
-            .map_err(|e| BackendError::msg(format!("snapshot meta: {e}")))?;
+        let text =
+            toml::to_string(&meta).map_err(|e| BackendError::msg(format!("snapshot meta: {e}")))?;
         std::fs::write(dir.join(META), text)?;
         std::fs::remove_dir_all(&run)?;
         Ok(meta)
