@@ -16,7 +16,11 @@ pub struct SnapshotReport {
 /// Take one snapshot per distinct VM shape of the image (VMs with the same kernel, initrd, disk, arguments and
 /// size share one), into `image_dir/<snapshot dir>/`. Runs the guests on a NIC that reaches nothing.
 pub fn snapshot_image(image_dir: &Path, backend: &QemuBackend) -> BuildResult<SnapshotReport> {
-    let image = Image::load(image_dir).map_err(|e| BuildError::Other(e.to_string()))?;
+    let image_dir = image_dir.canonicalize().map_err(super::io_err(format!(
+        "image folder {}",
+        image_dir.display()
+    )))?;
+    let image = Image::load(&image_dir).map_err(|e| BuildError::Other(e.to_string()))?;
     let rel = image
         .spec
         .snapshot

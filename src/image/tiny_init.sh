@@ -49,16 +49,16 @@ keys() {
 }
 
 configure() {
-  ip link set eth0 down
+  # virtio-net takes a new MAC while up; the address first, everything else after.
   [ -n "$MAC" ] && ip link set eth0 address "$MAC"
   ip addr flush dev eth0
   [ -n "$IP" ] && ip addr add "$IP" dev eth0
   ip link set eth0 up
+  [ -n "$IP" ] && arping -U -c 1 -I eth0 "${IP%/*}" >/dev/null 2>&1 &
   [ -n "$GW" ] && ip route replace default via "$GW"
   ip neigh flush dev eth0 >/dev/null 2>&1
-  hostname "$NAME"
-  echo "$NAME" > /etc/hostname
   page
+  hostname "$NAME"
   keys
 }
 
@@ -94,7 +94,6 @@ while true; do
         done
         configure
         mount_data
-        arping -U -c 1 -I eth0 "${IP%/*}" >/dev/null 2>&1 &
         echo "ok $NAME" >&3
         ;;
       run)

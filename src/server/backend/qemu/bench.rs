@@ -60,6 +60,21 @@ pub fn up(
     vms: &[VmSpec],
     deadline: Duration,
 ) -> BackendResult<(Vec<StartMode>, Duration)> {
+    up_until(backend, vms, deadline, |vm| backend.probe(vm))
+}
+
+/// Whether `vm` serves a page over HTTP that names it.
+pub fn serves_own_page(vm: &VmSpec) -> bool {
+    http_get(vm.address).is_ok_and(|p| p.contains(&format!("vm {} ", vm.name)))
+}
+
+/// Start every VM (in parallel) and wait until `ready` holds for all of them.
+pub fn up_until(
+    backend: &dyn Backend,
+    vms: &[VmSpec],
+    deadline: Duration,
+    ready_check: impl Fn(&VmSpec) -> bool,
+) -> BackendResult<(Vec<StartMode>, Duration)> {
     let t0 = Instant::now();
     let modes: Vec<BackendResult<StartMode>> = std::thread::scope(|s| {
         let handles: Vec<_> = vms
@@ -79,7 +94,7 @@ pub fn up(
     loop {
         for (i, vm) in vms.iter().enumerate() {
             if !ready[i] {
-                ready[i] = backend.probe(vm);
+                ready[i] = ready_check(vm);
             }
         }
         if ready.iter().all(|r| *r) {
@@ -133,4 +148,26 @@ pub fn http_get(addr: Ipv4Addr) -> std::io::Result<String> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or(out))
+}
+
+/// Proportional set size of a process in KiB (shared snapshot pages are split between the VMs mapping them).
+pub fn pss_kib(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with("Pss:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Median of durations (sorted copy).
+pub fn median(values: &[Duration]) -> Duration {
+    let mut v = values.to_vec();
+    v.sort();
+    if v.is_empty() {
+        Duration::ZERO
+    } else {
+        v[v.len() / 2]
+    }
 }

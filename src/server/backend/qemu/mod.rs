@@ -277,15 +277,21 @@ impl QemuBackend {
     }
 
     fn bump_generation(&self, run_dir: &Path) -> u64 {
+        let key = run_dir
+            .canonicalize()
+            .unwrap_or_else(|_| run_dir.to_path_buf());
         let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
-        let e = g.entry(run_dir.to_path_buf()).or_insert(0);
+        let e = g.entry(key).or_insert(0);
         *e += 1;
         *e
     }
 
     fn current_generation(gens: &Mutex<HashMap<PathBuf, u64>>, run_dir: &Path) -> u64 {
+        let key = run_dir
+            .canonicalize()
+            .unwrap_or_else(|_| run_dir.to_path_buf());
         let g = gens.lock().unwrap_or_else(|e| e.into_inner());
-        g.get(run_dir).copied().unwrap_or(0)
+        g.get(&key).copied().unwrap_or(0)
     }
 
     /// Create `overlay` as a qcow2 on `base` (never a copy).
@@ -356,7 +362,14 @@ impl QemuBackend {
                 kernel.display()
             )));
         }
-        let initrd = template.initrd.as_deref().map(|i| image.path(i));
+        // qemu runs in the VM's run dir: make the paths absolute.
+        let kernel = kernel.canonicalize()?;
+        let initrd = match template.initrd.as_deref() {
+            Some(i) => Some(image.path(i).canonicalize().map_err(|e| {
+                BackendError::msg(format!("initrd {}: {e}", image.path(i).display()))
+            })?),
+            None => None,
+        };
         Ok((kernel, initrd))
     }
 
@@ -571,13 +584,16 @@ impl Supervisor {
                 }
                 let alive = proc::read_pid(run).is_some_and(|p| proc::alive(p, run));
                 if !alive {
-                    note(run, "qemu exited during boot");
+                    note(run, &format!("qemu exited during boot (attempt {attempt})"));
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
             if !self.current(run) {
                 return;
+            }
+            if t0.elapsed() < self.boot_deadline {
+                continue;
             }
             note(
                 run,
@@ -615,8 +631,15 @@ impl Backend for QemuBackend {
     }
 
     fn start(&self, vm: &VmSpec) -> BackendResult<StartMode> {
+        // qemu runs in the run dir and the snapshot paths end up in its arguments: use absolute paths.
+        let mut owned = vm.clone();
+        owned.image.dir = vm.image.dir.canonicalize().map_err(|e| {
+            BackendError::msg(format!("image folder {}: {e}", vm.image.dir.display()))
+        })?;
+        std::fs::create_dir_all(&vm.run_dir)?;
+        owned.run_dir = vm.run_dir.canonicalize()?;
+        let vm = &owned;
         let run = &vm.run_dir;
-        std::fs::create_dir_all(run)?;
         if self.is_running(vm) {
             // Re-adopt: never start a second qemu for one VM.
             let mode = std::fs::read_to_string(run.join(files::MODE)).unwrap_or_default();

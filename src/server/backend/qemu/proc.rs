@@ -78,6 +78,9 @@ pub fn alive(pid: i32, run_dir: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
+    let run_dir = run_dir
+        .canonicalize()
+        .unwrap_or_else(|_| run_dir.to_path_buf());
     let needle = run_dir.as_os_str().as_encoded_bytes();
     !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
 }

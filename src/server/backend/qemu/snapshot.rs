@@ -106,8 +106,10 @@ impl QemuBackend {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
+        std::fs::create_dir_all(dir.join("run"))?;
+        // qemu runs in the run dir: absolute paths only.
+        let dir = dir.canonicalize()?;
         let run = dir.join("run");
-        std::fs::create_dir_all(&run)?;
         let (kernel, initrd) = Self::kernel_paths(image, template)?;
         let disk = match &template.disk {
             Some(d) => {
