@@ -78,7 +78,10 @@ fn main() -> anyhow::Result<()> {
             } else {
                 StartMode::Restore
             };
-            anyhow::ensure!(modes.iter().all(|m| *m == want), "{label}: modes {modes:?}");
+            if modes.iter().any(|m| *m != want) {
+                let _ = down(&backend, &vms);
+                anyhow::bail!("{label}: modes {modes:?}");
+            }
             if label == "restore" {
                 std::thread::sleep(Duration::from_millis(300));
                 for vm in &vms {
@@ -91,6 +94,16 @@ fn main() -> anyhow::Result<()> {
                 boot.push(took);
             }
             println!("run {run} {label:7} {:.3} s", took.as_secs_f64());
+            if std::env::var_os("FCDEV_BENCH_VERBOSE").is_some() {
+                std::thread::sleep(Duration::from_millis(500));
+                for vm in &vms {
+                    let log =
+                        std::fs::read_to_string(vm.run_dir.join("qemu.log")).unwrap_or_default();
+                    for line in log.lines().filter(|l| l.starts_with("fcdev:")) {
+                        println!("    {} {line}", vm.name);
+                    }
+                }
+            }
             down(&backend, &vms)?;
         }
     }

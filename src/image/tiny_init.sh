@@ -29,13 +29,16 @@ while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1));
 ip link set lo up
 
 page() {
-  cat > /www/index.html <<PAGE
-fcdev tiny vm ${NAME} namespace ${NS} role ${ROLE} address ${IP%/*}
-PAGE
+  echo "fcdev tiny vm ${NAME} namespace ${NS} role ${ROLE} address ${IP%/*}" > /www/index.html
+}
+
+mounted() {
+  while read -r _dev mnt _rest; do [ "$mnt" = /data ] && return 0; done < /proc/mounts
+  return 1
 }
 
 mount_data() {
-  grep -q ' /data ' /proc/mounts && return 0
+  mounted && return 0
   i=0
   while [ ! -b /dev/vda ] && [ $i -lt 40 ]; do sleep 0.05; i=$((i+1)); done
   [ -b /dev/vda ] && mount -t ext4 -o noatime /dev/vda /data
@@ -48,22 +51,24 @@ keys() {
   fi
 }
 
+# Few processes: every exec costs under TCG. The address comes last: it is what the readiness probe sees.
 configure() {
-  # virtio-net takes a new MAC while up; the address first, everything else after.
   [ -n "$MAC" ] && ip link set eth0 address "$MAC"
-  ip addr flush dev eth0
-  [ -n "$IP" ] && ip addr add "$IP" dev eth0
+  page
+  echo "$NAME" > /proc/sys/kernel/hostname
+  echo "$NAME" > /etc/hostname
+  keys
+  [ -z "$SNAPSHOT" ] && mount_data
+  if [ -n "$IP" ]; then
+    ip addr flush dev eth0
+    ip addr add "$IP" dev eth0
+  fi
   ip link set eth0 up
   [ -n "$IP" ] && arping -U -c 1 -I eth0 "${IP%/*}" >/dev/null 2>&1 &
   [ -n "$GW" ] && ip route replace default via "$GW"
-  ip neigh flush dev eth0 >/dev/null 2>&1
-  page
-  hostname "$NAME"
-  keys
 }
 
 configure
-[ -z "$SNAPSHOT" ] && mount_data
 /bin/httpd -p 80 -h /www
 if [ -x /usr/sbin/dropbear ]; then
   /usr/sbin/dropbear -R -E -p 22 2>/dev/null
@@ -92,8 +97,8 @@ while true; do
             seed=*) echo "${kv#seed=}" > /dev/urandom ;;
           esac
         done
+        SNAPSHOT=
         configure
-        mount_data
         echo "ok $NAME" >&3
         ;;
       run)

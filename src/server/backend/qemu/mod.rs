@@ -462,6 +462,9 @@ impl QemuBackend {
 
     /// Run a shell command inside the guest through the serial agent (tests, debugging).
     pub fn guest_exec(&self, vm: &VmSpec, command: &str) -> BackendResult<(i32, String)> {
+        // The agent starts after httpd at boot: make sure it listens before sending a command (sent once).
+        agent::ping(&vm.run_dir.join(files::AGENT), Duration::from_secs(20))
+            .map_err(|e| err_with_log(e.to_string(), &vm.run_dir))?;
         agent::run(
             &vm.run_dir.join(files::AGENT),
             command,
