@@ -178,7 +178,9 @@ impl Orchestrator {
                 return Ok((existing, UpOutcome::AlreadyReady));
             }
             let cluster = self.store.cluster_by_id(existing.id)?.unwrap_or(existing);
-            if !matches!(cluster.state, ClusterState::Deleting) {
+            // An operation already holding the cluster will bring it up; don't queue a second one behind it.
+            let busy = self.lock_for(cluster.id).try_lock().is_err();
+            if !busy && cluster.state != ClusterState::Deleting {
                 self.spawn_drive(cluster.id, false);
             }
             return Ok((cluster, UpOutcome::Resumed));
