@@ -35,6 +35,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('tunnel', 'tunnel', [CompletionResultType]::ParameterValue, 'Join your namespace''s network from this machine (userspace WireGuard)')
             [CompletionResult]::new('reset', 'reset', [CompletionResultType]::ParameterValue, 'Put a cluster back to its onboarding snapshot')
             [CompletionResult]::new('down', 'down', [CompletionResultType]::ParameterValue, 'Delete a cluster: VMs, disks and this machine''s tunnel peer')
+            [CompletionResult]::new('hosts', 'hosts', [CompletionResultType]::ParameterValue, 'Print /etc/hosts lines for your VMs')
             [CompletionResult]::new('ssh', 'ssh', [CompletionResultType]::ParameterValue, 'Open an ssh session to a VM')
             [CompletionResult]::new('image', 'image', [CompletionResultType]::ParameterValue, 'Build or snapshot prepared images (host side)')
             [CompletionResult]::new('server', 'server', [CompletionResultType]::ParameterValue, 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)')
@@ -113,6 +114,15 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('-y', '-y', [CompletionResultType]::ParameterName, 'Do not ask for confirmation')
             [CompletionResult]::new('--yes', '--yes', [CompletionResultType]::ParameterName, 'Do not ask for confirmation')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print the result as JSON')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;hosts' {
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print JSON')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -282,6 +292,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('tunnel', 'tunnel', [CompletionResultType]::ParameterValue, 'Join your namespace''s network from this machine (userspace WireGuard)')
             [CompletionResult]::new('reset', 'reset', [CompletionResultType]::ParameterValue, 'Put a cluster back to its onboarding snapshot')
             [CompletionResult]::new('down', 'down', [CompletionResultType]::ParameterValue, 'Delete a cluster: VMs, disks and this machine''s tunnel peer')
+            [CompletionResult]::new('hosts', 'hosts', [CompletionResultType]::ParameterValue, 'Print /etc/hosts lines for your VMs')
             [CompletionResult]::new('ssh', 'ssh', [CompletionResultType]::ParameterValue, 'Open an ssh session to a VM')
             [CompletionResult]::new('image', 'image', [CompletionResultType]::ParameterValue, 'Build or snapshot prepared images (host side)')
             [CompletionResult]::new('server', 'server', [CompletionResultType]::ParameterValue, 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)')
@@ -309,6 +320,9 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;help;down' {
+            break
+        }
+        'fcdev;help;hosts' {
             break
         }
         'fcdev;help;ssh' {

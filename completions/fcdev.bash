@@ -28,6 +28,9 @@ _fcdev() {
             fcdev,help)
                 cmd="fcdev__subcmd__help"
                 ;;
+            fcdev,hosts)
+                cmd="fcdev__subcmd__hosts"
+                ;;
             fcdev,image)
                 cmd="fcdev__subcmd__image"
                 ;;
@@ -66,6 +69,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help,help)
                 cmd="fcdev__subcmd__help__subcmd__help"
+                ;;
+            fcdev__subcmd__help,hosts)
+                cmd="fcdev__subcmd__help__subcmd__hosts"
                 ;;
             fcdev__subcmd__help,image)
                 cmd="fcdev__subcmd__help__subcmd__image"
@@ -170,7 +176,7 @@ _fcdev() {
 
     case "${cmd}" in
         fcdev)
-            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down ssh image server completions __test-vm help"
+            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down hosts ssh image server completions __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -258,7 +264,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help)
-            opts="login up status images tunnel reset down ssh image server completions __test-vm help"
+            opts="login up status images tunnel reset down hosts ssh image server completions __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -314,6 +320,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__hosts)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -516,6 +536,24 @@ _fcdev() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__hosts)
+            opts="-v -h --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

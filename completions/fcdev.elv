@@ -32,6 +32,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
             cand reset 'Put a cluster back to its onboarding snapshot'
             cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
+            cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
@@ -103,6 +104,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -y 'Do not ask for confirmation'
             cand --yes 'Do not ask for confirmation'
             cand --json 'Print the result as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;hosts'= {
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print JSON'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -248,6 +257,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
             cand reset 'Put a cluster back to its onboarding snapshot'
             cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
+            cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
@@ -268,6 +278,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;reset'= {
         }
         &'fcdev;help;down'= {
+        }
+        &'fcdev;help;hosts'= {
         }
         &'fcdev;help;ssh'= {
         }

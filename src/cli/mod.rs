@@ -10,6 +10,7 @@ use crate::config::{self, Profile};
 pub mod completions;
 pub mod down;
 pub mod errors;
+pub mod hosts;
 pub mod image;
 pub mod images;
 pub mod login;
@@ -61,6 +62,8 @@ pub enum Command {
     Reset(reset::ResetArgs),
     /// Delete a cluster: VMs, disks and this machine's tunnel peer.
     Down(down::DownArgs),
+    /// Print /etc/hosts lines for your VMs.
+    Hosts(hosts::HostsArgs),
     /// Open an ssh session to a VM.
     Ssh(ssh::SshArgs),
     /// Build or snapshot prepared images (host side).
@@ -168,6 +171,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tunnel(args) => tunnel::run(args, Context::new(cli.profile)?).await,
         Command::Reset(args) => reset::run(args, Context::new(cli.profile)?).await,
         Command::Down(args) => down::run(args, Context::new(cli.profile)?).await,
+        Command::Hosts(args) => hosts::run(args, Context::new(cli.profile)?).await,
         Command::Ssh(args) => ssh::run(args, Context::new(cli.profile)?).await,
         Command::Image(args) => image::run(args).map_err(CliError::from),
         Command::Completions(args) => completions::run(args),
