@@ -98,3 +98,43 @@ pub fn run(args: ImageArgs, data_dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Make sure the default image (`tiny`, with its onboarding snapshot) exists under `data_dir/images` (used by
+/// `fcdev up --local`). A snapshot that cannot be taken is a warning: the VMs then boot instead of restoring.
+pub fn ensure_default_image(data_dir: &Path, progress: bool) -> anyhow::Result<()> {
+    let dir = data_dir.join("images").join("tiny");
+    if !dir.join(crate::server::images::IMAGE_FILE).is_file() {
+        if progress {
+            eprintln!("Building the tiny image in {} ...", dir.display());
+        }
+        build("tiny", &dir, &BuildOptions::default()).context("building the tiny image")?;
+    }
+    let image = crate::server::images::Image::load(&dir)?;
+    if image.snapshot_dir().is_some() {
+        return Ok(());
+    }
+    let accel: Accel = std::env::var("FCDEV_ACCEL")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(Accel::Auto);
+    let backend = match QemuBackend::new(QemuConfig {
+        accel,
+        qemu_binary: None,
+    }) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("warning: no onboarding snapshot for tiny ({e}); VMs will boot");
+            return Ok(());
+        }
+    };
+    if progress {
+        eprintln!(
+            "Taking the onboarding snapshot of tiny ({}) ...",
+            backend.accel()
+        );
+    }
+    if let Err(e) = snapshot_image(&dir, &backend) {
+        eprintln!("warning: no onboarding snapshot for tiny ({e}); VMs will boot");
+    }
+    Ok(())
+}

@@ -1,1 +1,3 @@
-//! The userspace WireGuard data path (placeholder).
+//! The userspace WireGuard data path.
+
+pub mod keys;

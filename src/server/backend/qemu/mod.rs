@@ -112,6 +112,17 @@ pub struct QemuBackend {
     generations: Arc<Mutex<HashMap<PathBuf, u64>>>,
 }
 
+/// The server's constructor: `accel` is `auto`, `kvm` or `tcg` (from `fcdev server --accel`).
+pub fn make(accel: &str) -> anyhow::Result<Arc<dyn Backend>> {
+    let accel: Accel = accel.parse()?;
+    let backend = QemuBackend::new(QemuConfig {
+        accel,
+        qemu_binary: None,
+    })?;
+    tracing::info!("qemu backend: accelerator {}", backend.accel());
+    Ok(Arc::new(backend))
+}
+
 /// Find an executable on PATH (or in the usual sbin folders).
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

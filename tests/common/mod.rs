@@ -1,0 +1,200 @@
+//! Test support: a real `fcdev server` on an ephemeral loopback port with temp dirs, and `fcdev` commands pointed
+//! at it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn fcdev_bin() -> PathBuf {
+    assert_cmd::cargo::cargo_bin("fcdev")
+}
+
+/// The 3-VM template of the tiny image, for the test (process) backend.
+pub const TINY_TOML: &str = r#"
+name = "tiny"
+description = "test image"
+[[vm]]
+name = "n1"
+role = "proxy"
+[[vm]]
+name = "f1"
+role = "app"
+[[vm]]
+name = "m1"
+role = "database"
+"#;
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub token: String,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl TestServer {
+    /// A server with the test backend and the given images (name, image.toml).
+    pub fn start(images: &[(&str, &str)]) -> TestServer {
+        Self::start_with(images, &[])
+    }
+
+    pub fn start_with(images: &[(&str, &str)], extra: &[&str]) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, toml) in images {
+            let d = dir.path().join("images").join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("image.toml"), toml).unwrap();
+        }
+        let mut s = TestServer {
+            dir,
+            url: String::new(),
+            token: String::new(),
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn("127.0.0.1:0");
+        s
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("cfg")
+    }
+
+    fn spawn(&mut self, listen: &str) {
+        let mut child = Command::new(fcdev_bin())
+            .args(["server", "--dev", "--backend", "process", "--netns", "none"])
+            .args([
+                "--hub-tun",
+                "none",
+                "--hub-listen",
+                "127.0.0.1:0",
+                "--user",
+                "alice",
+            ])
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--images")
+            .arg(self.dir.path().join("images"))
+            .args(&self.extra_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fcdev server");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let start = Instant::now();
+        let mut url = None;
+        let mut token = None;
+        while start.elapsed() < Duration::from_secs(30) {
+            let Some(Ok(line)) = lines.next() else { break };
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                url = rest.split_whitespace().next().map(str::to_string);
+            }
+            if let Some(t) = line.split_whitespace().find(|w| w.starts_with("fcd_")) {
+                token = Some(t.to_string());
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.url = url.expect("server printed its URL");
+        self.token = token.expect("server printed a login token");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL the server (VM processes survive, as after a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same port and data dir.
+    pub fn restart(&mut self) {
+        self.kill();
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let start = Instant::now();
+        loop {
+            // The port may linger for a moment.
+            if std::net::TcpListener::bind(&listen).is_ok()
+                || start.elapsed() > Duration::from_secs(10)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.spawn(&listen);
+    }
+
+    /// `fcdev` with this server's temp config and data dirs.
+    pub fn fcdev(&self) -> assert_cmd::Command {
+        let mut cmd = assert_cmd::Command::new(fcdev_bin());
+        cmd.env("FCDEV_CONFIG_DIR", self.config_dir())
+            .env("FCDEV_DATA_DIR", self.data_dir())
+            .env_remove("FCDEV_PROFILE")
+            .env_remove("FCDEV_SERVER")
+            .timeout(Duration::from_secs(60));
+        cmd
+    }
+
+    /// `fcdev` with a separate config dir (another engineer's laptop).
+    pub fn fcdev_as(&self, config_dir: &Path) -> assert_cmd::Command {
+        let mut cmd = self.fcdev();
+        cmd.env("FCDEV_CONFIG_DIR", config_dir);
+        cmd
+    }
+
+    pub fn login(&self) {
+        self.fcdev()
+            .args(["login", "--server", &self.url, "--token-stdin"])
+            .write_stdin(self.token.clone())
+            .assert()
+            .success();
+    }
+
+    /// Kill every test-VM process this server started.
+    pub fn kill_vms(&self) {
+        for pid_file in find_files(&self.data_dir().join("vms"), "vm.pid") {
+            if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+        self.kill_vms();
+    }
+}
+
+pub fn find_files(root: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find_files(&p, name));
+        } else if p.file_name().and_then(|n| n.to_str()) == Some(name) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+pub fn json(out: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(out)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(out)))
+}
