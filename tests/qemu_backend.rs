@@ -331,3 +331,59 @@ fn faults_are_noticed() {
     assert!(!b.is_running(&never));
     b.remove_namespace(&ns).expect("remove namespace");
 }
+
+/// An ssh session (dropbear in the guest, `dbclient` here) with a key given at restore and at boot.
+#[test]
+fn ssh_with_keys_given_at_restore_and_boot() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    require_root();
+    let b = backend();
+    let image = tiny_image(&b);
+    let keydir = tempfile::tempdir().expect("tempdir");
+    let key = keydir.path().join("id");
+    let gen = std::process::Command::new("dropbearkey")
+        .args(["-t", "ed25519", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap_or_else(|e| panic!("dropbearkey (Debian dropbear-bin) is needed: {e}"));
+    assert!(gen.status.success());
+    let public = String::from_utf8_lossy(&gen.stdout)
+        .lines()
+        .find(|l| l.starts_with("ssh-"))
+        .expect("public key")
+        .to_string();
+    let _ns = enter_netns("ssh");
+    let ns = namespace("frank", 6);
+    b.ensure_namespace(&ns).expect("namespace");
+    let root = run_root("ssh");
+    let mut vms = cluster_specs(&image, &ns, "c1", root.path()).expect("specs");
+    vms.truncate(2);
+    vms[1].image = without_snapshot(&image);
+    for vm in &mut vms {
+        vm.ssh_keys = vec![public.clone()];
+    }
+    let _cleanup = Cleanup {
+        backend: &b,
+        vms: vms.clone(),
+    };
+    let (modes, _) = up(&b, &vms, b.ready_deadline()).expect("up");
+    assert_eq!(modes, vec![StartMode::Restore, StartMode::Boot]);
+    for vm in &vms {
+        let out = std::process::Command::new("timeout")
+            .arg("60")
+            .arg("dbclient")
+            .args(["-y", "-y", "-i"])
+            .arg(&key)
+            .arg(format!("root@{}", vm.address))
+            .arg("cat /etc/hostname")
+            .output()
+            .expect("dbclient");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            vm.name,
+            "ssh to {}: {}",
+            vm.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
