@@ -2,6 +2,9 @@
 //! orchestration and the WireGuard hub).
 
 pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
 pub mod names;
 pub mod server;
 pub mod tunnel;

@@ -2,11 +2,11 @@
 //! `bob`, VMs stood in for by busybox httpd on namespace addresses inside `host`. Needs root and
 //! /dev/net/tun (fails, never skips, without them).
 
-mod common;
+mod netns;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use netns::*;
 use fcdev::api::{HostEntry, PeerConfig};
 use fcdev::tunnel::PrivateKey;
 

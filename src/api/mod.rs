@@ -149,6 +149,9 @@ pub struct Cluster {
     /// How the VMs were started: "restore" (onboarding snapshot) or "boot".
     pub start_mode: Option<String>,
     pub vms: Vec<Vm>,
+    /// The newest progress event when this view was taken: follow `/events?after=event_seq` for what comes next.
+    #[serde(default)]
+    pub event_seq: i64,
     pub created_at: String,
     pub updated_at: String,
 }

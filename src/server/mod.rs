@@ -1,4 +1,12 @@
 //! The control plane: HTTP API, state, orchestration, VM backends, the hub.
 
+pub mod alloc;
 pub mod backend;
+pub mod http;
+pub mod hub;
+pub mod hub_control;
 pub mod images;
+pub mod netns_enter;
+pub mod orchestrator;
+pub mod run;
+pub mod store;

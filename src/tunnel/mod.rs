@@ -1,3 +1,4 @@
+<<<<<<< HEAD
 //! The userspace WireGuard data path, shared by both ends: the hub on the server, TUN or rootless (smoltcp)
 //! on the laptop.
 
@@ -17,3 +18,8 @@ pub use error::TunnelError;
 pub use hub::{Hub, HubConfig, HubPeer, HubPeerStats};
 pub use keys::{PrivateKey, PublicKey};
 pub use rootless::Forward;
+=======
+//! The userspace WireGuard data path.
+
+pub mod keys;
+>>>>>>> main

@@ -1,234 +1,200 @@
-//! Network namespaces and tunnel nodes for the tunnel tests. Everything runs inside namespaces created here
-//! and deleted on drop: no traffic leaves the root namespace except on loopback.
+//! Test support: a real `fcdev server` on an ephemeral loopback port with temp dirs, and `fcdev` commands pointed
+//! at it.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Fails (never skips) when the test cannot run here.
-pub fn require_root_and_tun() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the tunnel end-to-end tests need root (network namespaces, TUN devices); run them with sudo"
-    );
-    assert!(
-        std::path::Path::new("/dev/net/tun").exists(),
-        "the tunnel end-to-end tests need /dev/net/tun (modprobe tun, or --device /dev/net/tun in a container)"
-    );
-    for tool in ["ip", "curl", "busybox"] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        assert!(ok, "the tunnel end-to-end tests need `{tool}` installed");
+pub fn fcdev_bin() -> PathBuf {
+    assert_cmd::cargo::cargo_bin("fcdev")
+}
+
+/// The 3-VM template of the tiny image, for the test (process) backend.
+pub const TINY_TOML: &str = r#"
+name = "tiny"
+description = "test image"
+[[vm]]
+name = "n1"
+role = "proxy"
+[[vm]]
+name = "f1"
+role = "app"
+[[vm]]
+name = "m1"
+role = "database"
+"#;
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub token: String,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl TestServer {
+    /// A server with the test backend and the given images (name, image.toml).
+    pub fn start(images: &[(&str, &str)]) -> TestServer {
+        Self::start_with(images, &[])
     }
-}
 
-pub fn run(cmd: &str) -> Output {
-    Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .unwrap_or_else(|e| panic!("running `{cmd}`: {e}"))
-}
-
-pub fn must(cmd: &str) {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The `tunnel_node` example (built by `cargo test`).
-pub fn node_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("examples/tunnel_node");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --example tunnel_node` (cargo test builds it)",
-        bin.display()
-    );
-    bin
-}
-
-/// A set of namespaces deleted (with every process started in them) on drop.
-pub struct Namespaces {
-    pub names: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Namespaces {
-    pub fn new(roles: &[&str]) -> Namespaces {
-        let pid = std::process::id();
-        let names: Vec<String> = roles.iter().map(|r| format!("fcdevt-{r}-{pid}")).collect();
-        let ns = Namespaces {
-            names,
-            children: Vec::new(),
-        };
-        for n in &ns.names {
-            must(&format!("ip netns add {n} && ip -n {n} link set lo up"));
+    pub fn start_with(images: &[(&str, &str)], extra: &[&str]) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, toml) in images {
+            let d = dir.path().join("images").join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("image.toml"), toml).unwrap();
         }
-        ns
+        let mut s = TestServer {
+            dir,
+            url: String::new(),
+            token: String::new(),
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn("127.0.0.1:0");
+        s
     }
 
-    pub fn name(&self, role: &str) -> String {
-        format!("fcdevt-{role}-{}", std::process::id())
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
-    /// Runs a shell command inside a namespace.
-    pub fn sh(&self, role: &str, cmd: &str) -> Output {
-        let ns = self.name(role);
-        Command::new("ip")
-            .args(["netns", "exec", &ns, "sh", "-c", cmd])
-            .output()
-            .unwrap_or_else(|e| panic!("running `{cmd}` in {ns}: {e}"))
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("cfg")
     }
 
-    pub fn must(&self, role: &str, cmd: &str) -> String {
-        let out = self.sh(role, cmd);
-        assert!(
-            out.status.success(),
-            "`{cmd}` in {role} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Starts a background process inside a namespace, killed on drop.
-    pub fn spawn_bg(&mut self, role: &str, cmd: &str) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name(role), "sh", "-c", &format!("exec {cmd}")])
-            .stdout(Stdio::null())
+    fn spawn(&mut self, listen: &str) {
+        let mut child = Command::new(fcdev_bin())
+            .args(["server", "--dev", "--backend", "process", "--netns", "none"])
+            .args([
+                "--hub-tun",
+                "none",
+                "--hub-listen",
+                "127.0.0.1:0",
+                "--user",
+                "alice",
+            ])
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--images")
+            .arg(self.dir.path().join("images"))
+            .args(&self.extra_args)
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn");
-        self.children.push(child);
+            .expect("spawn fcdev server");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let start = Instant::now();
+        let mut url = None;
+        let mut token = None;
+        while start.elapsed() < Duration::from_secs(30) {
+            let Some(Ok(line)) = lines.next() else { break };
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                url = rest.split_whitespace().next().map(str::to_string);
+            }
+            if let Some(t) = line.split_whitespace().find(|w| w.starts_with("fcd_")) {
+                token = Some(t.to_string());
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.url = url.expect("server printed its URL");
+        self.token = token.expect("server printed a login token");
+        self.child = Some(child);
     }
 
-    /// Starts a `tunnel_node` inside a namespace and waits for its READY line.
-    pub fn node(&self, role: &str, args: &[&str]) -> Node {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name(role)])
-            .arg(node_bin())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tunnel_node");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut node = Node {
-            child,
-            stdin: Some(stdin),
-            stdout,
-            ready: String::new(),
-        };
-        node.ready = node.line();
-        assert!(
-            node.ready.starts_with("READY"),
-            "tunnel_node {args:?} did not start: {}",
-            node.ready
-        );
-        node
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for c in &mut self.children {
+    /// SIGKILL the server (VM processes survive, as after a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for n in &self.names {
-            // Kill whatever still runs in the namespace, then delete it.
-            let _ = run(&format!("ip netns pids {n} | xargs -r kill -9"));
-            let _ = run(&format!("ip netns del {n}"));
-        }
-    }
-}
-
-pub struct Node {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-    pub ready: String,
-}
-
-impl Node {
-    fn line(&mut self) -> String {
-        let mut s = String::new();
-        let _ = self.stdout.read_line(&mut s);
-        s.trim().to_string()
     }
 
-    /// Sends one command and returns its one-line answer.
-    pub fn cmd(&mut self, line: &str) -> String {
-        let stdin = self.stdin.as_mut().expect("node stopped");
-        writeln!(stdin, "{line}").expect("write to node");
-        stdin.flush().expect("flush");
-        self.line()
-    }
-
-    /// Closes stdin and waits for a clean exit.
-    pub fn stop(mut self) {
-        self.stdin.take();
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// Start it again on the same port and data dir.
+    pub fn restart(&mut self) {
+        self.kill();
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let start = Instant::now();
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(status.success(), "tunnel_node exited with {status}");
-                return;
+            // The port may linger for a moment.
+            if std::net::TcpListener::bind(&listen).is_ok()
+                || start.elapsed() > Duration::from_secs(10)
+            {
+                break;
             }
-            assert!(Instant::now() < deadline, "tunnel_node did not stop");
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.spawn(&listen);
+    }
+
+    /// `fcdev` with this server's temp config and data dirs.
+    pub fn fcdev(&self) -> assert_cmd::Command {
+        let mut cmd = assert_cmd::Command::new(fcdev_bin());
+        cmd.env("FCDEV_CONFIG_DIR", self.config_dir())
+            .env("FCDEV_DATA_DIR", self.data_dir())
+            .env_remove("FCDEV_PROFILE")
+            .env_remove("FCDEV_SERVER")
+            .timeout(Duration::from_secs(60));
+        cmd
+    }
+
+    /// `fcdev` with a separate config dir (another engineer's laptop).
+    pub fn fcdev_as(&self, config_dir: &Path) -> assert_cmd::Command {
+        let mut cmd = self.fcdev();
+        cmd.env("FCDEV_CONFIG_DIR", config_dir);
+        cmd
+    }
+
+    pub fn login(&self) {
+        self.fcdev()
+            .args(["login", "--server", &self.url, "--token-stdin"])
+            .write_stdin(self.token.clone())
+            .assert()
+            .success();
+    }
+
+    /// Kill every test-VM process this server started.
+    pub fn kill_vms(&self) {
+        for pid_file in find_files(&self.data_dir().join("vms"), "vm.pid") {
+            if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
         }
     }
 }
 
-impl Drop for Node {
+impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.kill();
+        self.kill_vms();
     }
 }
 
-/// Parses `key=value` fields of the hub's STATS line for peer `id`.
-pub fn hub_field(stats: &str, id: i64, field: &str) -> String {
-    let marker = format!("id={id} ");
-    let start = stats
-        .find(&marker)
-        .unwrap_or_else(|| panic!("no peer {id} in {stats}"));
-    let rest = &stats[start..];
-    let rest = rest[marker.len()..]
-        .split(" id=")
-        .next()
-        .unwrap_or_default();
-    rest.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
-        .unwrap_or_else(|| panic!("no {field} for peer {id} in {stats}"))
-        .to_string()
+pub fn find_files(root: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find_files(&p, name));
+        } else if p.file_name().and_then(|n| n.to_str()) == Some(name) {
+            out.push(p);
+        }
+    }
+    out
 }
 
-/// Retries `f` until it returns Some or `timeout` passes.
-pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+pub fn json(out: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(out)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(out)))
 }

@@ -1,1 +1,209 @@
-//! Test backend (placeholder).
+//! **Test backend**: each "VM" is a local `fcdev __test-vm` process serving HTTP on a loopback port. It exists so
+//! the control plane (store, orchestrator, API, CLI) can be tested without QEMU; it is never the default of
+//! `fcdev server` and must be asked for with `--backend process`.
+//!
+//! The template's `cmdline` can steer it for fault tests: `test:never-ready` (never listens),
+//! `test:delay-ms=N` (listens after N ms).
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::{Backend, BackendError, BackendResult, NamespaceNet, StartMode, VmSpec};
+
+pub const PID_FILE: &str = "vm.pid";
+pub const PORT_FILE: &str = "vm.port";
+pub const LOG_FILE: &str = "vm.log";
+pub const DISK_DIR: &str = "disk";
+
+#[derive(Debug, Default)]
+pub struct ProcessBackend;
+
+impl ProcessBackend {
+    pub fn new() -> Self {
+        ProcessBackend
+    }
+}
+
+/// The pid in a pid file, if the process is alive (not a zombie).
+pub fn live_pid(pid_file: &Path, expect_in_cmdline: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state is the first field after the `(comm)`.
+    let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+    if state == 'Z' || state == 'X' {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline)
+        .contains(expect_in_cmdline)
+        .then_some(pid)
+}
+
+/// SIGTERM, then SIGKILL after a grace period.
+pub fn kill_pid(pid: i32, grace: Duration) {
+    // SAFETY: kill(2) with a pid we own; no memory is touched.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let start = std::time::Instant::now();
+    while start.elapsed() < grace {
+        if std::fs::metadata(format!("/proc/{pid}")).is_err() {
+            return;
+        }
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if stat
+                .rsplit_once(')')
+                .map(|(_, s)| s.trim_start().starts_with('Z'))
+                == Some(true)
+            {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+fn marker(vm: &VmSpec) -> String {
+    format!("--run-dir={}", vm.run_dir.display())
+}
+
+impl Backend for ProcessBackend {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn ready_deadline(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    fn ensure_namespace(&self, _ns: &NamespaceNet) -> BackendResult<()> {
+        Ok(())
+    }
+
+    fn remove_namespace(&self, _ns: &NamespaceNet) -> BackendResult<()> {
+        Ok(())
+    }
+
+    fn start(&self, vm: &VmSpec) -> BackendResult<StartMode> {
+        if self.is_running(vm) {
+            return Ok(StartMode::Boot);
+        }
+        std::fs::create_dir_all(vm.run_dir.join(DISK_DIR))?;
+        let _ = std::fs::remove_file(vm.run_dir.join(PORT_FILE));
+        let exe = std::env::current_exe()?;
+        let log = std::fs::File::create(vm.run_dir.join(LOG_FILE))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("__test-vm")
+            .arg(format!("--name={}", vm.name))
+            .arg(marker(vm))
+            .arg(format!("--cmdline={}", vm.template.cmdline))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|e| BackendError::Failed {
+            message: format!("cannot start the test VM process: {e}"),
+            log_tail: None,
+        })?;
+        std::fs::write(vm.run_dir.join(PID_FILE), child.id().to_string())?;
+        // Reap it when it exits so a dead VM never lingers as a zombie that looks alive.
+        std::thread::spawn(move || child.wait());
+        let mode = if vm.image.snapshot_dir().is_some() {
+            StartMode::Restore
+        } else {
+            StartMode::Boot
+        };
+        Ok(mode)
+    }
+
+    fn probe(&self, vm: &VmSpec) -> bool {
+        let Ok(port) = std::fs::read_to_string(vm.run_dir.join(PORT_FILE)) else {
+            return false;
+        };
+        let Ok(port) = port.trim().parse::<u16>() else {
+            return false;
+        };
+        TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(500),
+        )
+        .is_ok()
+    }
+
+    fn is_running(&self, vm: &VmSpec) -> bool {
+        live_pid(&vm.run_dir.join(PID_FILE), &marker(vm)).is_some()
+    }
+
+    fn stop(&self, vm: &VmSpec) -> BackendResult<()> {
+        if let Some(pid) = live_pid(&vm.run_dir.join(PID_FILE), &marker(vm)) {
+            kill_pid(pid, Duration::from_secs(2));
+        }
+        for f in [PID_FILE, PORT_FILE] {
+            match std::fs::remove_file(vm.run_dir.join(f)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn discard_disk(&self, vm: &VmSpec) -> BackendResult<()> {
+        match std::fs::remove_dir_all(vm.run_dir.join(DISK_DIR)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn log_tail(&self, vm: &VmSpec) -> Option<String> {
+        let text = std::fs::read_to_string(vm.run_dir.join(LOG_FILE)).ok()?;
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        (!tail.is_empty()).then_some(tail)
+    }
+}
+
+/// The body of `fcdev __test-vm`: serve `fcdev test VM <name>` over HTTP on a loopback port written to the port
+/// file, until killed.
+pub fn run_test_vm(name: &str, run_dir: &Path, cmdline: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    println!("test VM {name} starting ({cmdline})");
+    if cmdline.split_whitespace().any(|a| a == "test:never-ready") {
+        println!("test VM {name}: told never to become ready");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    if let Some(ms) = cmdline
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("test:delay-ms="))
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let tmp = run_dir.join(format!("{PORT_FILE}.tmp"));
+    std::fs::write(&tmp, port.to_string())?;
+    std::fs::rename(&tmp, run_dir.join(PORT_FILE))?;
+    println!("test VM {name} listening on 127.0.0.1:{port}");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let mut buf = [0u8; 1024];
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.read(&mut buf);
+        let body = format!("fcdev test VM {name}\n");
+        let _ = write!(
+            stream,
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    Ok(())
+}

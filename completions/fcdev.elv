@@ -1,0 +1,301 @@
+
+use builtin;
+use str;
+
+set edit:completion:arg-completer[fcdev] = {|@words|
+    fn spaces {|n|
+        builtin:repeat $n ' ' | str:join ''
+    }
+    fn cand {|text desc|
+        edit:complex-candidate $text &display=$text' '(spaces (- 14 (wcswidth $text)))$desc
+    }
+    var command = 'fcdev'
+    for word $words[1..-1] {
+        if (str:has-prefix $word '-') {
+            break
+        }
+        set command = $command';'$word
+    }
+    var completions = [
+        &'fcdev'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
+            cand login 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
+            cand up 'Create your cluster (or resume/repair it) and wait until every VM is ready'
+            cand status 'Show your namespace, clusters, VMs and tunnel peers'
+            cand images 'List the prepared images of the server'
+            cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
+            cand reset 'Put a cluster back to its onboarding snapshot'
+            cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
+            cand ssh 'Open an ssh session to a VM'
+            cand image 'Build or snapshot prepared images (host side)'
+            cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
+            cand completions 'Print a shell completion script'
+            cand __test-vm 'Internal: the process behind one VM of the test backend'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;login'= {
+            cand --server 'The fcdev server''s API URL, e.g. http://host:7070'
+            cand --profile 'The profile (server + token) to use'
+            cand --token-stdin 'Read the token from standard input instead of a hidden prompt'
+            cand --json 'Print the result as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;up'= {
+            cand --image 'The image to build the cluster from (default: the profile''s image, `tiny`)'
+            cand --name 'The cluster''s name (default: the profile''s cluster, `dev`)'
+            cand --local-port 'With --local: the port of the local server''s API'
+            cand --profile 'The profile (server + token) to use'
+            cand --local 'Run everything on this machine: start (or reuse) a local `fcdev server --dev`, log in, build the default image if missing, then bring the cluster up'
+            cand --no-wait 'Return once the server accepted the request, without waiting for the VMs'
+            cand --json 'Print the cluster as JSON (no progress bars)'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;status'= {
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;images'= {
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;tunnel'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;reset'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
+            cand -y 'Do not ask for confirmation'
+            cand --yes 'Do not ask for confirmation'
+            cand --json 'Print the cluster as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;down'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
+            cand --keep-peer 'Keep this machine''s tunnel peer registered'
+            cand -y 'Do not ask for confirmation'
+            cand --yes 'Do not ask for confirmation'
+            cand --json 'Print the result as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;ssh'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;image'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;server'= {
+            cand --listen 'Where the API listens'
+            cand --hub-listen 'Where the WireGuard hub listens (UDP). Port 0 picks a free one'
+            cand --hub-endpoint 'The endpoint peers are told to send to (default: the hub''s listen address)'
+            cand --hub-tun 'The hub''s TUN device towards the VM bridges, or `none` to run the hub without one'
+            cand --data-dir 'State, images and VM folders (default: the user data dir, or FCDEV_DATA_DIR)'
+            cand --images 'The image catalog (default: DATA_DIR/images)'
+            cand --backend 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)'
+            cand --accel 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
+            cand --netns 'Run VMs, bridges and the hub''s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none'
+            cand --user 'With --dev: the first engineer''s name (default: your login name)'
+            cand --profile 'The profile (server + token) to use'
+            cand --dev 'The embedded default for one machine: API and hub on loopback, VMs in their own network namespace (`fcdev-dev`), and a fresh login token printed for the first engineer'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help (see more with ''--help'')'
+            cand --help 'Print help (see more with ''--help'')'
+            cand user 'Manage engineers and their tokens'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;server;user'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
+            cand token 'Print a fresh extra token for an engineer'
+            cand revoke 'Revoke every token of an engineer'
+            cand list 'List engineers'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;server;user;add'= {
+            cand --data-dir 'data-dir'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;server;user;token'= {
+            cand --data-dir 'data-dir'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;server;user;revoke'= {
+            cand --data-dir 'data-dir'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;server;user;list'= {
+            cand --data-dir 'data-dir'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;server;user;help'= {
+            cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
+            cand token 'Print a fresh extra token for an engineer'
+            cand revoke 'Revoke every token of an engineer'
+            cand list 'List engineers'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;server;user;help;add'= {
+        }
+        &'fcdev;server;user;help;token'= {
+        }
+        &'fcdev;server;user;help;revoke'= {
+        }
+        &'fcdev;server;user;help;list'= {
+        }
+        &'fcdev;server;user;help;help'= {
+        }
+        &'fcdev;server;help'= {
+            cand user 'Manage engineers and their tokens'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;server;help;user'= {
+            cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
+            cand token 'Print a fresh extra token for an engineer'
+            cand revoke 'Revoke every token of an engineer'
+            cand list 'List engineers'
+        }
+        &'fcdev;server;help;user;add'= {
+        }
+        &'fcdev;server;help;user;token'= {
+        }
+        &'fcdev;server;help;user;revoke'= {
+        }
+        &'fcdev;server;help;user;list'= {
+        }
+        &'fcdev;server;help;help'= {
+        }
+        &'fcdev;completions'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;__test-vm'= {
+            cand --name 'name'
+            cand --run-dir 'run-dir'
+            cand --cmdline 'cmdline'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;help'= {
+            cand login 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
+            cand up 'Create your cluster (or resume/repair it) and wait until every VM is ready'
+            cand status 'Show your namespace, clusters, VMs and tunnel peers'
+            cand images 'List the prepared images of the server'
+            cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
+            cand reset 'Put a cluster back to its onboarding snapshot'
+            cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
+            cand ssh 'Open an ssh session to a VM'
+            cand image 'Build or snapshot prepared images (host side)'
+            cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
+            cand completions 'Print a shell completion script'
+            cand __test-vm 'Internal: the process behind one VM of the test backend'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;help;login'= {
+        }
+        &'fcdev;help;up'= {
+        }
+        &'fcdev;help;status'= {
+        }
+        &'fcdev;help;images'= {
+        }
+        &'fcdev;help;tunnel'= {
+        }
+        &'fcdev;help;reset'= {
+        }
+        &'fcdev;help;down'= {
+        }
+        &'fcdev;help;ssh'= {
+        }
+        &'fcdev;help;image'= {
+        }
+        &'fcdev;help;server'= {
+            cand user 'Manage engineers and their tokens'
+        }
+        &'fcdev;help;server;user'= {
+            cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
+            cand token 'Print a fresh extra token for an engineer'
+            cand revoke 'Revoke every token of an engineer'
+            cand list 'List engineers'
+        }
+        &'fcdev;help;server;user;add'= {
+        }
+        &'fcdev;help;server;user;token'= {
+        }
+        &'fcdev;help;server;user;revoke'= {
+        }
+        &'fcdev;help;server;user;list'= {
+        }
+        &'fcdev;help;completions'= {
+        }
+        &'fcdev;help;__test-vm'= {
+        }
+        &'fcdev;help;help'= {
+        }
+    ]
+    $completions[$command]
+}

@@ -1,0 +1,138 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_fcdev_global_optspecs
+    string join \n profile= v/verbose h/help V/version
+end
+
+function __fish_fcdev_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_fcdev_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_fcdev_using_subcommand
+    set -l cmd (__fish_fcdev_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c fcdev -n "__fish_fcdev_needs_command" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_needs_command" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_needs_command" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_needs_command" -s V -l version -d 'Print version'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "login" -d 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "up" -d 'Create your cluster (or resume/repair it) and wait until every VM is ready'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "status" -d 'Show your namespace, clusters, VMs and tunnel peers'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "images" -d 'List the prepared images of the server'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "down" -d 'Delete a cluster: VMs, disks and this machine\'s tunnel peer'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "ssh" -d 'Open an ssh session to a VM'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "image" -d 'Build or snapshot prepared images (host side)'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "completions" -d 'Print a shell completion script'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand login" -l server -d 'The fcdev server\'s API URL, e.g. http://host:7070' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand login" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand login" -l token-stdin -d 'Read the token from standard input instead of a hidden prompt'
+complete -c fcdev -n "__fish_fcdev_using_subcommand login" -l json -d 'Print the result as JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand login" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand login" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand up" -l image -d 'The image to build the cluster from (default: the profile\'s image, `tiny`)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand up" -l name -d 'The cluster\'s name (default: the profile\'s cluster, `dev`)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand up" -l local-port -d 'With --local: the port of the local server\'s API' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand up" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand up" -l local -d 'Run everything on this machine: start (or reuse) a local `fcdev server --dev`, log in, build the default image if missing, then bring the cluster up'
+complete -c fcdev -n "__fish_fcdev_using_subcommand up" -l no-wait -d 'Return once the server accepted the request, without waiting for the VMs'
+complete -c fcdev -n "__fish_fcdev_using_subcommand up" -l json -d 'Print the cluster as JSON (no progress bars)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand up" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand up" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand status" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand status" -l json -d 'Print JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand status" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand status" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand images" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand images" -l json -d 'Print JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand images" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand images" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -s y -l yes -d 'Do not ask for confirmation'
+complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -l json -d 'Print the cluster as JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand down" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand down" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand down" -l keep-peer -d 'Keep this machine\'s tunnel peer registered'
+complete -c fcdev -n "__fish_fcdev_using_subcommand down" -s y -l yes -d 'Do not ask for confirmation'
+complete -c fcdev -n "__fish_fcdev_using_subcommand down" -l json -d 'Print the result as JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand down" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand down" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l listen -d 'Where the API listens' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-listen -d 'Where the WireGuard hub listens (UDP). Port 0 picks a free one' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-endpoint -d 'The endpoint peers are told to send to (default: the hub\'s listen address)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-tun -d 'The hub\'s TUN device towards the VM bridges, or `none` to run the hub without one' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l data-dir -d 'State, images and VM folders (default: the user data dir, or FCDEV_DATA_DIR)' -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l images -d 'The image catalog (default: DATA_DIR/images)' -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l backend -d 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)' -r -f -a "qemu\t'Real VMs with qemu-system-x86_64'
+process\t'Test backend: local processes serving HTTP on loopback. For tests only'"
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l accel -d 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l netns -d 'Run VMs, bridges and the hub\'s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l user -d 'With --dev: the first engineer\'s name (default: your login name)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l dev -d 'The embedded default for one machine: API and hub on loopback, VMs in their own network namespace (`fcdev-dev`), and a fresh login token printed for the first engineer'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -f -a "user" -d 'Manage engineers and their tokens'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -f -a "add" -d 'Add an engineer and print their token (shown once; the server keeps only its hash)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -f -a "token" -d 'Print a fresh extra token for an engineer'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -f -a "revoke" -d 'Revoke every token of an engineer'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -f -a "list" -d 'List engineers'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from help" -f -a "user" -d 'Manage engineers and their tokens'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l name -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l run-dir -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l cmdline -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "login" -d 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "up" -d 'Create your cluster (or resume/repair it) and wait until every VM is ready'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "status" -d 'Show your namespace, clusters, VMs and tunnel peers'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "images" -d 'List the prepared images of the server'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "down" -d 'Delete a cluster: VMs, disks and this machine\'s tunnel peer'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "ssh" -d 'Open an ssh session to a VM'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "image" -d 'Build or snapshot prepared images (host side)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "completions" -d 'Print a shell completion script'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from server" -f -a "user" -d 'Manage engineers and their tokens'

@@ -1,0 +1,178 @@
+//! Command-line definitions (clap) and the shared context of the laptop commands.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::ApiClient;
+use crate::config::{self, Profile};
+
+pub mod completions;
+pub mod down;
+pub mod errors;
+pub mod image;
+pub mod images;
+pub mod login;
+pub mod output;
+pub mod progress;
+pub mod reset;
+pub mod server;
+pub mod ssh;
+pub mod status;
+pub mod tunnel;
+pub mod up;
+
+pub use errors::{CliError, ExitKind};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fcdev",
+    version,
+    about = "Remote development clusters: your own namespace of VMs on a shared host, in seconds, reached through a userspace WireGuard tunnel",
+    long_about = None,
+    after_help = "Start here:\n  fcdev up --local        a local server + the tiny cluster on this machine\n  fcdev login --server URL   use a shared host\n  fcdev tunnel            reach your VMs from this laptop",
+)]
+pub struct Cli {
+    /// The profile (server + token) to use.
+    #[arg(long, global = true, env = "FCDEV_PROFILE")]
+    pub profile: Option<String>,
+
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Log in to an fcdev server with a token (kept 0600 in the config dir).
+    Login(login::LoginArgs),
+    /// Create your cluster (or resume/repair it) and wait until every VM is ready.
+    Up(up::UpArgs),
+    /// Show your namespace, clusters, VMs and tunnel peers.
+    Status(status::StatusArgs),
+    /// List the prepared images of the server.
+    Images(images::ImagesArgs),
+    /// Join your namespace's network from this machine (userspace WireGuard).
+    Tunnel(tunnel::TunnelArgs),
+    /// Put a cluster back to its onboarding snapshot.
+    Reset(reset::ResetArgs),
+    /// Delete a cluster: VMs, disks and this machine's tunnel peer.
+    Down(down::DownArgs),
+    /// Open an ssh session to a VM.
+    Ssh(ssh::SshArgs),
+    /// Build or snapshot prepared images (host side).
+    Image(image::ImageArgs),
+    /// Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side).
+    Server(Box<server::ServerArgs>),
+    /// Print a shell completion script.
+    Completions(completions::CompletionsArgs),
+    /// Internal: the process behind one VM of the test backend.
+    #[command(name = "__test-vm", hide = true)]
+    TestVm(server::TestVmArgs),
+}
+
+/// What the laptop commands share: the config store, the chosen profile, and an API client for it.
+pub struct Context {
+    pub store: config::Store,
+    pub profile_name: String,
+    /// Whether --profile (or FCDEV_PROFILE) named the profile.
+    pub explicit_profile: bool,
+}
+
+impl Context {
+    pub fn new(profile: Option<String>) -> Result<Context, CliError> {
+        let store = config::Store::open()?;
+        let explicit_profile = profile.is_some();
+        let profile_name = match profile {
+            Some(p) => p,
+            None => store
+                .load_config()?
+                .default_profile
+                .unwrap_or_else(|| config::DEFAULT_PROFILE.to_string()),
+        };
+        Ok(Context {
+            store,
+            profile_name,
+            explicit_profile,
+        })
+    }
+
+    pub fn profile(&self) -> Result<Profile, CliError> {
+        let cfg = self.store.load_config()?;
+        cfg.profiles.get(&self.profile_name).cloned().ok_or_else(|| {
+            CliError::new(
+                ExitKind::NotLoggedIn,
+                format!("not logged in (profile `{}`)", self.profile_name),
+            )
+            .hint("run `fcdev login --server URL`, or `fcdev up --local` for a server on this machine")
+        })
+    }
+
+    /// An authenticated client for the profile.
+    pub fn client(&self) -> Result<(Profile, ApiClient), CliError> {
+        let profile = self.profile()?;
+        let creds = self.store.load_credentials()?;
+        let token = creds
+            .profiles
+            .get(&self.profile_name)
+            .map(|c| c.token.clone())
+            .ok_or_else(|| {
+                CliError::new(
+                    ExitKind::NotLoggedIn,
+                    format!(
+                        "no token for profile `{}` in {}",
+                        self.profile_name,
+                        self.store.credentials_path().display()
+                    ),
+                )
+                .hint("run `fcdev login` again")
+            })?;
+        let client = ApiClient::new(&profile.server, Some(token));
+        Ok((profile, client))
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.store.dir.clone()
+    }
+}
+
+/// Ask for a yes/no confirmation, unless `yes`; refuses without a terminal rather than hanging.
+pub fn confirm(prompt: &str, yes: bool) -> Result<bool, CliError> {
+    if yes {
+        return Ok(true);
+    }
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::new(
+            ExitKind::Usage,
+            "confirmation needed but there is no terminal to ask on",
+        )
+        .hint("pass --yes to confirm"));
+    }
+    dialoguer::Confirm::new()
+        .with_prompt(prompt)
+        .default(false)
+        .interact()
+        .map_err(|e| CliError::new(ExitKind::Failure, format!("cannot read the answer: {e}")))
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Login(args) => login::run(args, Context::new(cli.profile)?).await,
+        Command::Up(args) => up::run(args, Context::new(cli.profile)?).await,
+        Command::Status(args) => status::run(args, Context::new(cli.profile)?).await,
+        Command::Images(args) => images::run(args, Context::new(cli.profile)?).await,
+        Command::Tunnel(args) => tunnel::run(args, Context::new(cli.profile)?).await,
+        Command::Reset(args) => reset::run(args, Context::new(cli.profile)?).await,
+        Command::Down(args) => down::run(args, Context::new(cli.profile)?).await,
+        Command::Ssh(args) => ssh::run(args, Context::new(cli.profile)?).await,
+        Command::Image(args) => image::run(args).map_err(CliError::from),
+        Command::Completions(args) => completions::run(args),
+        Command::Server(_) | Command::TestVm(_) => {
+            unreachable!("server commands run outside the async runtime")
+        }
+    }
+}

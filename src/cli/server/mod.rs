@@ -1,0 +1,220 @@
+//! `fcdev server`: run the control plane, and manage its engineers (`fcdev server user …`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::server::run::{BackendChoice, ServerOptions};
+use crate::server::store::{Store, StoreError};
+
+pub mod local;
+
+pub const DEV_API_PORT: u16 = 7070;
+pub const DEV_HUB_PORT: u16 = 51820;
+/// The network namespace `fcdev server --dev` puts its VMs, bridges and hub TUN in.
+pub const DEV_NETNS: &str = "fcdev-dev";
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ServerArgs {
+    #[command(subcommand)]
+    pub command: Option<ServerCommand>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The embedded default for one machine: API and hub on loopback, VMs in their own network namespace
+    /// (`fcdev-dev`), and a fresh login token printed for the first engineer.
+    #[arg(long)]
+    pub dev: bool,
+    /// Where the API listens.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Where the WireGuard hub listens (UDP). Port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:51820")]
+    pub hub_listen: SocketAddr,
+    /// The endpoint peers are told to send to (default: the hub's listen address).
+    #[arg(long)]
+    pub hub_endpoint: Option<String>,
+    /// The hub's TUN device towards the VM bridges, or `none` to run the hub without one.
+    #[arg(long, default_value = "fcdev-hub")]
+    pub hub_tun: String,
+    /// State, images and VM folders (default: the user data dir, or FCDEV_DATA_DIR).
+    #[arg(long, env = "FCDEV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The image catalog (default: DATA_DIR/images).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only).
+    #[arg(long, default_value = "qemu")]
+    pub backend: BackendChoice,
+    /// QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg.
+    #[arg(long, default_value = "auto", env = "FCDEV_ACCEL")]
+    pub accel: String,
+    /// Run VMs, bridges and the hub's TUN inside this network namespace (created if missing); the API and hub
+    /// sockets stay in the namespace the server was started in. `none` keeps everything where it is.
+    /// Default: `fcdev-dev` with --dev, else none.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// With --dev: the first engineer's name (default: your login name).
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Manage engineers and their tokens.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add an engineer and print their token (shown once; the server keeps only its hash).
+    Add {
+        name: String,
+        #[arg(long, env = "FCDEV_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print a fresh extra token for an engineer.
+    Token {
+        name: String,
+        #[arg(long, env = "FCDEV_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Revoke every token of an engineer.
+    Revoke {
+        name: String,
+        #[arg(long, env = "FCDEV_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// List engineers.
+    List {
+        #[arg(long, env = "FCDEV_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Hidden: the process behind one test-backend VM.
+#[derive(Debug, Args)]
+pub struct TestVmArgs {
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub run_dir: PathBuf,
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    pub cmdline: String,
+}
+
+fn data_dir(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match explicit {
+        Some(d) => d,
+        None => crate::config::data_dir()?,
+    })
+}
+
+pub fn open_store(data_dir: &std::path::Path) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
+    let path = data_dir.join(crate::server::run::STATE_FILE);
+    Store::open(&path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))
+}
+
+/// The engineer name for this machine's login (`$SUDO_USER`/`$USER` as a DNS label, else `dev`).
+pub fn default_user_name() -> String {
+    let raw = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_default()
+        .to_lowercase();
+    let cleaned: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect::<String>()
+        .trim_matches('-')
+        .chars()
+        .take(63)
+        .collect();
+    if cleaned.is_empty() || cleaned == "root" || !crate::names::is_dns_label(&cleaned) {
+        "dev".to_string()
+    } else {
+        cleaned
+    }
+}
+
+pub fn run(args: ServerArgs) -> anyhow::Result<()> {
+    match args.command {
+        Some(ServerCommand::User(cmd)) => user(cmd),
+        None => {
+            let r = args.run;
+            let data_dir = data_dir(r.data_dir)?;
+            let netns = match r.netns.as_deref() {
+                Some("none") | Some("") => None,
+                Some(name) => Some(name.to_string()),
+                None if r.dev => Some(DEV_NETNS.to_string()),
+                None => None,
+            };
+            let opts = ServerOptions {
+                dev: r.dev,
+                listen: r.listen,
+                hub_listen: r.hub_listen,
+                hub_endpoint: r.hub_endpoint,
+                hub_tun: (r.hub_tun != "none").then_some(r.hub_tun),
+                images_dir: r.images.unwrap_or_else(|| data_dir.join("images")),
+                data_dir,
+                backend: r.backend,
+                accel: r.accel,
+                netns,
+                dev_user: r.user.unwrap_or_else(default_user_name),
+            };
+            crate::server::run::serve(opts)
+        }
+    }
+}
+
+fn user(cmd: UserCommand) -> anyhow::Result<()> {
+    let check = |name: &str| -> anyhow::Result<()> {
+        if crate::names::is_dns_label(name) {
+            Ok(())
+        } else {
+            anyhow::bail!("`{name}` is not a valid engineer name: use lowercase letters, digits and `-` (it names the namespace)")
+        }
+    };
+    match cmd {
+        UserCommand::Add { name, data_dir: d } => {
+            check(&name)?;
+            let store = open_store(&data_dir(d)?)?;
+            match store.add_user(&name) {
+                Ok((_, token)) => {
+                    eprintln!("Engineer `{name}` added. Their token (shown once):");
+                    println!("{token}");
+                    Ok(())
+                }
+                Err(StoreError::Exists(_)) => anyhow::bail!(
+                    "engineer `{name}` already exists; `fcdev server user token {name}` prints a fresh token"
+                ),
+                Err(e) => Err(e.into()),
+            }
+        }
+        UserCommand::Token { name, data_dir: d } => {
+            let store = open_store(&data_dir(d)?)?;
+            println!("{}", store.issue_token(&name)?);
+            Ok(())
+        }
+        UserCommand::Revoke { name, data_dir: d } => {
+            let store = open_store(&data_dir(d)?)?;
+            let n = store.revoke_tokens(&name)?;
+            println!("Revoked {n} token(s) of `{name}`.");
+            Ok(())
+        }
+        UserCommand::List { data_dir: d } => {
+            let store = open_store(&data_dir(d)?)?;
+            for u in store.list_users()? {
+                println!("{}", u.name);
+            }
+            Ok(())
+        }
+    }
+}

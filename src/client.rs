@@ -1,0 +1,225 @@
+//! The API client: bearer token, retries with backoff on connect errors, and errors mapped from the server's
+//! JSON error body.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api::{self, ErrorBody};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the fcdev server at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{}", .error.message)]
+    Api {
+        status: StatusCode,
+        error: api::ApiError,
+    },
+    #[error("the server at {url} answered with something that is not fcdev's API ({reason})")]
+    BadResponse { url: String, reason: String },
+}
+
+impl ClientError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ClientError::Unreachable { .. } => Some(
+                "is `fcdev server` running there? Check the URL with `fcdev login --server URL`, or run `fcdev up --local` for a local server".into(),
+            ),
+            ClientError::Api { error, .. } => error.hint.clone(),
+            ClientError::BadResponse { .. } => {
+                Some("check the server URL in your profile (`fcdev login --server URL`)".into())
+            }
+        }
+    }
+
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { error, .. } => Some(&error.code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, token: Option<String>) -> ApiClient {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("fcdev/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}{}", self.base, api::API_PREFIX, path)
+    }
+
+    /// Send a request; connect errors are retried 3 times with backoff (the server may be restarting).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(dyn erased::Body + Sync)>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let url = self.url(path);
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(token) = &self.token {
+                req = req.bearer_auth(token);
+            }
+            if let Some(body) = body {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_json());
+            }
+            match req.send().await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if e.is_connect() && attempt < 3 => {
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    return Err(ClientError::Unreachable {
+                        url: self.base.clone(),
+                        reason: root_cause(&e),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn decode<T: DeserializeOwned>(&self, resp: reqwest::Response) -> Result<T, ClientError> {
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        })?;
+        if status.is_success() {
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
+                url: self.base.clone(),
+                reason: e.to_string(),
+            })
+        } else {
+            match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => Err(ClientError::Api {
+                    status,
+                    error: body.error,
+                }),
+                Err(_) => Err(ClientError::BadResponse {
+                    url: self.base.clone(),
+                    reason: format!("HTTP {status}"),
+                }),
+            }
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let resp = self.send(Method::GET, path, None).await?;
+        self.decode(resp).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let resp = self.send(Method::DELETE, path, None).await?;
+        self.decode(resp).await
+    }
+
+    pub async fn post<B: Serialize + Sync, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(Method::POST, path, Some(body)).await?;
+        self.decode(resp).await
+    }
+
+    pub async fn put<B: Serialize + Sync, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(Method::PUT, path, Some(body)).await?;
+        self.decode(resp).await
+    }
+
+    /// Follow a server-sent-events stream, calling `on_event` with each `data:` payload until it returns false or
+    /// the server closes the stream.
+    pub async fn follow_events<F>(&self, path: &str, mut on_event: F) -> Result<(), ClientError>
+    where
+        F: FnMut(&str) -> bool,
+    {
+        use futures::StreamExt;
+        let resp = self.send(Method::GET, path, None).await?;
+        if !resp.status().is_success() {
+            return self.decode::<serde_json::Value>(resp).await.map(|_| ());
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let frame: String = buf.drain(..end + 2).collect();
+                let data: Vec<&str> = frame
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|l| l.strip_prefix(' ').unwrap_or(l))
+                    .collect();
+                if !data.is_empty() && !on_event(&data.join("\n")) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Object-safe JSON bodies, so `send` can take any serializable body.
+mod erased {
+    pub trait Body {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Body for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_default()
+        }
+    }
+}

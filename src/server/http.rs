@@ -1,0 +1,619 @@
+//! The control API (axum): routes under `/v1`, bearer-token auth, JSON errors `{"error": {code, message, hint}}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::api::{self, ClusterState};
+use crate::names;
+use crate::server::hub_control::{HubControl, HubPeerEntry};
+use crate::server::orchestrator::{hostname, Orchestrator, OrchestratorError, UpOutcome};
+use crate::server::store::{NamespaceRow, Store, StoreError, User};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub orchestrator: Arc<Orchestrator>,
+    pub hub: Arc<dyn HubControl>,
+}
+
+/// An API error: status + the JSON body of DESIGN.md.
+#[derive(Debug)]
+pub struct ApiErr {
+    status: StatusCode,
+    error: api::ApiError,
+}
+
+impl ApiErr {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        ApiErr {
+            status,
+            error: api::ApiError {
+                code: code.to_string(),
+                message: message.into(),
+                hint: None,
+            },
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.error.hint = Some(hint.into());
+        self
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!("internal error: {e}");
+        ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            .hint("see the server log; the operation can be retried")
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        (self.status, Json(api::ErrorBody { error: self.error })).into_response()
+    }
+}
+
+impl From<StoreError> for ApiErr {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Exists(what) => ApiErr::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{what} already exists"),
+            ),
+            StoreError::NotFound(what) => ApiErr::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{what} not found"),
+            ),
+            StoreError::Exhausted(what) => {
+                ApiErr::new(StatusCode::INSUFFICIENT_STORAGE, "exhausted", what)
+                    .hint("free some (`fcdev down`, delete peers) or ask the operator")
+            }
+            StoreError::Sql(e) => ApiErr::internal(e),
+        }
+    }
+}
+
+impl From<OrchestratorError> for ApiErr {
+    fn from(e: OrchestratorError) -> Self {
+        match e {
+            OrchestratorError::Store(e) => e.into(),
+            OrchestratorError::Image(crate::server::images::ImageError::NotFound(name)) => {
+                ApiErr::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_image",
+                    format!("image `{name}` not found"),
+                )
+                .hint("`fcdev images` lists the images this server has")
+            }
+            OrchestratorError::Image(e) => ApiErr::internal(e),
+            e @ OrchestratorError::ImageMismatch { .. } => {
+                ApiErr::new(StatusCode::CONFLICT, "conflict", e.to_string())
+                    .hint("pick another name with --name, or `fcdev down` it first")
+            }
+            OrchestratorError::NotFound(name) => cluster_not_found(&name),
+        }
+    }
+}
+
+fn cluster_not_found(name: &str) -> ApiErr {
+    ApiErr::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("cluster `{name}` not found"),
+    )
+    .hint("`fcdev status` lists your clusters; `fcdev up` creates one")
+}
+
+type ApiResult<T> = Result<T, ApiErr>;
+
+/// A request body as JSON, with a 400 JSON error (not axum's text) when it is malformed.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiErr;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(JsonBody(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiErr {
+    let status = match &r {
+        JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        JsonRejection::JsonDataError(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiErr::new(status, "bad_request", r.body_text())
+        .hint("send a JSON body as documented in docs/api.md")
+}
+
+/// The authenticated engineer.
+pub struct AuthUser(pub User);
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let unauthorized = |msg: &str| {
+            ApiErr::new(StatusCode::UNAUTHORIZED, "unauthorized", msg)
+                .hint("log in again with `fcdev login --server URL` and a valid token")
+        };
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| unauthorized("missing bearer token"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer TOKEN`"))?;
+        let store = state.store.clone();
+        let token = token.trim().to_string();
+        let user = tokio::task::spawn_blocking(move || store.user_by_token(&token))
+            .await
+            .map_err(ApiErr::internal)??;
+        user.map(AuthUser)
+            .ok_or_else(|| unauthorized("unknown or revoked token"))
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiErr::internal)
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/health", get(health))
+        .route("/me", get(me))
+        .route("/namespace", put(ensure_namespace))
+        .route("/images", get(images))
+        .route("/clusters", post(create_cluster).get(list_clusters))
+        .route("/clusters/{name}", get(get_cluster).delete(delete_cluster))
+        .route("/clusters/{name}/events", get(cluster_events))
+        .route("/clusters/{name}/reset", post(reset_cluster))
+        .route("/peers", post(create_peer).get(list_peers))
+        .route("/peers/{id}", delete(delete_peer));
+    Router::new()
+        .nest(api::API_PREFIX, v1)
+        .fallback(|| async {
+            ApiErr::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+                .hint("the API lives under /v1; see docs/api.md")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiErr::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .with_state(state)
+}
+
+async fn health(State(state): State<AppState>) -> Json<api::Health> {
+    let backend = state.orchestrator.backend();
+    Json(api::Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        backend: backend.kind().into(),
+        accelerator: backend.accelerator(),
+    })
+}
+
+fn namespace_view(ns: &NamespaceRow) -> api::Namespace {
+    api::Namespace {
+        name: ns.name.clone(),
+        subnet: ns.subnet.to_string(),
+        gateway: ns.gateway().to_string(),
+    }
+}
+
+async fn me(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<api::Me>> {
+    let store = state.store.clone();
+    let uid = user.id;
+    let ns = blocking(move || store.namespace_of(uid)).await??;
+    Ok(Json(api::Me {
+        user: user.name,
+        namespace: ns.as_ref().map(namespace_view),
+    }))
+}
+
+async fn my_namespace(state: &AppState, user: User) -> ApiResult<NamespaceRow> {
+    let store = state.store.clone();
+    Ok(blocking(move || store.ensure_namespace(&user)).await??)
+}
+
+async fn existing_namespace(state: &AppState, user: &User) -> ApiResult<Option<NamespaceRow>> {
+    let store = state.store.clone();
+    let uid = user.id;
+    Ok(blocking(move || store.namespace_of(uid)).await??)
+}
+
+async fn ensure_namespace(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> ApiResult<Json<api::Namespace>> {
+    let ns = my_namespace(&state, user).await?;
+    Ok(Json(namespace_view(&ns)))
+}
+
+async fn images(
+    State(state): State<AppState>,
+    AuthUser(_): AuthUser,
+) -> ApiResult<Json<Vec<api::ImageInfo>>> {
+    let catalog = state.orchestrator.catalog().clone();
+    let list = blocking(move || catalog.list().iter().map(|i| i.info()).collect()).await?;
+    Ok(Json(list))
+}
+
+fn check_name(kind: &str, name: &str) -> ApiResult<()> {
+    if names::is_dns_label(name) {
+        Ok(())
+    } else {
+        Err(ApiErr::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+            format!("`{name}` is not a valid {kind} name"),
+        )
+        .hint("use 1–63 lowercase letters, digits and `-`, not starting or ending with `-` (it becomes a DNS label)"))
+    }
+}
+
+async fn create_cluster(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    JsonBody(req): JsonBody<api::CreateCluster>,
+) -> ApiResult<Response> {
+    check_name("cluster", &req.name)?;
+    check_name("image", &req.image)?;
+    let ns = my_namespace(&state, user).await?;
+    // Events after this one belong to this request: the client follows `/events?after=event_seq`.
+    let seq_before = match state.store.cluster(ns.id, &req.name)? {
+        Some(existing) => state.store.last_event_seq(existing.id)?,
+        None => 0,
+    };
+    // `up` spawns background work on this runtime; its own blocking parts are short store reads.
+    let (row, outcome) = state.orchestrator.up(&ns, &req.name, &req.image)?;
+    let store = state.store.clone();
+    let row = blocking(move || store.cluster_by_id(row.id))
+        .await??
+        .unwrap_or(row);
+    let mut view = state.orchestrator.view(&ns, &row)?;
+    view.event_seq = seq_before;
+    let status = match outcome {
+        UpOutcome::AlreadyReady => StatusCode::OK,
+        UpOutcome::Created | UpOutcome::Resumed => StatusCode::ACCEPTED,
+    };
+    Ok((status, Json(view)).into_response())
+}
+
+async fn list_clusters(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> ApiResult<Json<Vec<api::Cluster>>> {
+    let Some(ns) = existing_namespace(&state, &user).await? else {
+        return Ok(Json(Vec::new()));
+    };
+    let store = state.store.clone();
+    let nsid = ns.id;
+    let rows = blocking(move || store.clusters_in(nsid)).await??;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(state.orchestrator.view(&ns, &row)?);
+    }
+    Ok(Json(out))
+}
+
+async fn find_cluster(
+    state: &AppState,
+    user: &User,
+    name: &str,
+) -> ApiResult<(NamespaceRow, crate::server::store::ClusterRow)> {
+    check_name("cluster", name)?;
+    let ns = existing_namespace(state, user)
+        .await?
+        .ok_or_else(|| cluster_not_found(name))?;
+    let store = state.store.clone();
+    let (nsid, n) = (ns.id, name.to_string());
+    let row = blocking(move || store.cluster(nsid, &n))
+        .await??
+        .ok_or_else(|| cluster_not_found(name))?;
+    Ok((ns, row))
+}
+
+async fn get_cluster(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(name): Path<String>,
+) -> ApiResult<Json<api::Cluster>> {
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    let orch = state.orchestrator.clone();
+    let r = row.clone();
+    blocking(move || orch.refresh(&r)).await??;
+    let store = state.store.clone();
+    let row = blocking(move || store.cluster_by_id(row.id))
+        .await??
+        .ok_or_else(|| cluster_not_found(&name))?;
+    Ok(Json(state.orchestrator.view(&ns, &row)?))
+}
+
+async fn reset_cluster(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    if matches!(row.state, ClusterState::Deleting) {
+        return Err(ApiErr::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("cluster `{name}` is being deleted"),
+        ));
+    }
+    let seq_before = state.store.last_event_seq(row.id)?;
+    state.orchestrator.reset(&row);
+    let store = state.store.clone();
+    let row = blocking(move || store.cluster_by_id(row.id))
+        .await??
+        .ok_or_else(|| cluster_not_found(&name))?;
+    let mut view = state.orchestrator.view(&ns, &row)?;
+    view.event_seq = seq_before;
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+}
+
+async fn delete_cluster(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (_ns, row) = find_cluster(&state, &user, &name).await?;
+    state.orchestrator.delete(&row).await?;
+    let store = state.store.clone();
+    let id = row.id;
+    if let Some(after) = blocking(move || store.cluster_by_id(id)).await?? {
+        return Err(ApiErr::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "delete_failed",
+            after.reason.unwrap_or_else(|| "delete failed".into()),
+        )
+        .hint("run `fcdev down` again; the server log has details"));
+    }
+    Ok(Json(serde_json::json!({ "deleted": name })))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    after: i64,
+}
+
+/// Server-sent events: every stored event after `?after=SEQ`, then live ones; the stream ends once the cluster is
+/// ready, failed or deleted.
+async fn cluster_events(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(name): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    let mut live = state.orchestrator.subscribe();
+    let store = state.store.clone();
+    let cid = row.id;
+    let past = blocking(move || store.events_after(cid, q.after)).await??;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    let ns_name = ns.name.clone();
+    let cluster_name = row.name.clone();
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        let to_event = |e: &crate::server::store::EventRow| {
+            let ev = api::ClusterEvent {
+                seq: e.seq,
+                cluster: cluster_name.clone(),
+                vm: e.vm.clone(),
+                state: e.state.clone(),
+                message: e.message.clone(),
+                at: e.at.clone(),
+            };
+            Event::default()
+                .id(e.seq.to_string())
+                .json_data(&ev)
+                .unwrap_or_default()
+        };
+        let is_end = |e: &crate::server::store::EventRow| {
+            e.vm.is_none() && matches!(e.state.as_str(), "ready" | "failed" | "deleted")
+        };
+        let mut last = q.after;
+        let mut ended = false;
+        for e in &past {
+            last = e.seq;
+            if tx.send(Ok(to_event(e))).await.is_err() {
+                return;
+            }
+            ended = is_end(e);
+        }
+        // A stored terminal event ends the stream unless the cluster moved on since (a retry after failure).
+        if ended {
+            let current = store.cluster_by_id(cid).ok().flatten();
+            if current.map(|c| !c.state.is_transient()).unwrap_or(true) {
+                return;
+            }
+        }
+        let _ = &ns_name;
+        loop {
+            match live.recv().await {
+                Ok(e) if e.cluster_id == cid && e.seq > last => {
+                    last = e.seq;
+                    if tx.send(Ok(to_event(&e))).await.is_err() {
+                        return;
+                    }
+                    if is_end(&e) {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Catch up from the store.
+                    if let Ok(missed) = store.events_after(cid, last) {
+                        for e in missed {
+                            last = e.seq;
+                            if tx.send(Ok(to_event(&e))).await.is_err() || is_end(&e) {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+fn valid_public_key(key: &str) -> bool {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(key.trim())
+        .map(|b| b.len() == 32)
+        .unwrap_or(false)
+}
+
+async fn create_peer(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    JsonBody(req): JsonBody<api::CreatePeer>,
+) -> ApiResult<Response> {
+    check_name("peer", &req.name)?;
+    if !valid_public_key(&req.public_key) {
+        return Err(ApiErr::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_public_key",
+            "public_key must be a base64 x25519 public key (32 bytes)",
+        )
+        .hint("`fcdev tunnel` generates the key pair for you; never send a private key"));
+    }
+    let ns = my_namespace(&state, user).await?;
+    let store = state.store.clone();
+    let (ns2, name, key) = (
+        ns.clone(),
+        req.name.clone(),
+        req.public_key.trim().to_string(),
+    );
+    let peer = blocking(move || store.add_peer(&ns2, &name, &key)).await??;
+    if let Err(e) = state.hub.add_peer(HubPeerEntry {
+        id: peer.id,
+        public_key: peer.public_key.clone(),
+        address: peer.address,
+        subnet: ns.subnet,
+    }) {
+        return Err(ApiErr::internal(format!("the hub refused the peer: {e}")));
+    }
+    let store = state.store.clone();
+    let nsid = ns.id;
+    let vms = blocking(move || store.vms_in_namespace(nsid)).await??;
+    let hosts = vms
+        .into_iter()
+        .map(|(cluster, vm)| api::HostEntry {
+            name: hostname(&vm.name, &cluster, &ns.name),
+            address: vm.address.to_string(),
+        })
+        .collect();
+    let config = api::PeerConfig {
+        id: peer.id,
+        name: peer.name,
+        address: peer.address.to_string(),
+        server_public_key: state.hub.public_key(),
+        endpoint: state.hub.endpoint(),
+        allowed_ips: vec![ns.subnet.to_string()],
+        keepalive: 25,
+        namespace: ns.name.clone(),
+        dns_suffix: format!("{}.{}", ns.name, names::DNS_SUFFIX),
+        hosts,
+    };
+    Ok((StatusCode::CREATED, Json(config)).into_response())
+}
+
+async fn list_peers(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> ApiResult<Json<Vec<api::Peer>>> {
+    let Some(ns) = existing_namespace(&state, &user).await? else {
+        return Ok(Json(Vec::new()));
+    };
+    let store = state.store.clone();
+    let nsid = ns.id;
+    let peers = blocking(move || store.peers_in(nsid)).await??;
+    Ok(Json(
+        peers
+            .into_iter()
+            .map(|p| {
+                let c = state.hub.counters(p.id).unwrap_or_default();
+                api::Peer {
+                    id: p.id,
+                    name: p.name,
+                    public_key: p.public_key,
+                    address: p.address.to_string(),
+                    handshake_age_secs: c.handshake_age.map(|d| d.as_secs()),
+                    rx_bytes: c.rx_bytes,
+                    tx_bytes: c.tx_bytes,
+                    dropped_packets: c.dropped_packets,
+                    endpoint: c.endpoint,
+                }
+            })
+            .collect(),
+    ))
+}
+
+async fn delete_peer(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id: i64 = id.parse().map_err(|_| {
+        ApiErr::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("`{id}` is not a peer id"),
+        )
+        .hint("`fcdev status` lists your peers with their ids")
+    })?;
+    let not_found = || {
+        ApiErr::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("peer {id} not found"),
+        )
+    };
+    let ns = existing_namespace(&state, &user)
+        .await?
+        .ok_or_else(not_found)?;
+    let store = state.store.clone();
+    let nsid = ns.id;
+    if !blocking(move || store.delete_peer(nsid, id)).await?? {
+        return Err(not_found());
+    }
+    state.hub.remove_peer(id);
+    Ok(Json(serde_json::json!({ "deleted": id })))
+}

@@ -1,0 +1,170 @@
+//! `fcdev server`: bind the API and hub sockets, enter the VM network namespace, start the orchestrator, the hub
+//! and the HTTP API, and stop cleanly on Ctrl-C / SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::server::backend::Backend;
+use crate::server::hub_control::HubControl;
+use crate::server::images::Catalog;
+use crate::server::orchestrator::Orchestrator;
+use crate::server::store::Store;
+
+pub const STATE_FILE: &str = "state.db";
+pub const HUB_KEY_FILE: &str = "hub.key";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// Real VMs with qemu-system-x86_64.
+    Qemu,
+    /// Test backend: local processes serving HTTP on loopback. For tests only.
+    Process,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub dev: bool,
+    pub listen: SocketAddr,
+    pub hub_listen: SocketAddr,
+    pub hub_endpoint: Option<String>,
+    pub hub_tun: Option<String>,
+    pub data_dir: PathBuf,
+    pub images_dir: PathBuf,
+    pub backend: BackendChoice,
+    pub accel: String,
+    pub netns: Option<String>,
+    pub dev_user: String,
+}
+
+fn make_backend(opts: &ServerOptions) -> anyhow::Result<Arc<dyn Backend>> {
+    Ok(match opts.backend {
+        BackendChoice::Process => {
+            eprintln!(
+                "warning: using the *test* backend: VMs are local processes, not virtual machines"
+            );
+            Arc::new(crate::server::backend::process::ProcessBackend::new())
+        }
+        BackendChoice::Qemu => crate::server::backend::qemu::make(&opts.accel)?,
+    })
+}
+
+pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
+    let store = Arc::new(
+        Store::open(&opts.data_dir.join(STATE_FILE))
+            .with_context(|| format!("cannot open {}", opts.data_dir.join(STATE_FILE).display()))?,
+    );
+    let login_token = if opts.dev {
+        Some(match store.add_user(&opts.dev_user) {
+            Ok((_, token)) => token,
+            Err(crate::server::store::StoreError::Exists(_)) => {
+                store.issue_token(&opts.dev_user)?
+            }
+            Err(e) => return Err(e.into()),
+        })
+    } else {
+        None
+    };
+
+    // Public sockets first, in the namespace we were started in.
+    let api_listener = std::net::TcpListener::bind(opts.listen).with_context(|| {
+        format!(
+            "cannot listen on {} (is another fcdev server running?)",
+            opts.listen
+        )
+    })?;
+    api_listener.set_nonblocking(true)?;
+    let hub_socket = std::net::UdpSocket::bind(opts.hub_listen)
+        .with_context(|| format!("cannot bind the hub's UDP socket on {}", opts.hub_listen))?;
+    hub_socket.set_nonblocking(true)?;
+    let api_addr = api_listener.local_addr()?;
+    let hub_addr = hub_socket.local_addr()?;
+
+    if let Some(ns) = &opts.netns {
+        crate::server::netns_enter::enter(ns).with_context(|| {
+            "fcdev server needs root (CAP_NET_ADMIN) for its VM network; run it with sudo, or pass --netns none"
+        })?;
+    }
+    let backend = make_backend(&opts)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let hub_key = crate::server::hub::load_or_create_key(&opts.data_dir.join(HUB_KEY_FILE))?;
+        let endpoint = opts
+            .hub_endpoint
+            .clone()
+            .unwrap_or_else(|| hub_addr.to_string());
+        let hub: Arc<dyn HubControl> =
+            crate::server::hub::start(hub_socket, hub_key, endpoint, opts.hub_tun.clone()).await?;
+        for peer in store.all_peers()? {
+            let ns = store.namespace_by_id(peer.namespace_id)?;
+            if let Err(e) = hub.add_peer(crate::server::hub_control::HubPeerEntry {
+                id: peer.id,
+                public_key: peer.public_key.clone(),
+                address: peer.address,
+                subnet: ns.subnet,
+            }) {
+                tracing::warn!("peer {} not restored in the hub: {e}", peer.id);
+            }
+        }
+        let orchestrator = Orchestrator::new(
+            store.clone(),
+            backend.clone(),
+            Catalog::new(opts.images_dir.clone()),
+            opts.data_dir.join("vms"),
+        );
+        orchestrator.recover()?;
+        orchestrator.spawn_watchdog(Duration::from_secs(2));
+        let state = crate::server::http::AppState {
+            store: store.clone(),
+            orchestrator,
+            hub,
+        };
+        let app = crate::server::http::router(state);
+        let listener = tokio::net::TcpListener::from_std(api_listener)?;
+        let url = format!("http://{api_addr}");
+        println!(
+            "fcdev server {} listening on {url} (hub udp {hub_addr}, backend {}, accelerator {}{})",
+            env!("CARGO_PKG_VERSION"),
+            backend.kind(),
+            backend.accelerator(),
+            opts.netns
+                .as_deref()
+                .map(|n| format!(", VMs in netns {n}"))
+                .unwrap_or_default()
+        );
+        println!("images: {}", opts.images_dir.display());
+        if let Some(token) = &login_token {
+            println!("Log in as `{}` with:", opts.dev_user);
+            println!("  echo {token} | fcdev login --server {url} --token-stdin");
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("the API server failed")?;
+        eprintln!("fcdev server: stopped (VMs keep running and are re-adopted at the next start)");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

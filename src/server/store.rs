@@ -1,0 +1,738 @@
+//! Server state in SQLite (WAL): users, hashed tokens, namespaces, clusters, VMs, peers, events.
+//!
+//! One connection behind a mutex; every multi-row change runs in one `IMMEDIATE` transaction, so a crash never
+//! leaves half a change and concurrent requests never hand out the same subnet or address twice.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use sha2::{Digest, Sha256};
+
+use crate::api::{ClusterState, Subnet, VmState};
+use crate::server::alloc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Exhausted(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamespaceRow {
+    pub id: i64,
+    pub user_id: i64,
+    pub name: String,
+    pub index: u32,
+    pub subnet: Subnet,
+}
+
+impl NamespaceRow {
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.subnet.host(1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterRow {
+    pub id: i64,
+    pub namespace_id: i64,
+    pub name: String,
+    pub image: String,
+    pub state: ClusterState,
+    pub reason: Option<String>,
+    pub start_mode: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRow {
+    pub id: i64,
+    pub cluster_id: i64,
+    pub slot: u32,
+    pub name: String,
+    pub role: String,
+    pub address: Ipv4Addr,
+    pub mac: String,
+    pub state: VmState,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerRow {
+    pub id: i64,
+    pub namespace_id: i64,
+    pub name: String,
+    pub public_key: String,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub cluster_id: i64,
+    pub vm: Option<String>,
+    pub state: String,
+    pub message: String,
+    pub at: String,
+}
+
+/// A VM to create with its cluster: name and role from the image template.
+pub struct NewVm<'a> {
+    pub name: &'a str,
+    pub role: &'a str,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now'))
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now')),
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS namespaces (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL UNIQUE REFERENCES users(id) ON DELETE CASCADE,
+    name TEXT NOT NULL UNIQUE,
+    idx INTEGER NOT NULL UNIQUE,
+    subnet TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS clusters (
+    id INTEGER PRIMARY KEY,
+    namespace_id INTEGER NOT NULL REFERENCES namespaces(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    image TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    start_mode TEXT,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now')),
+    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now')),
+    UNIQUE (namespace_id, name)
+);
+CREATE TABLE IF NOT EXISTS vms (
+    id INTEGER PRIMARY KEY,
+    cluster_id INTEGER NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
+    namespace_id INTEGER NOT NULL REFERENCES namespaces(id) ON DELETE CASCADE,
+    slot INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    address TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    state TEXT NOT NULL,
+    detail TEXT,
+    UNIQUE (cluster_id, name),
+    UNIQUE (namespace_id, address)
+);
+CREATE TABLE IF NOT EXISTS peers (
+    id INTEGER PRIMARY KEY,
+    namespace_id INTEGER NOT NULL REFERENCES namespaces(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    public_key TEXT NOT NULL UNIQUE,
+    address TEXT NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now')),
+    UNIQUE (namespace_id, address)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster_id INTEGER NOT NULL,
+    vm TEXT,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL,
+    at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+);
+CREATE INDEX IF NOT EXISTS events_cluster ON events(cluster_id, seq);
+";
+
+/// A token as handed to a user: `fcd_` + 32 random bytes in hex. Only its SHA-256 is stored.
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("fcd_{}", hex::encode(bytes))
+}
+
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn parse_addr(s: String) -> rusqlite::Result<Ipv4Addr> {
+    s.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn row_namespace(r: &rusqlite::Row) -> rusqlite::Result<NamespaceRow> {
+    let subnet: String = r.get(4)?;
+    Ok(NamespaceRow {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        name: r.get(2)?,
+        index: r.get(3)?,
+        subnet: subnet.parse().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+    })
+}
+
+fn row_cluster(r: &rusqlite::Row) -> rusqlite::Result<ClusterRow> {
+    let state: String = r.get(4)?;
+    Ok(ClusterRow {
+        id: r.get(0)?,
+        namespace_id: r.get(1)?,
+        name: r.get(2)?,
+        image: r.get(3)?,
+        state: ClusterState::parse(&state).unwrap_or(ClusterState::Failed),
+        reason: r.get(5)?,
+        start_mode: r.get(6)?,
+        created_at: r.get(7)?,
+        updated_at: r.get(8)?,
+    })
+}
+
+fn row_vm(r: &rusqlite::Row) -> rusqlite::Result<VmRow> {
+    let state: String = r.get(7)?;
+    Ok(VmRow {
+        id: r.get(0)?,
+        cluster_id: r.get(1)?,
+        slot: r.get(2)?,
+        name: r.get(3)?,
+        role: r.get(4)?,
+        address: parse_addr(r.get(5)?)?,
+        mac: r.get(6)?,
+        state: VmState::parse(&state).unwrap_or(VmState::Failed),
+        detail: r.get(8)?,
+    })
+}
+
+fn row_peer(r: &rusqlite::Row) -> rusqlite::Result<PeerRow> {
+    Ok(PeerRow {
+        id: r.get(0)?,
+        namespace_id: r.get(1)?,
+        name: r.get(2)?,
+        public_key: r.get(3)?,
+        address: parse_addr(r.get(4)?)?,
+    })
+}
+
+const NS_COLS: &str = "id, user_id, name, idx, subnet";
+const CLUSTER_COLS: &str =
+    "id, namespace_id, name, image, state, reason, start_mode, created_at, updated_at";
+const VM_COLS: &str = "id, cluster_id, slot, name, role, address, mac, state, detail";
+const PEER_COLS: &str = "id, namespace_id, name, public_key, address";
+
+/// The MAC of a VM, derived from its address so it is unique wherever the address is.
+pub fn mac_for(addr: Ipv4Addr) -> String {
+    let o = addr.octets();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3])
+}
+
+impl Store {
+    pub fn open(path: &Path) -> StoreResult<Store> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll back), so a
+        // poisoned lock is safe to keep using.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- users and tokens ----
+
+    pub fn add_user(&self, name: &str) -> StoreResult<(User, String)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: Option<i64> = tx
+            .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?;
+        if exists.is_some() {
+            return Err(StoreError::Exists(format!("user `{name}`")));
+        }
+        tx.execute("INSERT INTO users (name) VALUES (?1)", [name])?;
+        let id = tx.last_insert_rowid();
+        let token = new_token();
+        tx.execute(
+            "INSERT INTO tokens (user_id, hash) VALUES (?1, ?2)",
+            params![id, hash_token(&token)],
+        )?;
+        tx.commit()?;
+        Ok((
+            User {
+                id,
+                name: name.to_string(),
+            },
+            token,
+        ))
+    }
+
+    /// A fresh extra token for an existing user (old tokens stay valid).
+    pub fn issue_token(&self, name: &str) -> StoreResult<String> {
+        let conn = self.conn();
+        let id: i64 = conn
+            .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("user `{name}`")))?;
+        let token = new_token();
+        conn.execute(
+            "INSERT INTO tokens (user_id, hash) VALUES (?1, ?2)",
+            params![id, hash_token(&token)],
+        )?;
+        Ok(token)
+    }
+
+    /// Revoke every token of a user.
+    pub fn revoke_tokens(&self, name: &str) -> StoreResult<usize> {
+        let conn = self.conn();
+        let n = conn.execute(
+            "UPDATE tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ','now')
+             WHERE revoked_at IS NULL AND user_id = (SELECT id FROM users WHERE name = ?1)",
+            [name],
+        )?;
+        Ok(n)
+    }
+
+    pub fn list_users(&self) -> StoreResult<Vec<User>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, name FROM users ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(User {
+                id: r.get(0)?,
+                name: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn user_by_token(&self, token: &str) -> StoreResult<Option<User>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                "SELECT u.id, u.name FROM tokens t JOIN users u ON u.id = t.user_id
+                 WHERE t.hash = ?1 AND t.revoked_at IS NULL",
+                [hash_token(token)],
+                |r| {
+                    Ok(User {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    // ---- namespaces ----
+
+    pub fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = ?1"),
+                [user_id],
+                row_namespace,
+            )
+            .optional()?)
+    }
+
+    pub fn namespace_by_id(&self, id: i64) -> StoreResult<NamespaceRow> {
+        let conn = self.conn();
+        conn.query_row(
+            &format!("SELECT {NS_COLS} FROM namespaces WHERE id = ?1"),
+            [id],
+            row_namespace,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("namespace #{id}")))
+    }
+
+    /// The user's namespace, created with the lowest free /24 of the pool when missing.
+    pub fn ensure_namespace(&self, user: &User) -> StoreResult<NamespaceRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(ns) = tx
+            .query_row(
+                &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = ?1"),
+                [user.id],
+                row_namespace,
+            )
+            .optional()?
+        {
+            return Ok(ns);
+        }
+        let used: Vec<u32> = {
+            let mut stmt = tx.prepare("SELECT idx FROM namespaces ORDER BY idx")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let index = alloc::lowest_free(&used, alloc::NAMESPACE_COUNT)
+            .ok_or_else(|| StoreError::Exhausted("no free namespace subnet left".into()))?;
+        let subnet = alloc::namespace_subnet(index);
+        tx.execute(
+            "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES (?1, ?2, ?3, ?4)",
+            params![user.id, user.name, index, subnet.to_string()],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(NamespaceRow {
+            id,
+            user_id: user.id,
+            name: user.name.clone(),
+            index,
+            subnet,
+        })
+    }
+
+    // ---- clusters and VMs ----
+
+    /// Create a cluster and its VMs, each with the lowest free VM address of the namespace.
+    pub fn create_cluster(
+        &self,
+        ns: &NamespaceRow,
+        name: &str,
+        image: &str,
+        vms: &[NewVm<'_>],
+    ) -> StoreResult<ClusterRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM clusters WHERE namespace_id = ?1 AND name = ?2",
+                params![ns.id, name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if exists.is_some() {
+            return Err(StoreError::Exists(format!("cluster `{name}`")));
+        }
+        tx.execute(
+            "INSERT INTO clusters (namespace_id, name, image, state) VALUES (?1, ?2, ?3, ?4)",
+            params![ns.id, name, image, ClusterState::Requested.as_str()],
+        )?;
+        let cluster_id = tx.last_insert_rowid();
+        let mut used: Vec<u32> = {
+            let mut stmt = tx.prepare("SELECT address FROM vms WHERE namespace_id = ?1")?;
+            let rows = stmt.query_map([ns.id], |r| parse_addr(r.get(0)?))?;
+            rows.map(|a| a.map(|a| u32::from(a) - u32::from(ns.subnet.base)))
+                .collect::<Result<_, _>>()?
+        };
+        for (slot, vm) in vms.iter().enumerate() {
+            used.sort_unstable();
+            let host = alloc::lowest_free_from(&used, alloc::FIRST_VM_HOST, alloc::LAST_VM_HOST)
+                .ok_or_else(|| {
+                    StoreError::Exhausted(format!("no free VM address left in {}", ns.subnet))
+                })?;
+            used.push(host);
+            let addr = ns.subnet.host(host);
+            tx.execute(
+                "INSERT INTO vms (cluster_id, namespace_id, slot, name, role, address, mac, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    cluster_id,
+                    ns.id,
+                    slot as u32,
+                    vm.name,
+                    vm.role,
+                    addr.to_string(),
+                    mac_for(addr),
+                    VmState::Pending.as_str()
+                ],
+            )?;
+        }
+        let row = tx.query_row(
+            &format!("SELECT {CLUSTER_COLS} FROM clusters WHERE id = ?1"),
+            [cluster_id],
+            row_cluster,
+        )?;
+        tx.commit()?;
+        Ok(row)
+    }
+
+    pub fn cluster(&self, ns_id: i64, name: &str) -> StoreResult<Option<ClusterRow>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                &format!(
+                    "SELECT {CLUSTER_COLS} FROM clusters WHERE namespace_id = ?1 AND name = ?2"
+                ),
+                params![ns_id, name],
+                row_cluster,
+            )
+            .optional()?)
+    }
+
+    pub fn cluster_by_id(&self, id: i64) -> StoreResult<Option<ClusterRow>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                &format!("SELECT {CLUSTER_COLS} FROM clusters WHERE id = ?1"),
+                [id],
+                row_cluster,
+            )
+            .optional()?)
+    }
+
+    pub fn clusters_in(&self, ns_id: i64) -> StoreResult<Vec<ClusterRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {CLUSTER_COLS} FROM clusters WHERE namespace_id = ?1 ORDER BY name"
+        ))?;
+        let rows = stmt.query_map([ns_id], row_cluster)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn all_clusters(&self) -> StoreResult<Vec<ClusterRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {CLUSTER_COLS} FROM clusters ORDER BY id"))?;
+        let rows = stmt.query_map([], row_cluster)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn set_cluster_state(
+        &self,
+        id: i64,
+        state: ClusterState,
+        reason: Option<&str>,
+    ) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE clusters SET state = ?2, reason = ?3,
+             updated_at = strftime('%Y-%m-%dT%H:%M:%SZ','now') WHERE id = ?1",
+            params![id, state.as_str(), reason],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_start_mode(&self, id: i64, mode: &str) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE clusters SET start_mode = ?2 WHERE id = ?1",
+            params![id, mode],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_cluster(&self, id: i64) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM vms WHERE cluster_id = ?1", [id])?;
+        tx.execute("DELETE FROM clusters WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn vms_of(&self, cluster_id: i64) -> StoreResult<Vec<VmRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {VM_COLS} FROM vms WHERE cluster_id = ?1 ORDER BY slot"
+        ))?;
+        let rows = stmt.query_map([cluster_id], row_vm)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn vms_in_namespace(&self, ns_id: i64) -> StoreResult<Vec<(String, VmRow)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT v.id, v.cluster_id, v.slot, v.name, v.role, v.address, v.mac, v.state, v.detail, c.name
+             FROM vms v JOIN clusters c ON c.id = v.cluster_id WHERE v.namespace_id = ?1
+             ORDER BY c.name, v.slot",
+        )?;
+        let rows = stmt.query_map([ns_id], |r| Ok((r.get(9)?, row_vm(r)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn set_vm_state(&self, id: i64, state: VmState, detail: Option<&str>) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE vms SET state = ?2, detail = ?3 WHERE id = ?1",
+            params![id, state.as_str(), detail],
+        )?;
+        Ok(())
+    }
+
+    // ---- peers ----
+
+    /// Register a peer with the lowest free peer address (.2–.9) of the namespace.
+    pub fn add_peer(
+        &self,
+        ns: &NamespaceRow,
+        name: &str,
+        public_key: &str,
+    ) -> StoreResult<PeerRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing = tx
+            .query_row(
+                &format!("SELECT {PEER_COLS} FROM peers WHERE public_key = ?1"),
+                [public_key],
+                row_peer,
+            )
+            .optional()?;
+        if let Some(peer) = existing {
+            if peer.namespace_id == ns.id {
+                // The same laptop registering again (idempotent): keep its address.
+                tx.execute(
+                    "UPDATE peers SET name = ?2 WHERE id = ?1",
+                    params![peer.id, name],
+                )?;
+                tx.commit()?;
+                return Ok(PeerRow {
+                    name: name.to_string(),
+                    ..peer
+                });
+            }
+            return Err(StoreError::Exists(
+                "a peer with this public key in another namespace".into(),
+            ));
+        }
+        let mut used: Vec<u32> = {
+            let mut stmt = tx.prepare("SELECT address FROM peers WHERE namespace_id = ?1")?;
+            let rows = stmt.query_map([ns.id], |r| parse_addr(r.get(0)?))?;
+            rows.map(|a| a.map(|a| u32::from(a) - u32::from(ns.subnet.base)))
+                .collect::<Result<_, _>>()?
+        };
+        used.sort_unstable();
+        let host = alloc::lowest_free_from(&used, alloc::FIRST_PEER_HOST, alloc::LAST_PEER_HOST)
+            .ok_or_else(|| {
+                StoreError::Exhausted(format!(
+                    "all {} peer addresses of {} are taken",
+                    alloc::LAST_PEER_HOST - alloc::FIRST_PEER_HOST + 1,
+                    ns.subnet
+                ))
+            })?;
+        let address = ns.subnet.host(host);
+        tx.execute(
+            "INSERT INTO peers (namespace_id, name, public_key, address) VALUES (?1, ?2, ?3, ?4)",
+            params![ns.id, name, public_key, address.to_string()],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(PeerRow {
+            id,
+            namespace_id: ns.id,
+            name: name.to_string(),
+            public_key: public_key.to_string(),
+            address,
+        })
+    }
+
+    pub fn peers_in(&self, ns_id: i64) -> StoreResult<Vec<PeerRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {PEER_COLS} FROM peers WHERE namespace_id = ?1 ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([ns_id], row_peer)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn all_peers(&self) -> StoreResult<Vec<PeerRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {PEER_COLS} FROM peers ORDER BY id"))?;
+        let rows = stmt.query_map([], row_peer)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn delete_peer(&self, ns_id: i64, id: i64) -> StoreResult<bool> {
+        let n = self.conn().execute(
+            "DELETE FROM peers WHERE id = ?1 AND namespace_id = ?2",
+            params![id, ns_id],
+        )?;
+        Ok(n > 0)
+    }
+
+    // ---- events ----
+
+    pub fn add_event(
+        &self,
+        cluster_id: i64,
+        vm: Option<&str>,
+        state: &str,
+        message: &str,
+    ) -> StoreResult<EventRow> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO events (cluster_id, vm, state, message) VALUES (?1, ?2, ?3, ?4)",
+            params![cluster_id, vm, state, message],
+        )?;
+        let seq = conn.last_insert_rowid();
+        Ok(conn.query_row(
+            "SELECT seq, cluster_id, vm, state, message, at FROM events WHERE seq = ?1",
+            [seq],
+            |r| {
+                Ok(EventRow {
+                    seq: r.get(0)?,
+                    cluster_id: r.get(1)?,
+                    vm: r.get(2)?,
+                    state: r.get(3)?,
+                    message: r.get(4)?,
+                    at: r.get(5)?,
+                })
+            },
+        )?)
+    }
+
+    pub fn events_after(&self, cluster_id: i64, after: i64) -> StoreResult<Vec<EventRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, cluster_id, vm, state, message, at FROM events
+             WHERE cluster_id = ?1 AND seq > ?2 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![cluster_id, after], |r| {
+            Ok(EventRow {
+                seq: r.get(0)?,
+                cluster_id: r.get(1)?,
+                vm: r.get(2)?,
+                state: r.get(3)?,
+                message: r.get(4)?,
+                at: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest event sequence number of a cluster (0 when none).
+    pub fn last_event_seq(&self, cluster_id: i64) -> StoreResult<i64> {
+        let conn = self.conn();
+        Ok(conn.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE cluster_id = ?1",
+            [cluster_id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// A key/value setting of the server (e.g. the hub's private key is NOT kept here but in a 0600 file).
+    pub fn user_count(&self) -> StoreResult<i64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
+    }
+}
