@@ -1,4 +1,3 @@
-<<<<<<< HEAD
 //! x25519 key pairs, base64 like `wg genkey` / `wg pubkey`, and the private key file (mode 0600).
 
 use std::fmt;
@@ -46,6 +45,10 @@ impl PrivateKey {
 
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0.to_bytes())
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        PrivateKey(x25519::StaticSecret::from(bytes))
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -116,6 +119,14 @@ impl PrivateKey {
     }
 }
 
+/// The base64 public key of the private key stored in `path` (used by `fcdev down` to find this machine's
+/// peer); a loosely-permissioned file is refused like in [`PrivateKey::load`].
+pub fn public_key_of_file(path: &Path) -> std::io::Result<String> {
+    PrivateKey::load(path)
+        .map(|k| k.public_key().to_base64())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+}
+
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PrivateKey(<redacted>)")
@@ -183,24 +194,4 @@ mod tests {
         ));
         fs::remove_dir_all(&dir).unwrap();
     }
-=======
-//! x25519 keys, base64 like `wg genkey`/`wg pubkey`.
-
-use std::path::Path;
-
-use base64::Engine;
-use boringtun::x25519::{PublicKey, StaticSecret};
-
-/// The base64 public key of the private key stored in `path`.
-pub fn public_key_of_file(path: &Path) -> std::io::Result<String> {
-    let text = std::fs::read_to_string(path)?;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text.trim())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let arr: [u8; 32] = bytes
-        .try_into()
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not 32 bytes"))?;
-    let secret = StaticSecret::from(arr);
-    Ok(base64::engine::general_purpose::STANDARD.encode(PublicKey::from(&secret).as_bytes()))
->>>>>>> main
 }

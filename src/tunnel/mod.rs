@@ -1,4 +1,3 @@
-<<<<<<< HEAD
 //! The userspace WireGuard data path, shared by both ends: the hub on the server, TUN or rootless (smoltcp)
 //! on the laptop.
 
@@ -18,8 +17,3 @@ pub use error::TunnelError;
 pub use hub::{Hub, HubConfig, HubPeer, HubPeerStats};
 pub use keys::{PrivateKey, PublicKey};
 pub use rootless::Forward;
-=======
-//! The userspace WireGuard data path.
-
-pub mod keys;
->>>>>>> main
