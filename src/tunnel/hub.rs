@@ -117,9 +117,19 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// Binds `cfg.listen` and starts the data path.
     pub async fn start(cfg: HubConfig) -> Result<Hub, TunnelError> {
         let udp = UdpSocket::bind(cfg.listen)
             .map_err(TunnelError::io(format!("binding hub UDP {}", cfg.listen)))?;
+        Self::with_socket(udp, cfg).await
+    }
+
+    /// Starts the data path on a socket bound by the caller (e.g. in the public network namespace before the
+    /// server moved into the VM namespace); `cfg.listen` is ignored. The TUN device is created in the
+    /// current namespace.
+    pub async fn with_socket(udp: UdpSocket, cfg: HubConfig) -> Result<Hub, TunnelError> {
+        udp.set_nonblocking(false)
+            .map_err(TunnelError::io("hub UDP socket"))?;
         udp.set_read_timeout(Some(POLL))
             .map_err(TunnelError::io("hub UDP socket"))?;
         let local_addr = udp

@@ -51,6 +51,10 @@ impl PrivateKey {
         PrivateKey(x25519::StaticSecret::from(bytes))
     }
 
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
     pub fn public_key(&self) -> PublicKey {
         PublicKey(x25519::PublicKey::from(&self.0).to_bytes())
     }

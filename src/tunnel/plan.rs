@@ -22,6 +22,26 @@ pub struct Plan {
     pub hosts: HashMap<String, Ipv4Addr>,
 }
 
+/// The names a VM answers to: its full name as the server gives it (`n1.alice.fcdev`, or
+/// `n1.web.alice.fcdev` outside the default cluster) and that name without `.fcdev` and without
+/// `.<namespace>.fcdev` (`n1`, `n1.web`).
+fn aliases(full: &str, namespace: &str) -> Vec<String> {
+    let full = full.trim_end_matches('.').to_ascii_lowercase();
+    let mut out = vec![full.clone()];
+    let suffix = format!(".{}", crate::names::DNS_SUFFIX);
+    if let Some(no_suffix) = full.strip_suffix(&suffix) {
+        out.push(no_suffix.to_string());
+        if let Some(short) = no_suffix.strip_suffix(&format!(".{namespace}")) {
+            out.push(short.to_string());
+        }
+    } else {
+        // A bare VM name.
+        out.push(format!("{full}.{namespace}"));
+        out.push(format!("{full}.{namespace}{suffix}"));
+    }
+    out
+}
+
 impl Plan {
     pub fn from_config(cfg: &PeerConfig) -> Result<Plan, TunnelError> {
         let bad = |what: &str, v: &str| TunnelError::Config(format!("{what} `{v}`"));
@@ -47,10 +67,9 @@ impl Plan {
         let mut hosts = HashMap::new();
         for h in &cfg.hosts {
             let ip: Ipv4Addr = h.address.parse().map_err(|_| bad("host address", &h.address))?;
-            let short = h.name.split('.').next().unwrap_or(&h.name).to_string();
-            hosts.insert(format!("{short}.{}", cfg.namespace), ip);
-            hosts.insert(format!("{short}.{}.{}", cfg.namespace, cfg.dns_suffix), ip);
-            hosts.insert(short, ip);
+            for name in aliases(&h.name, &cfg.namespace) {
+                hosts.insert(name, ip);
+            }
         }
         Ok(Plan {
             address,
