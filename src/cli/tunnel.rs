@@ -81,7 +81,10 @@ pub fn default_peer_name() -> String {
 }
 
 /// Registers this machine (idempotent: the same key keeps its address) and returns its tunnel config.
-pub async fn register(ctx: &Context, name: Option<&str>) -> Result<(PrivateKey, PeerConfig), CliError> {
+pub async fn register(
+    ctx: &Context,
+    name: Option<&str>,
+) -> Result<(PrivateKey, PeerConfig), CliError> {
     let (_, client) = ctx.client()?;
     let key = PrivateKey::load_or_generate(&ctx.store.key_path(&ctx.profile_name))?;
     let name = name.map(str::to_string).unwrap_or_else(default_peer_name);
@@ -183,7 +186,10 @@ fn describe(client: &Client, config: &PeerConfig, forwards: &[Forward]) {
         println!("  (add these lines to /etc/hosts to use the names)");
     }
     if let Some(socks) = client.socks_addr() {
-        println!("  SOCKS5 proxy on {socks}: curl --socks5-hostname {socks} http://<vm>.{}.fcdev/", config.namespace);
+        println!(
+            "  SOCKS5 proxy on {socks}: curl --socks5-hostname {socks} http://<vm>.{}.fcdev/",
+            config.namespace
+        );
         for h in &config.hosts {
             println!("    {}  {}", h.name, h.address);
         }

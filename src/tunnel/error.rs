@@ -9,7 +9,9 @@ pub enum TunnelError {
     InvalidKey(String),
     #[error("key file {path}: {source}")]
     KeyFile { path: PathBuf, source: io::Error },
-    #[error("key file {path} has mode {mode:o}; it must be readable by its owner only (chmod 600)")]
+    #[error(
+        "key file {path} has mode {mode:o}; it must be readable by its owner only (chmod 600)"
+    )]
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },

@@ -266,11 +266,7 @@ impl Hub {
     }
 
     pub fn stats(&self) -> Vec<HubPeerStats> {
-        let table = self
-            .shared
-            .table
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
+        let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<HubPeerStats> = table
             .by_id
             .values()
@@ -301,10 +297,7 @@ impl Hub {
     }
 
     fn write_table(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
-        self.shared
-            .table
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shared.table.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops the data path and waits for its threads; the UDP port and the TUN device are released.
@@ -371,11 +364,8 @@ fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr, out: &mut
     match peer.decapsulate(from, datagram, out) {
         Outcome::Network(reply) => {
             send(shared, reply, from);
-            loop {
-                match peer.flush(out) {
-                    Outcome::Network(queued) => send(shared, queued, from),
-                    _ => break,
-                }
+            while let Outcome::Network(queued) = peer.flush(out) {
+                send(shared, queued, from);
             }
         }
         Outcome::Ipv4(packet) => {

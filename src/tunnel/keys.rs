@@ -190,7 +190,10 @@ mod tests {
         let k = PrivateKey::load_or_generate(&path).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(PrivateKey::load(&path).unwrap().public_key(), k.public_key());
+        assert_eq!(
+            PrivateKey::load(&path).unwrap().public_key(),
+            k.public_key()
+        );
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
             PrivateKey::load(&path),

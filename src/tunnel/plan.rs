@@ -66,7 +66,10 @@ impl Plan {
         let subnet: Subnet = first.parse().map_err(|_| bad("allowed_ips", first))?;
         let mut hosts = HashMap::new();
         for h in &cfg.hosts {
-            let ip: Ipv4Addr = h.address.parse().map_err(|_| bad("host address", &h.address))?;
+            let ip: Ipv4Addr = h
+                .address
+                .parse()
+                .map_err(|_| bad("host address", &h.address))?;
             for name in aliases(&h.name, &cfg.namespace) {
                 hosts.insert(name, ip);
             }
@@ -86,8 +89,6 @@ impl Plan {
     /// A VM name (`n1`, `n1.alice`, `n1.alice.fcdev`) or a dotted IPv4 address.
     pub fn resolve(&self, host: &str) -> Option<Ipv4Addr> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        host.parse()
-            .ok()
-            .or_else(|| self.hosts.get(&host).copied())
+        host.parse().ok().or_else(|| self.hosts.get(&host).copied())
     }
 }

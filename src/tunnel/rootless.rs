@@ -132,7 +132,9 @@ impl RootlessClient {
                 .await
                 .map_err(TunnelError::io(format!("binding SOCKS5 proxy on {addr}")))?;
             client.socks = l.local_addr().ok();
-            client.tasks.push(tokio::spawn(serve_socks(l, handle.clone())));
+            client
+                .tasks
+                .push(tokio::spawn(serve_socks(l, handle.clone())));
         }
         for f in forwards {
             let dst = handle.plan.resolve(&f.host).ok_or_else(|| {
@@ -156,6 +158,11 @@ impl RootlessClient {
 
     pub fn forward_addrs(&self) -> &[SocketAddr] {
         &self.forwards
+    }
+
+    /// False once the stack task ended (shut down, or failed).
+    pub fn is_running(&self) -> bool {
+        self.stack_task.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     pub fn stats(&self) -> PeerStats {
@@ -194,7 +201,8 @@ impl Drop for RootlessClient {
 }
 
 fn bind_udp(bind: SocketAddr) -> Result<UdpSocket, TunnelError> {
-    let std = std::net::UdpSocket::bind(bind).map_err(TunnelError::io(format!("binding UDP {bind}")))?;
+    let std =
+        std::net::UdpSocket::bind(bind).map_err(TunnelError::io(format!("binding UDP {bind}")))?;
     set_buffers(&std);
     std.set_nonblocking(true)
         .map_err(TunnelError::io("UDP socket"))?;
@@ -260,7 +268,12 @@ struct Stack {
 }
 
 impl Stack {
-    fn new(key: &PrivateKey, plan: Arc<Plan>, udp: UdpSocket, stats: Arc<Mutex<PeerStats>>) -> Stack {
+    fn new(
+        key: &PrivateKey,
+        plan: Arc<Plan>,
+        udp: UdpSocket,
+        stats: Arc<Mutex<PeerStats>>,
+    ) -> Stack {
         let mut peer = Peer::new(
             key,
             plan.server_key,
@@ -316,7 +329,8 @@ impl Stack {
             let now = SmolInstant::now();
             self.iface.poll(now, &mut self.link, &mut self.sockets);
             if self.pump() {
-                self.iface.poll(SmolInstant::now(), &mut self.link, &mut self.sockets);
+                self.iface
+                    .poll(SmolInstant::now(), &mut self.link, &mut self.sockets);
             }
             if tokio::time::Instant::now() >= next_tick {
                 next_tick = tokio::time::Instant::now() + TICK;

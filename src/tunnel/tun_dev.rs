@@ -28,7 +28,15 @@ impl TunDevice {
             }
         })?;
         let dev = TunDevice { iface };
-        ip(&["link", "set", "dev", dev.name(), "mtu", &mtu.to_string(), "up"])?;
+        ip(&[
+            "link",
+            "set",
+            "dev",
+            dev.name(),
+            "mtu",
+            &mtu.to_string(),
+            "up",
+        ])?;
         Ok(dev)
     }
 

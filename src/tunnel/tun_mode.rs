@@ -48,7 +48,13 @@ impl TunClient {
         let tun = TunDevice::create(tun_name, CLIENT_MTU)?;
         let addr = format!("{}/32", plan.address);
         tun_dev::ip(&["addr", "add", &addr, "dev", tun.name()])?;
-        tun_dev::ip(&["route", "replace", &plan.subnet.to_string(), "dev", tun.name()])?;
+        tun_dev::ip(&[
+            "route",
+            "replace",
+            &plan.subnet.to_string(),
+            "dev",
+            tun.name(),
+        ])?;
         let mut peer = Peer::new(
             key,
             plan.server_key,
@@ -124,11 +130,7 @@ fn lock(m: &Mutex<Peer>) -> std::sync::MutexGuard<'_, Peer> {
 }
 
 fn socket(shared: &Shared) -> Arc<UdpSocket> {
-    shared
-        .udp
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+    shared.udp.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 fn send(shared: &Shared, datagram: &[u8]) {

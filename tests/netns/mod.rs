@@ -105,7 +105,14 @@ impl Namespaces {
     /// Starts a background process inside a namespace, killed on drop.
     pub fn spawn_bg(&mut self, role: &str, cmd: &str) {
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.name(role), "sh", "-c", &format!("exec {cmd}")])
+            .args([
+                "netns",
+                "exec",
+                &self.name(role),
+                "sh",
+                "-c",
+                &format!("exec {cmd}"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
