@@ -44,15 +44,17 @@ ip -n $H link add vms type bridge; ip -n $H addr add 10.240.1.10/24 dev vms; ip 
 ip -n $H addr add 10.241.0.1/24 dev vms 2>/dev/null || true
 inh iperf3 -s -D -p 5201 >/dev/null
 
-# iperf3 from the laptop namespace; prints Mbit/s received.
+# iperf3 from the laptop namespace; prints Mbit/s received. BENCH_ONLY="a b" measures only those paths.
+CURRENT=
 measure() { # ns host port
-  ip netns exec "$1" iperf3 -c "$2" -p "$3" -t "$SECS" -J 2>/dev/null \
+  if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $CURRENT "* ]]; then echo 0; return; fi
+  ip netns exec "$1" iperf3 -c "$2" -p "$3" -t "$SECS" ${IPERF_ARGS:-} -J 2>/dev/null \
     | python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["end"]["sum_received"]["bits_per_second"]/1e6))' \
     || echo 0
 }
 
 declare -A R
-R[veth]=$(measure $L 192.168.77.1 5201)
+CURRENT=veth; R[veth]=$(measure $L 192.168.77.1 5201)
 
 # --- fcdev (TUN and rootless), driven through the library's test node.
 key() { wg genkey > "$WORK/$1.key"; chmod 600 "$WORK/$1.key"; wg pubkey < "$WORK/$1.key"; }
@@ -80,11 +82,11 @@ stop_client() { exec 8>&-; wait $CLPID 2>/dev/null || true; }
 
 start_client tun --tun fcdev0
 inl busybox ping -c 1 -W 5 10.240.1.10 >/dev/null
-R[fcdev_tun]=$(measure $L 10.240.1.10 5201)
+CURRENT=fcdev_tun; R[fcdev_tun]=$(measure $L 10.240.1.10 5201)
 stop_client
 start_client proxy --socks 127.0.0.1:1080 -L 15201:n1:5201
 sleep 1
-R[fcdev_rootless]=$(measure $L 127.0.0.1 15201)
+CURRENT=fcdev_rootless; R[fcdev_rootless]=$(measure $L 127.0.0.1 15201)
 stop_client
 
 # --- wireguard-go (Debian), distinct interface names: the UAPI socket path is shared across namespaces.
@@ -96,7 +98,7 @@ inl wg set $WGL private-key "$WORK/wgl.key" peer "$(wg pubkey < "$WORK/wgh.key")
 inh ip addr add 10.241.1.1/24 dev $WGH; inh ip link set $WGH mtu 1420 up
 inl ip addr add 10.241.1.2/24 dev $WGL; inl ip link set $WGL mtu 1420 up
 inl busybox ping -c 1 -W 5 10.241.1.1 >/dev/null || true
-R[wireguard_go]=$(measure $L 10.241.1.1 5201)
+CURRENT=wireguard_go; R[wireguard_go]=$(measure $L 10.241.1.1 5201)
 inh ip link del $WGH; inl ip link del $WGL
 
 # --- boringtun-cli (TUN) and onetun (rootless), when installed.
@@ -110,7 +112,7 @@ if [ -x "$TOOLS/boringtun-cli" ]; then
   inh ip addr add 10.242.1.1/24 dev bth$$; inh ip link set bth$$ mtu 1420 up
   inl ip addr add 10.242.1.2/24 dev btl$$; inl ip link set btl$$ mtu 1420 up
   inl busybox ping -c 1 -W 5 10.242.1.1 >/dev/null || true
-  R[boringtun_cli]=$(measure $L 10.242.1.1 5201)
+  CURRENT=boringtun_cli; R[boringtun_cli]=$(measure $L 10.242.1.1 5201)
   inh ip link del bth$$ 2>/dev/null || true; inl ip link del btl$$ 2>/dev/null || true
   rm -f /var/run/wireguard/bth$$.sock /var/run/wireguard/btl$$.sock
 fi
@@ -120,7 +122,7 @@ if [ -x "$TOOLS/onetun" ]; then
     --endpoint-public-key "$HUBPUB" --private-key "$(cat "$WORK/lap.key")" --source-peer-ip 10.240.1.2 \
     --keep-alive 25 >/dev/null 2>&1 &
   sleep 1
-  R[onetun]=$(measure $L 127.0.0.1 25201)
+  CURRENT=onetun; R[onetun]=$(measure $L 127.0.0.1 25201)
 fi
 
 exec 7>&-

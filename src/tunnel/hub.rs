@@ -16,6 +16,7 @@ use super::keys::{PrivateKey, PublicKey};
 use super::packet::ipv4_addrs;
 use super::peer::{self, Addressee, HandshakeLimiter, Outcome, Peer};
 use super::tun_dev::{self, TunDevice};
+use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
 
 const POLL: Duration = Duration::from_millis(200);
@@ -128,6 +129,7 @@ impl Hub {
     /// server moved into the VM namespace); `cfg.listen` is ignored. The TUN device is created in the
     /// current namespace.
     pub async fn with_socket(udp: UdpSocket, cfg: HubConfig) -> Result<Hub, TunnelError> {
+        super::udp::enlarge_buffers(&udp);
         udp.set_nonblocking(false)
             .map_err(TunnelError::io("hub UDP socket"))?;
         udp.set_read_timeout(Some(POLL))
@@ -329,29 +331,28 @@ fn lookup(shared: &Shared, datagram: &[u8]) -> Option<Arc<Slot>> {
 }
 
 fn udp_loop(shared: &Shared) {
-    let mut buf = vec![0u8; BUF];
+    let mut batch = RecvBatch::new();
     let mut out = vec![0u8; BUF];
     while !shared.stop.load(Ordering::Relaxed) {
-        let (n, from) = match shared.udp.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
-            Err(e) => {
+        if let Err(e) = batch.recv(&shared.udp) {
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::Interrupted
+            ) {
                 tracing::debug!("hub UDP receive: {e}");
                 std::thread::sleep(Duration::from_millis(10));
-                continue;
             }
-        };
-        let Some(datagram) = buf.get(..n) else {
             continue;
-        };
-        handle_datagram(shared, datagram, from, &mut out);
+        }
+        for i in 0..batch.len() {
+            if let Some((datagram, from)) = batch.get(i) {
+                if !datagram.is_empty() {
+                    handle_datagram(shared, datagram, from, &mut out);
+                }
+            }
+        }
     }
 }
 
@@ -400,14 +401,21 @@ fn send(shared: &Shared, datagram: &[u8], to: SocketAddr) {
 
 fn tun_loop(shared: &Shared) {
     let Some(tun) = &shared.tun else { return };
+    if let Err(e) = tun.set_nonblocking() {
+        tracing::warn!("hub TUN: {e}");
+        return;
+    }
     let mut buf = vec![0u8; BUF];
     let mut out = vec![0u8; BUF];
+    let mut batch = SendBatch::new();
     while !shared.stop.load(Ordering::Relaxed) {
-        if !tun.wait_readable(POLL) {
-            continue;
-        }
         let n = match tun.recv(&mut buf) {
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                batch.flush(&shared.udp);
+                tun.wait_readable(POLL);
+                continue;
+            }
             Err(e) => {
                 tracing::debug!("hub TUN read: {e}");
                 continue;
@@ -432,10 +440,42 @@ fn tun_loop(shared: &Shared) {
             slot.drop_one();
             continue;
         };
-        if let Outcome::Network(datagram) = peer.encapsulate(packet, &mut out) {
-            send(shared, datagram, endpoint);
-        }
         slot.tx.fetch_add(n as u64, Ordering::Relaxed);
+        encapsulate_batched(&mut peer, packet, endpoint, &mut batch, &mut out, &shared.udp);
+        if batch.is_full() {
+            drop(peer);
+            batch.flush(&shared.udp);
+        }
+    }
+}
+
+/// Encrypts `packet` straight into the next batch slot (or, when it does not fit, sends it on its own).
+pub(crate) fn encapsulate_batched(
+    peer: &mut Peer,
+    packet: &[u8],
+    endpoint: SocketAddr,
+    batch: &mut SendBatch,
+    out: &mut [u8],
+    udp: &UdpSocket,
+) {
+    if let Some(slot) = batch.slot() {
+        let len = match peer.encapsulate(packet, slot) {
+            Outcome::Network(d) => Some(d.len()),
+            Outcome::Rejected => None,
+            _ => return,
+        };
+        if let Some(len) = len {
+            if batch.commit(len, endpoint) {
+                return;
+            }
+            if let Some(d) = batch.slot().and_then(|s| s.get(..len)) {
+                let _ = udp.send_to(d, endpoint);
+            }
+            return;
+        }
+    }
+    if let Outcome::Network(d) = peer.encapsulate(packet, out) {
+        let _ = udp.send_to(d, endpoint);
     }
 }
 

@@ -11,6 +11,7 @@ pub mod plan;
 pub mod rootless;
 pub mod tun_dev;
 pub mod tun_mode;
+pub mod udp;
 
 pub use client::{Client, ClientOptions, ClientStats, Mode};
 pub use error::TunnelError;

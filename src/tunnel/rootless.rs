@@ -36,7 +36,6 @@ const TCP_BUF: usize = 2 << 20;
 const CHANNEL_DEPTH: usize = 32;
 const CHUNK: usize = 64 * 1024;
 const TICK: Duration = Duration::from_millis(250);
-const SOCKET_BUF: usize = 4 << 20;
 
 /// A local TCP forward: connections to `local` go to `host:port` inside the namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,27 +202,19 @@ impl Drop for RootlessClient {
 fn bind_udp(bind: SocketAddr) -> Result<UdpSocket, TunnelError> {
     let std =
         std::net::UdpSocket::bind(bind).map_err(TunnelError::io(format!("binding UDP {bind}")))?;
-    set_buffers(&std);
+    super::udp::enlarge_buffers(&std);
     std.set_nonblocking(true)
         .map_err(TunnelError::io("UDP socket"))?;
     UdpSocket::from_std(std).map_err(TunnelError::io("UDP socket"))
 }
 
-/// Bigger socket buffers so bursts from smoltcp are not dropped (best effort).
-fn set_buffers(s: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let size = SOCKET_BUF as libc::c_int;
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: a valid socket and a c_int option value.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+/// Congestion control for connections smoltcp sends on (uploads): without it smoltcp sends the whole
+/// peer window at once and the hub's queue overflows. `FCDEV_TCP_CC=none|reno|cubic` overrides (benchmarks).
+fn congestion() -> tcp::CongestionControl {
+    match std::env::var("FCDEV_TCP_CC").as_deref() {
+        Ok("none") => tcp::CongestionControl::None,
+        Ok("reno") => tcp::CongestionControl::Reno,
+        _ => tcp::CongestionControl::Cubic,
     }
 }
 
@@ -431,6 +422,7 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
         );
         sock.set_nagle_enabled(false);
+        sock.set_congestion_control(congestion());
         sock.set_ack_delay(None);
         sock.set_timeout(Some(smoltcp::time::Duration::from_secs(60)));
         self.next_port = if self.next_port >= 65000 {

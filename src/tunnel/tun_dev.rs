@@ -44,6 +44,24 @@ impl TunDevice {
         self.iface.name()
     }
 
+    /// Reads return `WouldBlock` instead of waiting (use [`TunDevice::wait_readable`]).
+    pub fn set_nonblocking(&self) -> Result<(), TunnelError> {
+        let fd = self.iface.as_raw_fd();
+        // SAFETY: fcntl on a descriptor we own.
+        let ok = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(TunnelError::Io {
+                context: "TUN device".into(),
+                source: std::io::Error::last_os_error(),
+            })
+        }
+    }
+
     pub fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.iface.recv(buf)
     }

@@ -11,7 +11,9 @@ use super::keys::PrivateKey;
 use super::packet::ipv4_addrs;
 use super::peer::{Outcome, Peer, PeerStats};
 use super::plan::Plan;
+use super::hub::encapsulate_batched;
 use super::tun_dev::{self, TunDevice};
+use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
 
 pub const CLIENT_MTU: u32 = 1420;
@@ -33,6 +35,7 @@ pub struct TunClient {
 
 fn bind_udp(bind: SocketAddr) -> Result<Arc<UdpSocket>, TunnelError> {
     let s = UdpSocket::bind(bind).map_err(TunnelError::io(format!("binding UDP {bind}")))?;
+    super::udp::enlarge_buffers(&s);
     s.set_read_timeout(Some(POLL))
         .map_err(TunnelError::io("UDP socket"))?;
     Ok(Arc::new(s))
@@ -140,56 +143,68 @@ fn send(shared: &Shared, datagram: &[u8]) {
 }
 
 fn udp_loop(shared: &Shared) {
-    let mut buf = vec![0u8; BUF];
+    let mut batch = RecvBatch::new();
     let mut out = vec![0u8; BUF];
     while !shared.stop.load(Ordering::Relaxed) {
         let udp = socket(shared);
-        let (n, from) = match udp.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(_) => continue,
-        };
-        if from != shared.plan.endpoint {
+        if batch.recv(&*udp).is_err() {
             continue;
         }
-        let Some(datagram) = buf.get(..n) else {
-            continue;
-        };
         let mut peer = lock(&shared.peer);
-        match peer.decapsulate(from, datagram, &mut out) {
-            Outcome::Network(reply) => {
-                send(shared, reply);
-                while let Outcome::Network(queued) = peer.flush(&mut out) {
-                    send(shared, queued);
-                }
+        for i in 0..batch.len() {
+            let Some((datagram, from)) = batch.get(i) else {
+                continue;
+            };
+            if from != shared.plan.endpoint || datagram.is_empty() {
+                continue;
             }
-            Outcome::Ipv4(packet) => {
-                drop(peer);
-                // Only the namespace may come out of the tunnel.
-                if ipv4_addrs(packet).is_some_and(|(src, _)| shared.plan.subnet.contains(src)) {
-                    if let Err(e) = shared.tun.send(packet) {
-                        tracing::debug!("TUN write: {e}");
+            match peer.decapsulate(from, datagram, &mut out) {
+                Outcome::Network(reply) => {
+                    send(shared, reply);
+                    while let Outcome::Network(queued) = peer.flush(&mut out) {
+                        send(shared, queued);
                     }
                 }
+                Outcome::Ipv4(packet) => {
+                    // Only the namespace may come out of the tunnel.
+                    if ipv4_addrs(packet).is_some_and(|(src, _)| shared.plan.subnet.contains(src)) {
+                        if let Err(e) = shared.tun.send(packet) {
+                            tracing::debug!("TUN write: {e}");
+                        }
+                    }
+                }
+                Outcome::Done | Outcome::Rejected => {}
             }
-            Outcome::Done | Outcome::Rejected => {}
         }
     }
 }
 
 fn tun_loop(shared: &Shared) {
+    if let Err(e) = shared.tun.set_nonblocking() {
+        tracing::warn!("{e}");
+        return;
+    }
     let mut buf = vec![0u8; BUF];
     let mut out = vec![0u8; BUF];
+    let mut batch = SendBatch::new();
+    let mut udp = socket(shared);
     while !shared.stop.load(Ordering::Relaxed) {
-        if !shared.tun.wait_readable(POLL) {
-            continue;
-        }
-        let Ok(n) = shared.tun.recv(&mut buf) else {
-            continue;
+        let n = match shared.tun.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                batch.flush(&*udp);
+                shared.tun.wait_readable(POLL);
+                udp = socket(shared);
+                continue;
+            }
+            Err(_) => continue,
         };
         let Some(packet) = buf.get(..n) else { continue };
         let mut peer = lock(&shared.peer);
-        if let Outcome::Network(d) = peer.encapsulate(packet, &mut out) {
-            send(shared, d);
+        encapsulate_batched(&mut peer, packet, shared.plan.endpoint, &mut batch, &mut out, &udp);
+        drop(peer);
+        if batch.is_full() {
+            batch.flush(&*udp);
         }
     }
 }
