@@ -88,7 +88,14 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;tunnel' {
+            [CompletionResult]::new('--mode', '--mode', [CompletionResultType]::ParameterName, 'tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto')
+            [CompletionResult]::new('--socks', '--socks', [CompletionResultType]::ParameterName, 'Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself')
+            [CompletionResult]::new('-L', '-L ', [CompletionResultType]::ParameterName, 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable')
+            [CompletionResult]::new('--forward', '--forward', [CompletionResultType]::ParameterName, 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable')
+            [CompletionResult]::new('--tun-name', '--tun-name', [CompletionResultType]::ParameterName, 'The TUN device''s name (TUN mode)')
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'This machine''s peer name (default: the host name)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Status as JSON lines on stdout instead of a status line')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')

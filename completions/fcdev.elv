@@ -80,7 +80,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --help 'Print help'
         }
         &'fcdev;tunnel'= {
+            cand --mode 'tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto'
+            cand --socks 'Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself'
+            cand -L 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable'
+            cand --forward 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable'
+            cand --tun-name 'The TUN device''s name (TUN mode)'
+            cand --name 'This machine''s peer name (default: the host name)'
             cand --profile 'The profile (server + token) to use'
+            cand --json 'Status as JSON lines on stdout instead of a status line'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'

@@ -65,7 +65,13 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand images" -l profile -d 'The p
 complete -c fcdev -n "__fish_fcdev_using_subcommand images" -l json -d 'Print JSON'
 complete -c fcdev -n "__fish_fcdev_using_subcommand images" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand images" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l mode -d 'tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l socks -d 'Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s L -l forward -d 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l tun-name -d 'The TUN device\'s name (TUN mode)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l name -d 'This machine\'s peer name (default: the host name)' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l json -d 'Status as JSON lines on stdout instead of a status line'
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -l name -d 'The cluster (default: the profile\'s cluster)' -r
