@@ -441,7 +441,14 @@ fn tun_loop(shared: &Shared) {
             continue;
         };
         slot.tx.fetch_add(n as u64, Ordering::Relaxed);
-        encapsulate_batched(&mut peer, packet, endpoint, &mut batch, &mut out, &shared.udp);
+        encapsulate_batched(
+            &mut peer,
+            packet,
+            endpoint,
+            &mut batch,
+            &mut out,
+            &shared.udp,
+        );
         if batch.is_full() {
             drop(peer);
             batch.flush(&shared.udp);

@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::hub::encapsulate_batched;
 use super::keys::PrivateKey;
 use super::packet::ipv4_addrs;
 use super::peer::{Outcome, Peer, PeerStats};
 use super::plan::Plan;
-use super::hub::encapsulate_batched;
 use super::tun_dev::{self, TunDevice};
 use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
@@ -201,7 +201,14 @@ fn tun_loop(shared: &Shared) {
         };
         let Some(packet) = buf.get(..n) else { continue };
         let mut peer = lock(&shared.peer);
-        encapsulate_batched(&mut peer, packet, shared.plan.endpoint, &mut batch, &mut out, &udp);
+        encapsulate_batched(
+            &mut peer,
+            packet,
+            shared.plan.endpoint,
+            &mut batch,
+            &mut out,
+            &udp,
+        );
         drop(peer);
         if batch.is_full() {
             batch.flush(&*udp);
