@@ -89,6 +89,29 @@ fn main() -> anyhow::Result<()> {
                         pss.push(kib);
                     }
                 }
+                if std::env::var_os("FCDEV_BENCH_SMAPS").is_some() {
+                    if let Some(pid) = backend.pid(&vms[0]) {
+                        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+                        let mut head = String::new();
+                        for line in smaps.lines() {
+                            if line.contains('-') && !line.contains(':')
+                                || line.split_whitespace().count() >= 5
+                                    && line
+                                        .split_whitespace()
+                                        .next()
+                                        .is_some_and(|f| f.contains('-'))
+                            {
+                                head = line.to_string();
+                            } else if let Some(v) = line.strip_prefix("Pss:") {
+                                let kib: u64 =
+                                    v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+                                if kib > 1024 {
+                                    println!("    {kib:>7} kB  {head}");
+                                }
+                            }
+                        }
+                    }
+                }
                 restore.push(took);
             } else {
                 boot.push(took);

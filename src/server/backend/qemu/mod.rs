@@ -414,7 +414,12 @@ impl QemuBackend {
         tap: String,
         snap: &snapshot::Found,
     ) -> BackendResult<()> {
-        let (kernel, initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
+        // The kernel and initrd only feed fw_cfg, which a restored guest never reads again, yet qemu keeps a
+        // private copy of both: pass the kernel's boot header alone (same option ROM, same RAM blocks) and no
+        // initrd. Saves ~20 MB per VM.
+        let (kernel, _initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
+        let kernel = snap.kernel_stub().unwrap_or(kernel);
+        let initrd = None;
         let launch = Launch {
             accel: self.accel,
             name: format!("{}-{}", vm.namespace.name, vm.name),
