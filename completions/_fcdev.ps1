@@ -143,6 +143,45 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny)')
+            [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'fcdev;image;build' {
+            [CompletionResult]::new('--out', '--out', [CompletionResultType]::ParameterName, 'Output folder (default: <data dir>/images/NAME)')
+            [CompletionResult]::new('--kernel-version', '--kernel-version', [CompletionResultType]::ParameterName, 'Guest kernel version under /boot (default: the newest *-cloud-amd64)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--no-ssh', '--no-ssh', [CompletionResultType]::ParameterName, 'Leave dropbear (ssh) out')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;image;snapshot' {
+            [CompletionResult]::new('--out', '--out', [CompletionResultType]::ParameterName, 'Image folder (default: <data dir>/images/NAME)')
+            [CompletionResult]::new('--accel', '--accel', [CompletionResultType]::ParameterName, 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;image;help' {
+            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny)')
+            [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'fcdev;image;help;build' {
+            break
+        }
+        'fcdev;image;help;snapshot' {
+            break
+        }
+        'fcdev;image;help;help' {
             break
         }
         'fcdev;server' {
@@ -329,6 +368,14 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;help;image' {
+            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny)')
+            [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`')
+            break
+        }
+        'fcdev;help;image;build' {
+            break
+        }
+        'fcdev;help;image;snapshot' {
             break
         }
         'fcdev;help;server' {

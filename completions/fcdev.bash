@@ -100,6 +100,12 @@ _fcdev() {
             fcdev__subcmd__help,up)
                 cmd="fcdev__subcmd__help__subcmd__up"
                 ;;
+            fcdev__subcmd__help__subcmd__image,build)
+                cmd="fcdev__subcmd__help__subcmd__image__subcmd__build"
+                ;;
+            fcdev__subcmd__help__subcmd__image,snapshot)
+                cmd="fcdev__subcmd__help__subcmd__image__subcmd__snapshot"
+                ;;
             fcdev__subcmd__help__subcmd__server,user)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user"
                 ;;
@@ -114,6 +120,24 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help__subcmd__server__subcmd__user,token)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user__subcmd__token"
+                ;;
+            fcdev__subcmd__image,build)
+                cmd="fcdev__subcmd__image__subcmd__build"
+                ;;
+            fcdev__subcmd__image,help)
+                cmd="fcdev__subcmd__image__subcmd__help"
+                ;;
+            fcdev__subcmd__image,snapshot)
+                cmd="fcdev__subcmd__image__subcmd__snapshot"
+                ;;
+            fcdev__subcmd__image__subcmd__help,build)
+                cmd="fcdev__subcmd__image__subcmd__help__subcmd__build"
+                ;;
+            fcdev__subcmd__image__subcmd__help,help)
+                cmd="fcdev__subcmd__image__subcmd__help__subcmd__help"
+                ;;
+            fcdev__subcmd__image__subcmd__help,snapshot)
+                cmd="fcdev__subcmd__image__subcmd__help__subcmd__snapshot"
                 ;;
             fcdev__subcmd__server,help)
                 cmd="fcdev__subcmd__server__subcmd__help"
@@ -348,8 +372,36 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__image)
-            opts=""
+            opts="build snapshot"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__image__subcmd__build)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__image__subcmd__snapshot)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -562,12 +614,120 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__image)
-            opts="-v -h --profile --verbose --help"
+            opts="-v -h --profile --verbose --help build snapshot help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__build)
+            opts="-v -h --out --kernel-version --no-ssh --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --out)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kernel-version)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__help)
+            opts="build snapshot help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__help__subcmd__build)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__help__subcmd__snapshot)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__snapshot)
+            opts="-v -h --out --accel --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --out)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --accel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --profile)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -130,6 +130,39 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
             cand --help 'Print help'
+            cand build 'Build an image from Debian packages (recipes: tiny)'
+            cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;image;build'= {
+            cand --out 'Output folder (default: <data dir>/images/NAME)'
+            cand --kernel-version 'Guest kernel version under /boot (default: the newest *-cloud-amd64)'
+            cand --profile 'The profile (server + token) to use'
+            cand --no-ssh 'Leave dropbear (ssh) out'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;image;snapshot'= {
+            cand --out 'Image folder (default: <data dir>/images/NAME)'
+            cand --accel 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;image;help'= {
+            cand build 'Build an image from Debian packages (recipes: tiny)'
+            cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;image;help;build'= {
+        }
+        &'fcdev;image;help;snapshot'= {
+        }
+        &'fcdev;image;help;help'= {
         }
         &'fcdev;server'= {
             cand --listen 'Where the API listens'
@@ -284,6 +317,12 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;ssh'= {
         }
         &'fcdev;help;image'= {
+            cand build 'Build an image from Debian packages (recipes: tiny)'
+            cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+        }
+        &'fcdev;help;image;build'= {
+        }
+        &'fcdev;help;image;snapshot'= {
         }
         &'fcdev;help;server'= {
             cand user 'Manage engineers and their tokens'

@@ -88,9 +88,26 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -s h -l help -d 'Prin
 complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s h -l help -d 'Print help'
-complete -c fcdev -n "__fish_fcdev_using_subcommand image" -l profile -d 'The profile (server + token) to use' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand image" -s v -l verbose -d 'More log output (repeat for more)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand image" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l out -d 'Output folder (default: <data dir>/images/NAME)' -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l kernel-version -d 'Guest kernel version under /boot (default: the newest *-cloud-amd64)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l no-ssh -d 'Leave dropbear (ssh) out'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l out -d 'Image folder (default: <data dir>/images/NAME)' -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l accel -d 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l listen -d 'Where the API listens' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-listen -d 'Where the WireGuard hub listens (UDP). Port 0 picks a free one' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-endpoint -d 'The endpoint peers are told to send to (default: the hub\'s listen address)' -r
@@ -141,4 +158,6 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_su
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "completions" -d 'Print a shell completion script'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from server" -f -a "user" -d 'Manage engineers and their tokens'

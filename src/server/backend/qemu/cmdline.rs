@@ -87,6 +87,10 @@ impl Launch {
         };
         push(os("-machine"));
         push(os(machine));
+        if self.accel == Accel::Kvm {
+            push(os("-cpu"));
+            push(os("host"));
+        }
         push(os("-smp"));
         push(os(self.vcpus.to_string()));
         push(os("-m"));

@@ -662,11 +662,23 @@ impl Backend for QemuBackend {
         if self.is_running(vm) {
             // Re-adopt: never start a second qemu for one VM.
             let mode = std::fs::read_to_string(run.join(files::MODE)).unwrap_or_default();
-            return Ok(if mode.trim() == "restore" {
-                StartMode::Restore
-            } else {
-                StartMode::Boot
-            });
+            if mode.trim() != "restore" {
+                return Ok(StartMode::Boot);
+            }
+            // A restore whose supervisor died with the previous server may not have told the guest who it is
+            // yet: say it again (idempotent).
+            if !self.probe(vm) {
+                let vm = vm.clone();
+                std::thread::spawn(move || {
+                    let sock = vm.run_dir.join(files::AGENT);
+                    if let Err(e) =
+                        agent::configure(&sock, &guest_config(&vm), Duration::from_secs(15))
+                    {
+                        note(&vm.run_dir, &format!("re-adopted VM not configured: {e}"));
+                    }
+                });
+            }
+            return Ok(StartMode::Restore);
         }
         let generation = self.bump_generation(run);
         let tap = self.tap_for(vm)?;
