@@ -47,7 +47,10 @@ fn image_dir() -> PathBuf {
 /// The tiny image with its onboarding snapshot, built if missing.
 fn tiny_image(b: &QemuBackend) -> Image {
     let dir = image_dir();
-    if !dir.join("image.toml").is_file() || !dir.join("initrd.img").is_file() {
+    let stamp =
+        std::fs::read_to_string(dir.join(fcdev::image::build::RECIPE_FILE)).unwrap_or_default();
+    let fresh = stamp.trim() == format!("tiny {}", fcdev::image::build::tiny_recipe_hash());
+    if !fresh || !dir.join("initrd.img").is_file() {
         fcdev::image::build::build_tiny(&dir, &Default::default())
             .unwrap_or_else(|e| panic!("cannot build the tiny image: {e}"));
     }

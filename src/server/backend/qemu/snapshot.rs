@@ -272,3 +272,56 @@ impl QemuBackend {
         Ok(meta)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template(name: &str, memory_mb: u32) -> VmTemplate {
+        VmTemplate {
+            name: name.into(),
+            role: String::new(),
+            vcpus: 1,
+            memory_mb,
+            kernel: Some("vmlinuz".into()),
+            initrd: Some("initrd.img".into()),
+            disk: Some("root.qcow2".into()),
+            cmdline: "console=ttyS0".into(),
+            probe: "tcp:80".into(),
+        }
+    }
+
+    #[test]
+    fn identical_vms_share_a_key_and_shapes_do_not() {
+        let k = |t: &VmTemplate, a| key(t, a);
+        assert_eq!(
+            k(&template("n1", 256), Accel::Tcg),
+            k(&template("f1", 256), Accel::Tcg)
+        );
+        assert_ne!(
+            k(&template("n1", 256), Accel::Tcg),
+            k(&template("n1", 512), Accel::Tcg)
+        );
+        assert_ne!(
+            k(&template("n1", 256), Accel::Tcg),
+            k(&template("n1", 256), Accel::Kvm)
+        );
+    }
+
+    #[test]
+    fn kernel_stub_keeps_the_boot_header_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bz = vec![0u8; 0x4000];
+        bz[0x1f1] = 3; // setup sectors
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, &bz).expect("write");
+        let stub = dir.path().join("stub");
+        assert!(write_kernel_stub(&kernel, &stub).expect("stub"));
+        let s = std::fs::read(&stub).expect("read");
+        assert_eq!(s.len(), 4 * 512 + 512);
+        assert_eq!(&s[0x202..0x206], b"HdrS");
+        std::fs::write(&kernel, b"not a kernel").expect("write");
+        assert!(!write_kernel_stub(&kernel, &stub).expect("stub"));
+    }
+}
