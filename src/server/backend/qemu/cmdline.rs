@@ -65,6 +65,23 @@ fn path_opt(prefix: &str, p: &Path) -> OsString {
 }
 
 impl Launch {
+    /// qemu's option syntax splits on commas: refuse paths that contain one instead of misparsing them.
+    pub fn check_paths(&self) -> Result<(), String> {
+        let mut paths: Vec<&Path> = vec![&self.run_dir, &self.kernel];
+        paths.extend(self.initrd.as_deref());
+        paths.extend(self.disk.as_deref());
+        if let Memory::File { path, .. } = &self.memory {
+            paths.push(path);
+        }
+        match paths.iter().find(|p| p.to_string_lossy().contains(',')) {
+            Some(p) => Err(format!(
+                "{} contains a comma, which qemu options cannot take: use another data dir",
+                p.display()
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn args(&self) -> Vec<OsString> {
         let run = &self.run_dir;
         let mut a: Vec<OsString> = Vec::new();

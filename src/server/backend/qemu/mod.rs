@@ -332,6 +332,7 @@ impl QemuBackend {
 
     /// Start qemu detached (own session; survives the server) and wait for its pid file.
     pub fn launch(&self, launch: &Launch) -> BackendResult<i32> {
+        launch.check_paths().map_err(BackendError::msg)?;
         let run = &launch.run_dir;
         for f in [files::QMP, files::AGENT, files::PID] {
             let _ = std::fs::remove_file(run.join(f));
