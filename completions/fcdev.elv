@@ -37,6 +37,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
+            cand __socks-connect 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy'
             cand __test-vm 'Internal: the process behind one VM of the test backend'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -80,7 +81,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --help 'Print help'
         }
         &'fcdev;tunnel'= {
+            cand --mode 'tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto'
+            cand --socks 'Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself'
+            cand -L 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable'
+            cand --forward 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable'
+            cand --tun-name 'The TUN device''s name (TUN mode)'
+            cand --name 'This machine''s peer name (default: the host name)'
             cand --profile 'The profile (server + token) to use'
+            cand --json 'Status as JSON lines on stdout instead of a status line'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -118,6 +126,10 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --help 'Print help'
         }
         &'fcdev;ssh'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand -u 'The user in the VM'
+            cand --user 'The user in the VM'
+            cand --socks 'The SOCKS5 proxy of a rootless `fcdev tunnel`, used when the VM is not routed here'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -272,6 +284,13 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'fcdev;__socks-connect'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;__test-vm'= {
             cand --name 'name'
             cand --run-dir 'run-dir'
@@ -295,6 +314,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
+            cand __socks-connect 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy'
             cand __test-vm 'Internal: the process behind one VM of the test backend'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -342,6 +362,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;user;list'= {
         }
         &'fcdev;help;completions'= {
+        }
+        &'fcdev;help;__socks-connect'= {
         }
         &'fcdev;help;__test-vm'= {
         }

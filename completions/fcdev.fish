@@ -40,6 +40,7 @@ complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "ssh" -d 'Open an ssh se
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "image" -d 'Build or snapshot prepared images (host side)'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "completions" -d 'Print a shell completion script'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "__socks-connect" -d 'Internal: ssh\'s ProxyCommand through the rootless tunnel\'s SOCKS5 proxy'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand login" -l server -d 'The fcdev server\'s API URL, e.g. http://host:7070' -r
@@ -65,7 +66,13 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand images" -l profile -d 'The p
 complete -c fcdev -n "__fish_fcdev_using_subcommand images" -l json -d 'Print JSON'
 complete -c fcdev -n "__fish_fcdev_using_subcommand images" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand images" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l mode -d 'tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l socks -d 'Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s L -l forward -d 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l tun-name -d 'The TUN device\'s name (TUN mode)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l name -d 'This machine\'s peer name (default: the host name)' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l json -d 'Status as JSON lines on stdout instead of a status line'
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -l name -d 'The cluster (default: the profile\'s cluster)' -r
@@ -85,6 +92,9 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -l profile -d 'The pr
 complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -l json -d 'Print JSON'
 complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s u -l user -d 'The user in the VM' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -l socks -d 'The SOCKS5 proxy of a rootless `fcdev tunnel`, used when the VM is not routed here' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s h -l help -d 'Print help'
@@ -138,26 +148,30 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subc
 complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand __socks-connect" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand __socks-connect" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand __socks-connect" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l name -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l run-dir -r -F
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l cmdline -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -s h -l help -d 'Print help'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "login" -d 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "up" -d 'Create your cluster (or resume/repair it) and wait until every VM is ready'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "status" -d 'Show your namespace, clusters, VMs and tunnel peers'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "images" -d 'List the prepared images of the server'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "down" -d 'Delete a cluster: VMs, disks and this machine\'s tunnel peer'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "hosts" -d 'Print /etc/hosts lines for your VMs'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "ssh" -d 'Open an ssh session to a VM'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "image" -d 'Build or snapshot prepared images (host side)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "completions" -d 'Print a shell completion script'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __test-vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "login" -d 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "up" -d 'Create your cluster (or resume/repair it) and wait until every VM is ready'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "status" -d 'Show your namespace, clusters, VMs and tunnel peers'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "images" -d 'List the prepared images of the server'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "down" -d 'Delete a cluster: VMs, disks and this machine\'s tunnel peer'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "hosts" -d 'Print /etc/hosts lines for your VMs'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "ssh" -d 'Open an ssh session to a VM'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "image" -d 'Build or snapshot prepared images (host side)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "completions" -d 'Print a shell completion script'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "__socks-connect" -d 'Internal: ssh\'s ProxyCommand through the rootless tunnel\'s SOCKS5 proxy'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from server" -f -a "user" -d 'Manage engineers and their tokens'

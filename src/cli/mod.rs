@@ -72,6 +72,9 @@ pub enum Command {
     Server(Box<server::ServerArgs>),
     /// Print a shell completion script.
     Completions(completions::CompletionsArgs),
+    /// Internal: ssh's ProxyCommand through the rootless tunnel's SOCKS5 proxy.
+    #[command(name = "__socks-connect", hide = true)]
+    SocksConnect(ssh::SocksConnectArgs),
     /// Internal: the process behind one VM of the test backend.
     #[command(name = "__test-vm", hide = true)]
     TestVm(server::TestVmArgs),
@@ -177,6 +180,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             image::run(args, &crate::config::data_dir()?).map_err(CliError::from)
         }
         Command::Completions(args) => completions::run(args),
+        Command::SocksConnect(args) => ssh::socks_connect(args)
+            .map_err(|e| CliError::new(ExitKind::Unreachable, format!("socks connect: {e}"))),
         Command::Server(_) | Command::TestVm(_) => {
             unreachable!("server commands run outside the async runtime")
         }

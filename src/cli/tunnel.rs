@@ -1,13 +1,221 @@
-//! `fcdev tunnel` (placeholder until the tunnel work lands).
+//! `fcdev tunnel`: register this machine's public key as a peer of my namespace and run the WireGuard tunnel
+//! (TUN mode with privileges, else a rootless SOCKS5 proxy and `-L` forwards), with a live status line.
 
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use crate::api::{CreatePeer, PeerConfig};
 use crate::cli::{CliError, Context, ExitKind};
+use crate::tunnel::{Client, ClientOptions, ClientStats, Forward, Mode, PrivateKey, TunnelError};
 
 #[derive(Debug, clap::Args)]
-pub struct TunnelArgs {}
+pub struct TunnelArgs {
+    /// tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto.
+    #[arg(long, default_value = "auto", value_parser = parse_mode)]
+    pub mode: Mode,
+    /// Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself.
+    #[arg(long, default_value = "127.0.0.1:1080")]
+    pub socks: SocketAddr,
+    /// Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable.
+    #[arg(short = 'L', long = "forward", value_parser = parse_forward)]
+    pub forwards: Vec<Forward>,
+    /// The TUN device's name (TUN mode).
+    #[arg(long, default_value = "fcdev0")]
+    pub tun_name: String,
+    /// This machine's peer name (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Status as JSON lines on stdout instead of a status line.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub async fn run(_args: TunnelArgs, _ctx: Context) -> Result<(), CliError> {
-    Err(CliError::new(
-        ExitKind::Failure,
-        "the tunnel is not available in this build",
-    ))
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse().map_err(|e: TunnelError| e.to_string())
+}
+
+fn parse_forward(s: &str) -> Result<Forward, String> {
+    s.parse().map_err(|e: TunnelError| e.to_string())
+}
+
+impl From<TunnelError> for CliError {
+    fn from(e: TunnelError) -> Self {
+        let hint = matches!(e, TunnelError::NoPrivilege(_))
+            .then_some("run with sudo, or `fcdev tunnel --mode proxy` (no privileges needed)");
+        let err = CliError::new(ExitKind::Failure, e.to_string());
+        match hint {
+            Some(h) => err.hint(h),
+            None => err,
+        }
+    }
+}
+
+/// The registration request: the public key only, never the private key.
+pub fn peer_request(name: &str, key: &PrivateKey) -> CreatePeer {
+    CreatePeer {
+        name: name.to_string(),
+        public_key: key.public_key().to_base64(),
+    }
+}
+
+/// A DNS label from the host name (peer names end up in names and listings).
+pub fn default_peer_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let label: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    let label = label.trim_matches('-').to_string();
+    if crate::names::is_dns_label(&label) {
+        label
+    } else {
+        "laptop".into()
+    }
+}
+
+/// Registers this machine (idempotent: the same key keeps its address) and returns its tunnel config.
+pub async fn register(
+    ctx: &Context,
+    name: Option<&str>,
+) -> Result<(PrivateKey, PeerConfig), CliError> {
+    let (_, client) = ctx.client()?;
+    let key = PrivateKey::load_or_generate(&ctx.store.key_path(&ctx.profile_name))?;
+    let name = name.map(str::to_string).unwrap_or_else(default_peer_name);
+    let config: PeerConfig = client.post("/peers", &peer_request(&name, &key)).await?;
+    Ok((key, config))
+}
+
+#[derive(Serialize)]
+struct StatusLine {
+    mode: &'static str,
+    address: String,
+    handshake_age_secs: Option<u64>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Tun => "tun",
+        Mode::Proxy => "proxy",
+        Mode::Auto => "auto",
+    }
+}
+
+pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
+    let (key, config) = register(&ctx, args.name.as_deref()).await?;
+    let address = config.address.clone();
+    let mut opts = ClientOptions::new(key, config.clone());
+    opts.mode = args.mode;
+    opts.socks = Some(args.socks);
+    opts.forwards = args.forwards.clone();
+    opts.tun_name = args.tun_name.clone();
+    let json = args.json;
+    let forwards = args.forwards.clone();
+    let tty = std::io::stderr().is_terminal();
+    let mut first = true;
+    crate::tunnel::client::run(opts, move |client: &Client, s: &ClientStats| {
+        if first {
+            first = false;
+            if !json {
+                describe(client, &config, &forwards);
+            }
+        }
+        let line = StatusLine {
+            mode: mode_name(s.mode),
+            address: address.clone(),
+            handshake_age_secs: s.handshake_age.map(|d| d.as_secs()),
+            rx_bytes: s.rx_bytes,
+            tx_bytes: s.tx_bytes,
+        };
+        if json {
+            if let Ok(l) = serde_json::to_string(&line) {
+                println!("{l}");
+            }
+        } else if tty {
+            let hs = line
+                .handshake_age_secs
+                .map(|a| format!("handshake {a}s ago"))
+                .unwrap_or_else(|| "no handshake yet".into());
+            eprint!(
+                "\r\x1b[2K{} · {hs} · rx {} · tx {}",
+                line.mode,
+                human(line.rx_bytes),
+                human(line.tx_bytes)
+            );
+            let _ = std::io::stderr().flush();
+        }
+    })
+    .await?;
+    if tty && !json {
+        eprintln!();
+    }
+    Ok(())
+}
+
+fn describe(client: &Client, config: &PeerConfig, forwards: &[Forward]) {
+    println!(
+        "Tunnel up ({} mode): this machine is {} in namespace {} (Ctrl-C to stop)",
+        mode_name(client.mode()),
+        config.address,
+        config.namespace
+    );
+    if let Some(dev) = client.device_name() {
+        println!("  {dev}: routes {}", config.allowed_ips.join(", "));
+        for h in &config.hosts {
+            println!("  {}  {}", h.address, h.name);
+        }
+        println!("  (add these lines to /etc/hosts to use the names)");
+    }
+    if let Some(socks) = client.socks_addr() {
+        println!(
+            "  SOCKS5 proxy on {socks}: curl --socks5-hostname {socks} http://<vm>.{}.fcdev/",
+            config.namespace
+        );
+        for h in &config.hosts {
+            println!("    {}  {}", h.name, h.address);
+        }
+    }
+    for (addr, f) in client.forward_addrs().iter().zip(forwards) {
+        println!("  forward {addr} -> {}:{}", f.host, f.port);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_never_carries_the_private_key() {
+        let key = PrivateKey::generate();
+        let body = serde_json::to_string(&peer_request("laptop", &key)).unwrap();
+        assert!(!body.contains(&key.to_base64()), "{body}");
+        assert!(body.contains(&key.public_key().to_base64()));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let fields: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(fields, ["name", "public_key"]);
+    }
+
+    #[test]
+    fn peer_name_is_a_dns_label() {
+        assert!(crate::names::is_dns_label(&default_peer_name()));
+    }
 }

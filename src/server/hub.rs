@@ -1,75 +1,77 @@
-//! Glue between the control plane and the WireGuard hub (placeholder until the tunnel lands: keeps the hub's
-//! identity and the peer list, forwards no packets).
+//! Glue between the control plane and the WireGuard hub (`crate::tunnel::Hub`): the server's key file and
+//! the `HubControl` the HTTP API calls.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use base64::Engine;
-use boringtun::x25519::{PublicKey, StaticSecret};
+use boringtun::x25519::StaticSecret;
 
 use crate::server::hub_control::{HubControl, HubPeerCounters, HubPeerEntry};
+use crate::tunnel::{Hub, HubConfig, HubPeer, PrivateKey, PublicKey};
+
+/// Persistent keepalive the hub sends to peers (seconds).
+pub const HUB_KEEPALIVE: u16 = 25;
 
 /// The hub's private key, kept 0600 in the data dir and created on first start.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<StaticSecret> {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let bytes = b64
-            .decode(text.trim())
-            .map_err(|e| anyhow::anyhow!("{} is not a base64 key: {e}", path.display()))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("{} does not hold a 32-byte key", path.display()))?;
-        return Ok(StaticSecret::from(arr));
-    }
-    let secret = StaticSecret::random_from_rng(rand::rngs::OsRng);
-    crate::config::write_private(path, &format!("{}\n", b64.encode(secret.to_bytes())), 0o600)?;
-    Ok(secret)
+    let key = PrivateKey::load_or_generate(path)?;
+    Ok(StaticSecret::from(key.to_bytes()))
 }
 
-pub struct PlaceholderHub {
-    public_key: String,
+pub struct TunnelHub {
+    hub: Hub,
     endpoint: String,
-    peers: Mutex<HashMap<i64, HubPeerEntry>>,
-    _socket: std::net::UdpSocket,
 }
 
+/// Starts the hub on `socket` (already bound), with its TUN device `tun` in the current network namespace.
 pub async fn start(
     socket: std::net::UdpSocket,
     key: StaticSecret,
     endpoint: String,
-    _tun: Option<String>,
+    tun: Option<String>,
 ) -> anyhow::Result<Arc<dyn HubControl>> {
-    Ok(Arc::new(PlaceholderHub {
-        public_key: base64::engine::general_purpose::STANDARD
-            .encode(PublicKey::from(&key).as_bytes()),
-        endpoint,
-        peers: Mutex::new(HashMap::new()),
-        _socket: socket,
-    }))
+    let cfg = HubConfig {
+        listen: socket.local_addr()?,
+        private_key: PrivateKey::from_bytes(key.to_bytes()),
+        tun_name: tun,
+        keepalive: HUB_KEEPALIVE,
+    };
+    let hub = Hub::with_socket(socket, cfg).await?;
+    Ok(Arc::new(TunnelHub { hub, endpoint }))
 }
 
-impl HubControl for PlaceholderHub {
+impl HubControl for TunnelHub {
     fn public_key(&self) -> String {
-        self.public_key.clone()
+        self.hub.public_key_base64()
     }
     fn endpoint(&self) -> String {
         self.endpoint.clone()
     }
     fn add_peer(&self, peer: HubPeerEntry) -> Result<(), String> {
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer.id, peer);
-        Ok(())
+        let public_key = PublicKey::from_base64(&peer.public_key).map_err(|e| e.to_string())?;
+        self.hub
+            .add_peer(HubPeer {
+                id: peer.id,
+                public_key,
+                address: peer.address,
+                subnet: peer.subnet,
+            })
+            .map_err(|e| e.to_string())
     }
     fn remove_peer(&self, id: i64) {
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.hub.remove_peer(id);
     }
-    fn counters(&self, _id: i64) -> Option<HubPeerCounters> {
-        None
+    fn counters(&self, id: i64) -> Option<HubPeerCounters> {
+        self.hub
+            .stats()
+            .into_iter()
+            .find(|s| s.id == id)
+            .map(|s| HubPeerCounters {
+                handshake_age: s.handshake_age,
+                rx_bytes: s.rx_bytes,
+                tx_bytes: s.tx_bytes,
+                dropped_packets: s.dropped,
+                endpoint: s.endpoint.map(|e| e.to_string()),
+            })
     }
 }

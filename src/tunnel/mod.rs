@@ -1,3 +1,20 @@
-//! The userspace WireGuard data path.
+//! The userspace WireGuard data path, shared by both ends: the hub on the server, TUN or rootless (smoltcp)
+//! on the laptop.
 
+pub mod client;
+pub mod error;
+pub mod hub;
 pub mod keys;
+pub mod packet;
+pub mod peer;
+pub mod plan;
+pub mod rootless;
+pub mod tun_dev;
+pub mod tun_mode;
+pub mod udp;
+
+pub use client::{Client, ClientOptions, ClientStats, Mode};
+pub use error::TunnelError;
+pub use hub::{Hub, HubConfig, HubPeer, HubPeerStats};
+pub use keys::{PrivateKey, PublicKey};
+pub use rootless::Forward;

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Tunnel throughput, side by side in one run: TCP (iperf3) from a "laptop" network namespace to a "host"
+# namespace over a veth pair, through: the raw veth, fcdev TUN mode, fcdev rootless mode (-L forward),
+# wireguard-go (Debian), and boringtun-cli / onetun when they are installed (BENCH_TOOLS=/path/bin).
+#
+#   sudo bench/tunnel.sh [SECONDS]        (default 10; needs root, /dev/net/tun, iperf3, wireguard-go, wg)
+#
+# Everything runs in namespaces created here and deleted on exit; nothing leaves the root namespace.
+set -euo pipefail
+umask 077
+SECS=${1:-10}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TOOLS=${BENCH_TOOLS:-/tmp/fcdev-bench-tools/bin}
+H=fcdevb-host-$$ L=fcdevb-laptop-$$
+WORK=$(mktemp -d)
+NODE=${FCDEV_NODE:-$ROOT/target/release/examples/tunnel_node}
+
+cleanup() {
+  for ns in $H $L; do
+    ip netns pids $ns 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del $ns 2>/dev/null || true
+  done
+  rm -f /var/run/wireguard/wgbh$$.sock /var/run/wireguard/wgbl$$.sock
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
+[ -e /dev/net/tun ] || { echo "needs /dev/net/tun" >&2; exit 1; }
+if [ -z "${FCDEV_NODE:-}" ]; then
+  (cd "$ROOT" && cargo build --release --example tunnel_node -q)
+fi
+
+inh() { ip netns exec $H "$@"; }
+inl() { ip netns exec $L "$@"; }
+
+ip netns add $H; ip netns add $L
+inh ip link set lo up; inl ip link set lo up
+ip -n $H link add lap0 type veth peer name up0 netns $L
+ip -n $H addr add 192.168.77.1/24 dev lap0; ip -n $H link set lap0 up
+ip -n $L addr add 192.168.77.2/24 dev up0; ip -n $L link set up0 up
+# The "VM": an address on a namespace bridge, like the real host.
+ip -n $H link add vms type bridge; ip -n $H addr add 10.240.1.10/24 dev vms; ip -n $H link set vms up
+ip -n $H addr add 10.241.0.1/24 dev vms 2>/dev/null || true
+inh iperf3 -s -D -p 5201 >/dev/null
+
+# iperf3 from the laptop namespace; prints Mbit/s received. BENCH_ONLY="a b" measures only those paths.
+CURRENT=
+measure() { # ns host port
+  if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $CURRENT "* ]]; then echo 0; return; fi
+  ip netns exec "$1" iperf3 -c "$2" -p "$3" -t "$SECS" ${IPERF_ARGS:-} -J 2>/dev/null \
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["end"]["sum_received"]["bits_per_second"]/1e6))' \
+    || echo 0
+}
+
+declare -A R
+CURRENT=veth; R[veth]=$(measure $L 192.168.77.1 5201)
+
+# --- fcdev (TUN and rootless), driven through the library's test node.
+key() { wg genkey > "$WORK/$1.key"; chmod 600 "$WORK/$1.key"; wg pubkey < "$WORK/$1.key"; }
+HUBPUB=$(key hub); LAPPUB=$(key lap)
+cat > "$WORK/peer.json" <<JSON
+{"id":1,"name":"bench","address":"10.240.1.2/32","server_public_key":"$HUBPUB","endpoint":"192.168.77.1:51820",
+ "allowed_ips":["10.240.1.0/24"],"keepalive":25,"namespace":"bench","dns_suffix":"fcdev",
+ "hosts":[{"name":"n1","address":"10.240.1.10"}]}
+JSON
+mkfifo "$WORK/hub.in"
+inh "$NODE" hub --listen 0.0.0.0:51820 --key-file "$WORK/hub.key" --tun fcdevhub < "$WORK/hub.in" > "$WORK/hub.out" 2>&1 &
+exec 7> "$WORK/hub.in"
+echo "add 1 $LAPPUB 10.240.1.2 10.240.1.0/24" >&7
+sleep 0.5
+start_client() { # mode extra-args...
+  local mode=$1; shift
+  rm -f "$WORK/cl.in"; mkfifo "$WORK/cl.in"
+  inl "$NODE" client --key-file "$WORK/lap.key" --config "$WORK/peer.json" --mode "$mode" "$@" \
+    < "$WORK/cl.in" > "$WORK/cl.out" 2>&1 &
+  CLPID=$!
+  exec 8> "$WORK/cl.in"
+  for _ in $(seq 50); do grep -q READY "$WORK/cl.out" 2>/dev/null && break; sleep 0.1; done
+}
+stop_client() { exec 8>&-; wait $CLPID 2>/dev/null || true; }
+
+start_client tun --tun fcdev0
+inl busybox ping -c 1 -W 5 10.240.1.10 >/dev/null
+CURRENT=fcdev_tun; R[fcdev_tun]=$(measure $L 10.240.1.10 5201)
+stop_client
+start_client proxy --socks 127.0.0.1:1080 -L 15201:n1:5201
+sleep 1
+CURRENT=fcdev_rootless; R[fcdev_rootless]=$(measure $L 127.0.0.1 15201)
+stop_client
+
+# --- wireguard-go (Debian), distinct interface names: the UAPI socket path is shared across namespaces.
+WGH=wgbh$$ WGL=wgbl$$
+wg genkey > "$WORK/wgh.key"; wg genkey > "$WORK/wgl.key"
+inh wireguard-go $WGH >/dev/null 2>&1; inl wireguard-go $WGL >/dev/null 2>&1
+inh wg set $WGH private-key "$WORK/wgh.key" listen-port 51821 peer "$(wg pubkey < "$WORK/wgl.key")" allowed-ips 10.241.1.2/32
+inl wg set $WGL private-key "$WORK/wgl.key" peer "$(wg pubkey < "$WORK/wgh.key")" allowed-ips 10.241.1.0/24 endpoint 192.168.77.1:51821
+inh ip addr add 10.241.1.1/24 dev $WGH; inh ip link set $WGH mtu 1420 up
+inl ip addr add 10.241.1.2/24 dev $WGL; inl ip link set $WGL mtu 1420 up
+inl busybox ping -c 1 -W 5 10.241.1.1 >/dev/null || true
+CURRENT=wireguard_go; R[wireguard_go]=$(measure $L 10.241.1.1 5201)
+inh ip link del $WGH; inl ip link del $WGL
+
+# --- boringtun-cli (TUN) and onetun (rootless), when installed.
+R[boringtun_cli]=0; R[onetun]=0
+if [ -x "$TOOLS/boringtun-cli" ]; then
+  inh env WG_SUDO=1 "$TOOLS/boringtun-cli" --disable-drop-privileges bth$$ >/dev/null 2>&1 || true
+  inl env WG_SUDO=1 "$TOOLS/boringtun-cli" --disable-drop-privileges btl$$ >/dev/null 2>&1 || true
+  sleep 0.5
+  inh wg set bth$$ private-key "$WORK/wgh.key" listen-port 51822 peer "$(wg pubkey < "$WORK/wgl.key")" allowed-ips 10.242.1.2/32
+  inl wg set btl$$ private-key "$WORK/wgl.key" peer "$(wg pubkey < "$WORK/wgh.key")" allowed-ips 10.242.1.0/24 endpoint 192.168.77.1:51822
+  inh ip addr add 10.242.1.1/24 dev bth$$; inh ip link set bth$$ mtu 1420 up
+  inl ip addr add 10.242.1.2/24 dev btl$$; inl ip link set btl$$ mtu 1420 up
+  inl busybox ping -c 1 -W 5 10.242.1.1 >/dev/null || true
+  CURRENT=boringtun_cli; R[boringtun_cli]=$(measure $L 10.242.1.1 5201)
+  inh ip link del bth$$ 2>/dev/null || true; inl ip link del btl$$ 2>/dev/null || true
+  rm -f /var/run/wireguard/bth$$.sock /var/run/wireguard/btl$$.sock
+fi
+if [ -x "$TOOLS/onetun" ]; then
+  # onetun is a rootless client: point it at the fcdev hub (a standard WireGuard peer).
+  inl "$TOOLS/onetun" 127.0.0.1:25201:10.240.1.10:5201 --endpoint-addr 192.168.77.1:51820 \
+    --endpoint-public-key "$HUBPUB" --private-key "$(cat "$WORK/lap.key")" --source-peer-ip 10.240.1.2 \
+    --keep-alive 25 >/dev/null 2>&1 &
+  sleep 1
+  CURRENT=onetun; R[onetun]=$(measure $L 127.0.0.1 25201)
+fi
+
+exec 7>&-
+WGGO=${R[wireguard_go]}
+ratio() { python3 -c "print(f'{$1/$WGGO:.2f}x' if $WGGO else '-')"; }
+echo
+echo "TCP laptop -> host, iperf3 -t $SECS, $(nproc) cores, $(uname -r)"
+printf '%-16s %10s %12s\n' path "Mbit/s" "vs wg-go"
+for k in veth wireguard_go fcdev_tun fcdev_rootless boringtun_cli onetun; do
+  printf '%-16s %10s %12s\n' "$k" "${R[$k]}" "$(ratio "${R[$k]}")"
+done

@@ -1,0 +1,191 @@
+//! The laptop end: picks TUN or rootless mode, starts it from a `PeerConfig`, exposes live stats, and (with
+//! [`run`]) serves until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::api::PeerConfig;
+
+use super::keys::PrivateKey;
+use super::peer::PeerStats;
+use super::plan::Plan;
+use super::rootless::{Forward, RootlessClient};
+use super::tun_dev::can_create_tun;
+use super::tun_mode::TunClient;
+use super::TunnelError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// TUN when this process may create one, else proxy.
+    #[default]
+    Auto,
+    Tun,
+    Proxy,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = TunnelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "tun" => Ok(Mode::Tun),
+            "proxy" | "rootless" => Ok(Mode::Proxy),
+            _ => Err(TunnelError::Config(format!(
+                "mode `{s}`: want tun, proxy or auto"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub private_key: PrivateKey,
+    pub config: PeerConfig,
+    pub mode: Mode,
+    /// TUN device name (TUN mode).
+    pub tun_name: String,
+    /// Local UDP address (default 0.0.0.0:0).
+    pub bind: SocketAddr,
+    /// SOCKS5 listen address (proxy mode); None = no proxy.
+    pub socks: Option<SocketAddr>,
+    /// `-L` forwards (proxy mode).
+    pub forwards: Vec<Forward>,
+}
+
+impl ClientOptions {
+    pub fn new(private_key: PrivateKey, config: PeerConfig) -> ClientOptions {
+        ClientOptions {
+            private_key,
+            config,
+            mode: Mode::Auto,
+            tun_name: "fcdev0".into(),
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            socks: Some(SocketAddr::from(([127, 0, 0, 1], 1080))),
+            forwards: Vec::new(),
+        }
+    }
+}
+
+/// Live state for a status line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientStats {
+    pub mode: Mode,
+    pub handshake_age: Option<Duration>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+pub enum Client {
+    Tun(TunClient),
+    Proxy(RootlessClient),
+}
+
+impl Client {
+    pub async fn start(opts: ClientOptions) -> Result<Client, TunnelError> {
+        let plan = Plan::from_config(&opts.config)?;
+        let mode = match opts.mode {
+            Mode::Auto if can_create_tun() => Mode::Tun,
+            Mode::Auto => Mode::Proxy,
+            m => m,
+        };
+        match mode {
+            Mode::Tun => Ok(Client::Tun(TunClient::start(
+                &opts.private_key,
+                plan,
+                &opts.tun_name,
+                opts.bind,
+            )?)),
+            _ => Ok(Client::Proxy(
+                RootlessClient::start(
+                    &opts.private_key,
+                    plan,
+                    opts.bind,
+                    opts.socks,
+                    &opts.forwards,
+                )
+                .await?,
+            )),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self {
+            Client::Tun(_) => Mode::Tun,
+            Client::Proxy(_) => Mode::Proxy,
+        }
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        let s: PeerStats = match self {
+            Client::Tun(c) => c.stats(),
+            Client::Proxy(c) => c.stats(),
+        };
+        ClientStats {
+            mode: self.mode(),
+            handshake_age: s.handshake_age,
+            rx_bytes: s.rx_bytes,
+            tx_bytes: s.tx_bytes,
+        }
+    }
+
+    /// Proxy mode: where the SOCKS5 proxy listens.
+    pub fn socks_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Client::Proxy(c) => c.socks_addr(),
+            Client::Tun(_) => None,
+        }
+    }
+
+    /// Proxy mode: the bound local addresses of the `-L` forwards, in order.
+    pub fn forward_addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            Client::Proxy(c) => c.forward_addrs().to_vec(),
+            Client::Tun(_) => Vec::new(),
+        }
+    }
+
+    /// TUN mode: the device name.
+    pub fn device_name(&self) -> Option<String> {
+        match self {
+            Client::Tun(c) => Some(c.device_name().to_string()),
+            Client::Proxy(_) => None,
+        }
+    }
+
+    /// Moves to a new local UDP socket (roaming); the hub follows.
+    pub async fn rebind(&self, bind: SocketAddr) -> Result<(), TunnelError> {
+        match self {
+            Client::Tun(c) => c.rebind(bind),
+            Client::Proxy(c) => c.rebind(bind).await,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        match self {
+            Client::Tun(c) => {
+                let _ = tokio::task::spawn_blocking(move || c.shutdown()).await;
+            }
+            Client::Proxy(c) => c.shutdown().await,
+        }
+    }
+}
+
+/// Starts the tunnel and serves until Ctrl-C or SIGTERM, calling `status` about once a second.
+pub async fn run(
+    opts: ClientOptions,
+    mut status: impl FnMut(&Client, &ClientStats),
+) -> Result<(), TunnelError> {
+    let client = Client::start(opts).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(TunnelError::io("installing SIGTERM handler"))?;
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = every.tick() => status(&client, &client.stats()),
+        }
+    }
+    client.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! One WireGuard peer: a boringtun `Tunn`, its current endpoint and its timers. This is the only file that
+//! touches boringtun, so moving to a maintained fork is a one-file change.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+
+use super::keys::{PrivateKey, PublicKey};
+
+/// Room an output buffer needs on top of the packet it carries (WireGuard data header + tag).
+pub const OVERHEAD: usize = 32;
+/// The smallest output buffer [`Peer`] accepts (a handshake initiation is 148 bytes).
+pub const MIN_OUT: usize = 148;
+
+/// Handshakes per second a hub answers before it demands cookies.
+const HANDSHAKE_RATE_LIMIT: u64 = 10;
+/// How long a client waits for any answer after sending before it starts a new handshake itself
+/// (boringtun alone waits 15 s; a restarted hub forgot the session, so recover faster).
+const NUDGE_AFTER: Duration = Duration::from_secs(5);
+
+/// What to do with the result of a peer operation.
+#[derive(Debug)]
+pub enum Outcome<'a> {
+    /// Nothing to send.
+    Done,
+    /// Send this datagram to the peer's endpoint.
+    Network(&'a [u8]),
+    /// An IPv4 packet came out of the tunnel.
+    Ipv4(&'a [u8]),
+    /// The datagram was not valid for this peer (bad MAC, replay, IPv6, garbage), or the tunnel is down.
+    Rejected,
+}
+
+/// Handshake age and byte counters of one peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    pub handshake_age: Option<Duration>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+pub struct Peer {
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    keepalive: Option<u16>,
+    last_rx: Instant,
+    last_tx: Instant,
+    last_nudge: Option<Instant>,
+}
+
+fn outcome(r: TunnResult<'_>) -> Outcome<'_> {
+    match r {
+        TunnResult::Done => Outcome::Done,
+        TunnResult::WriteToNetwork(b) => Outcome::Network(b),
+        TunnResult::WriteToTunnelV4(b, _) => Outcome::Ipv4(b),
+        TunnResult::WriteToTunnelV6(..) | TunnResult::Err(_) => Outcome::Rejected,
+    }
+}
+
+impl Peer {
+    /// `index` is a 24-bit local index; the receiver index of every datagram the peer sends us carries it in
+    /// its upper 24 bits, which is how a hub finds the peer of a data packet.
+    pub fn new(
+        private: &PrivateKey,
+        remote: PublicKey,
+        keepalive: Option<u16>,
+        index: u32,
+        limiter: Option<&HandshakeLimiter>,
+    ) -> Peer {
+        let tunn = Tunn::new(
+            private.secret().clone(),
+            x25519::PublicKey::from(remote.0),
+            None,
+            keepalive.filter(|k| *k > 0),
+            index & 0x00ff_ffff,
+            limiter.map(|l| l.0.clone()),
+        );
+        let now = Instant::now();
+        Peer {
+            tunn,
+            endpoint: None,
+            keepalive,
+            last_rx: now,
+            last_tx: now,
+            last_nudge: None,
+        }
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.endpoint
+    }
+
+    pub fn set_endpoint(&mut self, endpoint: SocketAddr) {
+        self.endpoint = Some(endpoint);
+    }
+
+    /// Encrypts an IP packet. `out` must hold `packet.len() + OVERHEAD` and at least [`MIN_OUT`] bytes; a
+    /// smaller buffer or a bigger packet is refused rather than panicking inside boringtun.
+    pub fn encapsulate<'a>(&mut self, packet: &[u8], out: &'a mut [u8]) -> Outcome<'a> {
+        if out.len() < MIN_OUT || out.len() < packet.len() + OVERHEAD {
+            return Outcome::Rejected;
+        }
+        self.last_tx = Instant::now();
+        outcome(self.tunn.encapsulate(packet, out))
+    }
+
+    /// Decrypts a datagram received from `from`. When it authenticates, `from` becomes the peer's endpoint
+    /// (roaming: the last authenticated source wins). After [`Outcome::Network`], call [`Peer::flush`] until
+    /// it returns [`Outcome::Done`]: packets queued during a handshake go out then.
+    pub fn decapsulate<'a>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> Outcome<'a> {
+        if datagram.is_empty() || out.len() < MIN_OUT || out.len() < datagram.len() {
+            return Outcome::Rejected;
+        }
+        let r = outcome(self.tunn.decapsulate(Some(from.ip()), datagram, out));
+        if !matches!(r, Outcome::Rejected) {
+            self.endpoint = Some(from);
+            self.last_rx = Instant::now();
+        }
+        r
+    }
+
+    /// Sends what was queued while there was no session.
+    pub fn flush<'a>(&mut self, out: &'a mut [u8]) -> Outcome<'a> {
+        if out.len() < 2048 {
+            return Outcome::Rejected;
+        }
+        outcome(self.tunn.decapsulate(None, &[], out))
+    }
+
+    /// Runs the WireGuard timers (handshake retries, rekeying, keepalive). Call every ~250 ms.
+    pub fn tick<'a>(&mut self, out: &'a mut [u8]) -> Outcome<'a> {
+        if out.len() < MIN_OUT {
+            return Outcome::Rejected;
+        }
+        let now = Instant::now();
+        let silent = now.duration_since(self.last_rx);
+        let keepalive = Duration::from_secs(u64::from(self.keepalive.unwrap_or(0)));
+        let waiting = self.last_tx > self.last_rx && silent >= NUDGE_AFTER;
+        let lost = !keepalive.is_zero() && silent >= keepalive + Duration::from_secs(10);
+        let nudged_recently = self
+            .last_nudge
+            .is_some_and(|t| now.duration_since(t) < NUDGE_AFTER);
+        if self.endpoint.is_some() && (waiting || lost) && !nudged_recently {
+            self.last_nudge = Some(now);
+            return outcome(self.tunn.format_handshake_initiation(out, true));
+        }
+        outcome(self.tunn.update_timers(out))
+    }
+
+    /// Starts a handshake now (client start-up).
+    pub fn initiate<'a>(&mut self, out: &'a mut [u8]) -> Outcome<'a> {
+        if out.len() < MIN_OUT {
+            return Outcome::Rejected;
+        }
+        self.last_nudge = Some(Instant::now());
+        outcome(self.tunn.format_handshake_initiation(out, false))
+    }
+
+    pub fn stats(&self) -> PeerStats {
+        let (age, tx, rx, _, _) = self.tunn.stats();
+        PeerStats {
+            handshake_age: age,
+            tx_bytes: tx as u64,
+            rx_bytes: rx as u64,
+        }
+    }
+}
+
+/// Handshake rate limiting (cookies under load) shared by all peers of a hub.
+#[derive(Clone)]
+pub struct HandshakeLimiter(Arc<RateLimiter>);
+
+impl HandshakeLimiter {
+    pub fn new(own: &PrivateKey) -> Self {
+        let public = x25519::PublicKey::from(own.secret());
+        HandshakeLimiter(Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)))
+    }
+
+    /// Call once a second.
+    pub fn reset(&self) {
+        self.0.reset_count();
+    }
+}
+
+/// Who a datagram arriving at a hub is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressee {
+    /// A handshake initiation from the holder of this public key.
+    Initiator(PublicKey),
+    /// A datagram for the session whose local 24-bit index is this.
+    Index(u32),
+}
+
+/// Finds the peer a datagram is for without touching any peer state. Garbage gives `None`.
+pub fn addressee(own: &PrivateKey, datagram: &[u8]) -> Option<Addressee> {
+    match Tunn::parse_incoming_packet(datagram).ok()? {
+        Packet::HandshakeInit(init) => {
+            let public = x25519::PublicKey::from(own.secret());
+            let half = parse_handshake_anon(own.secret(), &public, &init).ok()?;
+            Some(Addressee::Initiator(PublicKey(half.peer_static_public)))
+        }
+        Packet::HandshakeResponse(r) => Some(Addressee::Index(r.receiver_idx >> 8)),
+        Packet::PacketCookieReply(r) => Some(Addressee::Index(r.receiver_idx >> 8)),
+        Packet::PacketData(d) => Some(Addressee::Index(d.receiver_idx >> 8)),
+    }
+}

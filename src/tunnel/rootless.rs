@@ -1,0 +1,820 @@
+//! Client proxy mode: no TUN device and no privileges. A smoltcp TCP/IP stack in userspace speaks to the
+//! namespace through the tunnel; local programs reach it through a SOCKS5 proxy on loopback (which resolves
+//! `<vm>.<namespace>.fcdev` itself) and `-L local:vm:port` forwards.
+//!
+//! One task (the "stack") owns the WireGuard peer, the UDP socket and the smoltcp interface; it drains all
+//! pending datagrams, polls smoltcp once, then moves data between smoltcp sockets and per-connection
+//! channels. Local connections are two small tasks each (reader, writer). Received packets live in recycled
+//! buffers: no allocation per packet once warm.
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+
+use super::keys::PrivateKey;
+use super::packet::ipv4_addrs;
+use super::peer::{Outcome, Peer, PeerStats};
+use super::plan::Plan;
+use super::TunnelError;
+
+const MTU: usize = 1420;
+const BUF: usize = 65536 + 64;
+/// Per-connection TCP buffers: large enough for window scaling to keep a fast link busy.
+const TCP_BUF: usize = 2 << 20;
+/// Chunks in flight between a local connection and the stack, each way.
+const CHANNEL_DEPTH: usize = 32;
+const CHUNK: usize = 64 * 1024;
+const TICK: Duration = Duration::from_millis(250);
+
+/// A local TCP forward: connections to `local` go to `host:port` inside the namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub local: SocketAddr,
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for Forward {
+    type Err = TunnelError;
+    /// `8080:n1:80` (loopback) or `0.0.0.0:8080:n1:80`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || TunnelError::Config(format!("forward `{s}`: want LOCALPORT:VM:PORT"));
+        let parts: Vec<&str> = s.split(':').collect();
+        let (bind, lport, host, rport) = match parts.as_slice() {
+            [l, h, r] => ("127.0.0.1", *l, *h, *r),
+            [b, l, h, r] => (*b, *l, *h, *r),
+            _ => return Err(bad()),
+        };
+        let ip: std::net::IpAddr = bind.parse().map_err(|_| bad())?;
+        let lport: u16 = lport.parse().map_err(|_| bad())?;
+        let port: u16 = rport.parse().map_err(|_| bad())?;
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok(Forward {
+            local: SocketAddr::new(ip, lport),
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+enum Cmd {
+    Connect {
+        dst: SocketAddrV4,
+        to_remote: mpsc::Receiver<Vec<u8>>,
+        to_local: mpsc::Sender<Vec<u8>>,
+        ready: oneshot::Sender<bool>,
+    },
+    Rebind(SocketAddr, oneshot::Sender<Result<(), TunnelError>>),
+    Shutdown,
+}
+
+/// A handle on the running stack, used by the SOCKS and forward listeners.
+#[derive(Clone)]
+struct StackHandle {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    wake: Arc<Notify>,
+    plan: Arc<Plan>,
+}
+
+pub struct RootlessClient {
+    stack: StackHandle,
+    stats: Arc<Mutex<PeerStats>>,
+    tasks: Vec<JoinHandle<()>>,
+    stack_task: Option<JoinHandle<()>>,
+    socks: Option<SocketAddr>,
+    forwards: Vec<SocketAddr>,
+}
+
+impl RootlessClient {
+    pub async fn start(
+        key: &PrivateKey,
+        plan: Plan,
+        bind: SocketAddr,
+        socks: Option<SocketAddr>,
+        forwards: &[Forward],
+    ) -> Result<RootlessClient, TunnelError> {
+        let udp = bind_udp(bind)?;
+        let plan = Arc::new(plan);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let wake = Arc::new(Notify::new());
+        let stats = Arc::new(Mutex::new(PeerStats::default()));
+        let stack = Stack::new(key, plan.clone(), udp, stats.clone());
+        let stack_task = tokio::spawn(stack.run(cmd_rx, wake.clone()));
+        let handle = StackHandle {
+            cmd: cmd_tx,
+            wake,
+            plan,
+        };
+        let mut client = RootlessClient {
+            stack: handle.clone(),
+            stats,
+            tasks: Vec::new(),
+            stack_task: Some(stack_task),
+            socks: None,
+            forwards: Vec::new(),
+        };
+        if let Some(addr) = socks {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(TunnelError::io(format!("binding SOCKS5 proxy on {addr}")))?;
+            client.socks = l.local_addr().ok();
+            client
+                .tasks
+                .push(tokio::spawn(serve_socks(l, handle.clone())));
+        }
+        for f in forwards {
+            let dst = handle.plan.resolve(&f.host).ok_or_else(|| {
+                TunnelError::Config(format!("forward {}: unknown VM `{}`", f.local, f.host))
+            })?;
+            let l = TcpListener::bind(f.local)
+                .await
+                .map_err(TunnelError::io(format!("binding forward {}", f.local)))?;
+            client.forwards.push(l.local_addr().unwrap_or(f.local));
+            let target = SocketAddrV4::new(dst, f.port);
+            client
+                .tasks
+                .push(tokio::spawn(serve_forward(l, target, handle.clone())));
+        }
+        Ok(client)
+    }
+
+    pub fn socks_addr(&self) -> Option<SocketAddr> {
+        self.socks
+    }
+
+    pub fn forward_addrs(&self) -> &[SocketAddr] {
+        &self.forwards
+    }
+
+    /// False once the stack task ended (shut down, or failed).
+    pub fn is_running(&self) -> bool {
+        self.stack_task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    pub fn stats(&self) -> PeerStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub async fn rebind(&self, bind: SocketAddr) -> Result<(), TunnelError> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.stack.cmd.send(Cmd::Rebind(bind, tx));
+        rx.await
+            .unwrap_or_else(|_| Err(TunnelError::Config("tunnel stopped".into())))
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop().await;
+    }
+
+    async fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        let _ = self.stack.cmd.send(Cmd::Shutdown);
+        if let Some(t) = self.stack_task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for RootlessClient {
+    fn drop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        let _ = self.stack.cmd.send(Cmd::Shutdown);
+    }
+}
+
+fn bind_udp(bind: SocketAddr) -> Result<UdpSocket, TunnelError> {
+    let std =
+        std::net::UdpSocket::bind(bind).map_err(TunnelError::io(format!("binding UDP {bind}")))?;
+    super::udp::enlarge_buffers(&std);
+    std.set_nonblocking(true)
+        .map_err(TunnelError::io("UDP socket"))?;
+    UdpSocket::from_std(std).map_err(TunnelError::io("UDP socket"))
+}
+
+/// Congestion control for connections smoltcp sends on (uploads): without it smoltcp sends the whole
+/// peer window at once and the hub's queue overflows. `FCDEV_TCP_CC=none|reno|cubic` overrides (benchmarks).
+fn congestion() -> tcp::CongestionControl {
+    match std::env::var("FCDEV_TCP_CC").as_deref() {
+        Ok("none") => tcp::CongestionControl::None,
+        Ok("reno") => tcp::CongestionControl::Reno,
+        _ => tcp::CongestionControl::Cubic,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The stack task.
+
+struct Conn {
+    handle: SocketHandle,
+    from_local: mpsc::Receiver<Vec<u8>>,
+    pending: Option<(Vec<u8>, usize)>,
+    local_eof: bool,
+    to_local: Option<mpsc::Sender<Vec<u8>>>,
+    ready: Option<oneshot::Sender<bool>>,
+}
+
+/// Everything the smoltcp device needs to move packets: received packets, recycled buffers, the peer.
+struct Link {
+    peer: Peer,
+    udp: UdpSocket,
+    endpoint: SocketAddr,
+    rx: VecDeque<Vec<u8>>,
+    free: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
+    out: Vec<u8>,
+}
+
+fn send_to(udp: &UdpSocket, endpoint: SocketAddr, datagram: &[u8]) {
+    if let Err(e) = udp.try_send_to(datagram, endpoint) {
+        tracing::trace!("UDP send: {e}");
+    }
+}
+
+struct Stack {
+    plan: Arc<Plan>,
+    link: Link,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    conns: Vec<Conn>,
+    next_port: u16,
+    stats: Arc<Mutex<PeerStats>>,
+    inbuf: Vec<u8>,
+}
+
+impl Stack {
+    fn new(
+        key: &PrivateKey,
+        plan: Arc<Plan>,
+        udp: UdpSocket,
+        stats: Arc<Mutex<PeerStats>>,
+    ) -> Stack {
+        let mut peer = Peer::new(
+            key,
+            plan.server_key,
+            Some(plan.keepalive).filter(|k| *k > 0),
+            rand::random::<u32>(),
+            None,
+        );
+        peer.set_endpoint(plan.endpoint);
+        let mut link = Link {
+            peer,
+            udp,
+            endpoint: plan.endpoint,
+            rx: VecDeque::new(),
+            free: Vec::new(),
+            scratch: vec![0u8; BUF],
+            out: vec![0u8; BUF],
+        };
+        let config = Config::new(HardwareAddress::Ip);
+        let mut iface = Interface::new(config, &mut link, SmolInstant::now());
+        let prefix = plan.subnet.prefix;
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(plan.address), prefix));
+        });
+        let _ = iface
+            .routes_mut()
+            .add_default_ipv4_route(plan.subnet.host(1));
+        Stack {
+            plan,
+            link,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            conns: Vec::new(),
+            next_port: 49152 + rand::random::<u16>() % 8192,
+            stats,
+            inbuf: vec![0u8; BUF],
+        }
+    }
+
+    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, wake: Arc<Notify>) {
+        let mut next_tick = tokio::time::Instant::now();
+        if let Outcome::Network(d) = self.link.peer.initiate(&mut self.link.out) {
+            send_to(&self.link.udp, self.link.endpoint, d);
+        }
+        loop {
+            self.drain_udp();
+            loop {
+                match cmds.try_recv() {
+                    Ok(Cmd::Shutdown) | Err(mpsc::error::TryRecvError::Disconnected) => return,
+                    Ok(cmd) => self.command(cmd),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                }
+            }
+            let now = SmolInstant::now();
+            self.iface.poll(now, &mut self.link, &mut self.sockets);
+            if self.pump() {
+                self.iface
+                    .poll(SmolInstant::now(), &mut self.link, &mut self.sockets);
+            }
+            if tokio::time::Instant::now() >= next_tick {
+                next_tick = tokio::time::Instant::now() + TICK;
+                if let Outcome::Network(d) = self.link.peer.tick(&mut self.link.out) {
+                    send_to(&self.link.udp, self.link.endpoint, d);
+                }
+                *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.link.peer.stats();
+            }
+            let delay = self
+                .iface
+                .poll_delay(SmolInstant::now(), &self.sockets)
+                .map(|d| Duration::from_micros(d.total_micros()))
+                .unwrap_or(TICK);
+            let deadline = (tokio::time::Instant::now() + delay).min(next_tick);
+            tokio::select! {
+                _ = self.link.udp.readable() => {}
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Shutdown) | None => return,
+                    Some(cmd) => self.command(cmd),
+                },
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Decrypts every datagram waiting on the socket into the device's receive queue.
+    fn drain_udp(&mut self) {
+        for _ in 0..1024 {
+            let (n, from) = match self.link.udp.try_recv_from(&mut self.inbuf) {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            if from != self.link.endpoint {
+                continue;
+            }
+            let Some(datagram) = self.inbuf.get(..n) else {
+                continue;
+            };
+            let link = &mut self.link;
+            match link.peer.decapsulate(from, datagram, &mut link.out) {
+                Outcome::Network(reply) => {
+                    if let Err(e) = link.udp.try_send_to(reply, link.endpoint) {
+                        tracing::trace!("UDP send: {e}");
+                    }
+                    while let Outcome::Network(queued) = link.peer.flush(&mut link.out) {
+                        if let Err(e) = link.udp.try_send_to(queued, link.endpoint) {
+                            tracing::trace!("UDP send: {e}");
+                        }
+                    }
+                }
+                Outcome::Ipv4(packet) => {
+                    let inside = ipv4_addrs(packet).is_some_and(|(src, dst)| {
+                        self.plan.subnet.contains(src) && dst == self.plan.address
+                    });
+                    if inside {
+                        let mut buf = link.free.pop().unwrap_or_else(|| Vec::with_capacity(2048));
+                        buf.clear();
+                        buf.extend_from_slice(packet);
+                        link.rx.push_back(buf);
+                    }
+                }
+                Outcome::Done | Outcome::Rejected => {}
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Connect {
+                dst,
+                to_remote,
+                to_local,
+                ready,
+            } => self.connect(dst, to_remote, to_local, ready),
+            Cmd::Rebind(addr, reply) => {
+                let r = bind_udp(addr).map(|udp| {
+                    self.link.udp = udp;
+                    if let Outcome::Network(d) = self.link.peer.initiate(&mut self.link.out) {
+                        send_to(&self.link.udp, self.link.endpoint, d);
+                    }
+                });
+                let _ = reply.send(r);
+            }
+            Cmd::Shutdown => {}
+        }
+    }
+
+    fn connect(
+        &mut self,
+        dst: SocketAddrV4,
+        from_local: mpsc::Receiver<Vec<u8>>,
+        to_local: mpsc::Sender<Vec<u8>>,
+        ready: oneshot::Sender<bool>,
+    ) {
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
+        );
+        sock.set_nagle_enabled(false);
+        sock.set_congestion_control(congestion());
+        sock.set_ack_delay(None);
+        sock.set_timeout(Some(smoltcp::time::Duration::from_secs(60)));
+        self.next_port = if self.next_port >= 65000 {
+            49152
+        } else {
+            self.next_port + 1
+        };
+        let remote = (IpAddress::Ipv4(*dst.ip()), dst.port());
+        if sock
+            .connect(self.iface.context(), remote, self.next_port)
+            .is_err()
+        {
+            let _ = ready.send(false);
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        self.conns.push(Conn {
+            handle,
+            from_local,
+            pending: None,
+            local_eof: false,
+            to_local: Some(to_local),
+            ready: Some(ready),
+        });
+    }
+
+    /// Moves data between smoltcp sockets and local connections; true when something was queued to send.
+    fn pump(&mut self) -> bool {
+        let mut queued = false;
+        let mut i = 0;
+        while i < self.conns.len() {
+            let conn = &mut self.conns[i];
+            let sock = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            let done = pump_one(conn, sock, &mut queued);
+            if done {
+                let conn = self.conns.swap_remove(i);
+                self.sockets.remove(conn.handle);
+            } else {
+                i += 1;
+            }
+        }
+        queued
+    }
+}
+
+/// One connection's share of [`Stack::pump`]; true when the connection is finished.
+fn pump_one(conn: &mut Conn, sock: &mut tcp::Socket<'_>, queued: &mut bool) -> bool {
+    use tcp::State;
+    if conn.ready.is_some() {
+        match sock.state() {
+            State::Established | State::CloseWait => {
+                if let Some(r) = conn.ready.take() {
+                    let _ = r.send(true);
+                }
+            }
+            State::Closed | State::TimeWait => {
+                if let Some(r) = conn.ready.take() {
+                    let _ = r.send(false);
+                }
+                return true;
+            }
+            _ => return false,
+        }
+    }
+    // Remote -> local.
+    if let Some(tx) = &conn.to_local {
+        while sock.can_recv() {
+            let permit = match tx.try_reserve() {
+                Ok(p) => p,
+                Err(mpsc::error::TrySendError::Full(())) => break,
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    sock.abort();
+                    return true;
+                }
+            };
+            match sock.recv(|b| {
+                let n = b.len().min(CHUNK);
+                (n, b[..n].to_vec())
+            }) {
+                Ok(chunk) => permit.send(chunk),
+                Err(_) => break,
+            }
+        }
+        if !sock.may_recv() {
+            conn.to_local = None; // EOF for the local writer
+        }
+    }
+    // Local -> remote.
+    while sock.can_send() {
+        if conn.pending.is_none() {
+            match conn.from_local.try_recv() {
+                Ok(chunk) => conn.pending = Some((chunk, 0)),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    conn.local_eof = true;
+                    break;
+                }
+            }
+        }
+        let Some((chunk, off)) = conn.pending.as_mut() else {
+            break;
+        };
+        match sock.send_slice(&chunk[*off..]) {
+            Ok(n) => {
+                *off += n;
+                *queued |= n > 0;
+                if *off >= chunk.len() {
+                    conn.pending = None;
+                } else {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if conn.local_eof && conn.pending.is_none() && sock.may_send() {
+        sock.close();
+        *queued = true;
+    }
+    matches!(sock.state(), State::Closed | State::TimeWait)
+        || (conn.local_eof && conn.to_local.is_none() && !sock.is_open())
+}
+
+impl phy::Device for Link {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _: SmolInstant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        let buf = self.rx.pop_front()?;
+        let Link {
+            peer,
+            udp,
+            endpoint,
+            free,
+            scratch,
+            out,
+            ..
+        } = self;
+        Some((
+            RxToken { buf, free },
+            TxToken {
+                peer,
+                udp,
+                endpoint: *endpoint,
+                scratch,
+                out,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _: SmolInstant) -> Option<TxToken<'_>> {
+        Some(TxToken {
+            peer: &mut self.peer,
+            udp: &self.udp,
+            endpoint: self.endpoint,
+            scratch: &mut self.scratch,
+            out: &mut self.out,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = MTU;
+        // The tunnel authenticates every packet; checking inner checksums again buys nothing.
+        let mut checksum = ChecksumCapabilities::default();
+        checksum.ipv4 = Checksum::Tx;
+        checksum.tcp = Checksum::Tx;
+        checksum.udp = Checksum::Tx;
+        caps.checksum = checksum;
+        caps
+    }
+}
+
+struct RxToken<'a> {
+    buf: Vec<u8>,
+    free: &'a mut Vec<Vec<u8>>,
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        let r = f(&self.buf);
+        self.free.push(self.buf);
+        r
+    }
+}
+
+struct TxToken<'a> {
+    peer: &'a mut Peer,
+    udp: &'a UdpSocket,
+    endpoint: SocketAddr,
+    scratch: &'a mut Vec<u8>,
+    out: &'a mut Vec<u8>,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        if self.scratch.len() < len {
+            self.scratch.resize(len, 0);
+        }
+        let r = f(&mut self.scratch[..len]);
+        if let Outcome::Network(d) = self.peer.encapsulate(&self.scratch[..len], self.out) {
+            if let Err(e) = self.udp.try_send_to(d, self.endpoint) {
+                tracing::trace!("UDP send: {e}");
+            }
+        }
+        r
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Local side: SOCKS5 and forwards.
+
+impl StackHandle {
+    /// Opens a TCP connection to `dst` through the tunnel; on success returns the channels of the stream.
+    async fn open(
+        &self,
+        dst: SocketAddrV4,
+    ) -> Option<(mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>)> {
+        let (to_remote_tx, to_remote_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (to_local_tx, to_local_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Connect {
+                dst,
+                to_remote: to_remote_rx,
+                to_local: to_local_tx,
+                ready: ready_tx,
+            })
+            .ok()?;
+        match tokio::time::timeout(Duration::from_secs(20), ready_rx).await {
+            Ok(Ok(true)) => Some((to_remote_tx, to_local_rx)),
+            _ => None,
+        }
+    }
+
+    async fn splice(
+        &self,
+        stream: TcpStream,
+        to_remote: mpsc::Sender<Vec<u8>>,
+        mut to_local: mpsc::Receiver<Vec<u8>>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let (mut r, mut w) = stream.into_split();
+        let wake = self.wake.clone();
+        let reader = async move {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if to_remote.send(buf[..n].to_vec()).await.is_err() {
+                    break;
+                }
+                wake.notify_one();
+            }
+            drop(to_remote);
+            wake.notify_one();
+        };
+        let wake = self.wake.clone();
+        let writer = async move {
+            while let Some(chunk) = to_local.recv().await {
+                wake.notify_one();
+                if w.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown().await;
+            drop(to_local);
+            wake.notify_one();
+        };
+        tokio::join!(reader, writer);
+    }
+}
+
+async fn serve_forward(listener: TcpListener, target: SocketAddrV4, stack: StackHandle) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let stack = stack.clone();
+        tokio::spawn(async move {
+            if let Some((tx, rx)) = stack.open(target).await {
+                stack.splice(stream, tx, rx).await;
+            }
+        });
+    }
+}
+
+async fn serve_socks(listener: TcpListener, stack: StackHandle) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let stack = stack.clone();
+        tokio::spawn(async move {
+            if let Err(e) = socks_session(stream, stack).await {
+                tracing::debug!("SOCKS5: {e}");
+            }
+        });
+    }
+}
+
+const SOCKS_OK: u8 = 0x00;
+const SOCKS_FAIL: u8 = 0x01;
+const SOCKS_UNREACHABLE: u8 = 0x04;
+const SOCKS_REFUSED: u8 = 0x05;
+const SOCKS_BAD_COMMAND: u8 = 0x07;
+const SOCKS_BAD_ADDRESS: u8 = 0x08;
+
+async fn socks_reply(stream: &mut TcpStream, code: u8) -> std::io::Result<()> {
+    stream
+        .write_all(&[0x05, code, 0x00, 0x01, 0, 0, 0, 0, 0, 0])
+        .await
+}
+
+/// RFC 1928, no authentication, CONNECT only; names resolve against the namespace's VMs.
+async fn socks_session(mut stream: TcpStream, stack: StackHandle) -> std::io::Result<()> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await?;
+    if head[0] != 0x05 {
+        return Ok(());
+    }
+    let mut methods = vec![0u8; usize::from(head[1])];
+    stream.read_exact(&mut methods).await?;
+    if !methods.contains(&0x00) {
+        stream.write_all(&[0x05, 0xff]).await?;
+        return Ok(());
+    }
+    stream.write_all(&[0x05, 0x00]).await?;
+    let mut req = [0u8; 4];
+    stream.read_exact(&mut req).await?;
+    if req[0] != 0x05 {
+        return Ok(());
+    }
+    let host: Option<Ipv4Addr> = match req[3] {
+        0x01 => {
+            let mut a = [0u8; 4];
+            stream.read_exact(&mut a).await?;
+            Some(Ipv4Addr::from(a))
+        }
+        0x03 => {
+            let mut len = [0u8; 1];
+            stream.read_exact(&mut len).await?;
+            let mut name = vec![0u8; usize::from(len[0])];
+            stream.read_exact(&mut name).await?;
+            std::str::from_utf8(&name)
+                .ok()
+                .and_then(|n| stack.plan.resolve(n))
+        }
+        0x04 => {
+            let mut a = [0u8; 16];
+            stream.read_exact(&mut a).await?;
+            None
+        }
+        _ => return socks_reply(&mut stream, SOCKS_BAD_ADDRESS).await,
+    };
+    let mut port = [0u8; 2];
+    stream.read_exact(&mut port).await?;
+    if req[1] != 0x01 {
+        return socks_reply(&mut stream, SOCKS_BAD_COMMAND).await;
+    }
+    let Some(ip) = host else {
+        return socks_reply(&mut stream, SOCKS_UNREACHABLE).await;
+    };
+    if !stack.plan.subnet.contains(ip) {
+        return socks_reply(&mut stream, SOCKS_FAIL).await;
+    }
+    let dst = SocketAddrV4::new(ip, u16::from_be_bytes(port));
+    match stack.open(dst).await {
+        Some((tx, rx)) => {
+            socks_reply(&mut stream, SOCKS_OK).await?;
+            stack.splice(stream, tx, rx).await;
+            Ok(())
+        }
+        None => socks_reply(&mut stream, SOCKS_REFUSED).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_forwards() {
+        let f: Forward = "8080:n1:80".parse().unwrap();
+        assert_eq!(f.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!((f.host.as_str(), f.port), ("n1", 80));
+        let f: Forward = "0.0.0.0:2222:10.240.1.10:22".parse().unwrap();
+        assert_eq!(f.local.port(), 2222);
+        assert!("8080:n1".parse::<Forward>().is_err());
+        assert!("x:n1:80".parse::<Forward>().is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! UDP socket tuning shared by every end of the tunnel.
+
+use std::os::fd::AsRawFd;
+
+/// Socket buffer size asked for; bursts from a fast sender must not overflow the receiver's queue.
+pub const SOCKET_BUF: usize = 8 << 20;
+
+fn setsockopt_int(fd: i32, opt: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: a socket fd and a c_int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// Bigger send and receive buffers: the *FORCE options pass net.core.{r,w}mem_max when privileged, else
+/// the plain options get what the system allows. Best effort.
+pub fn enlarge_buffers(socket: &impl AsRawFd) {
+    let fd = socket.as_raw_fd();
+    let size = SOCKET_BUF as libc::c_int;
+    if !setsockopt_int(fd, libc::SO_SNDBUFFORCE, size) {
+        setsockopt_int(fd, libc::SO_SNDBUF, size);
+    }
+    if !setsockopt_int(fd, libc::SO_RCVBUFFORCE, size) {
+        setsockopt_int(fd, libc::SO_RCVBUF, size);
+    }
+}
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+/// Datagrams per batch (one `sendmmsg`/`recvmmsg`).
+pub const BATCH: usize = 64;
+/// Room per datagram: an MTU-1420 packet plus WireGuard overhead, with margin.
+pub const SLOT: usize = 2048;
+
+fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = a.port().to_be();
+    sa.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+    sa
+}
+
+fn from_sockaddr(sa: &libc::sockaddr_in) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    ))
+}
+
+/// Datagrams collected for one `sendmmsg` call, each in a fixed slot (no allocation per packet).
+pub struct SendBatch {
+    buf: Vec<u8>,
+    lens: [usize; BATCH],
+    addrs: [libc::sockaddr_in; BATCH],
+    n: usize,
+}
+
+impl Default for SendBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SendBatch {
+    pub fn new() -> SendBatch {
+        SendBatch {
+            buf: vec![0u8; BATCH * SLOT],
+            lens: [0; BATCH],
+            // SAFETY: plain old data.
+            addrs: [unsafe { std::mem::zeroed() }; BATCH],
+            n: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.n == BATCH
+    }
+
+    /// The next free slot to write a datagram into (None when full: flush first).
+    pub fn slot(&mut self) -> Option<&mut [u8]> {
+        let i = self.n;
+        self.buf.get_mut(i * SLOT..(i + 1) * SLOT)
+    }
+
+    /// Keeps the first `len` bytes of the slot just written, for `to`. IPv6 destinations are not batched:
+    /// the caller sends those itself.
+    pub fn commit(&mut self, len: usize, to: SocketAddr) -> bool {
+        let SocketAddr::V4(v4) = to else {
+            return false;
+        };
+        if self.n >= BATCH || len > SLOT {
+            return false;
+        }
+        self.lens[self.n] = len;
+        self.addrs[self.n] = to_sockaddr(v4);
+        self.n += 1;
+        true
+    }
+
+    /// Sends everything collected (what the socket cannot take now is dropped, like a full queue would).
+    pub fn flush(&mut self, socket: &impl AsRawFd) {
+        let n = self.n;
+        self.n = 0;
+        if n == 0 {
+            return;
+        }
+        let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; BATCH];
+        // SAFETY: plain old data.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            iovs[i] = libc::iovec {
+                iov_base: self.buf[i * SLOT..].as_mut_ptr().cast(),
+                iov_len: self.lens[i],
+            };
+            msgs[i].msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+            msgs[i].msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        let mut done = 0;
+        while done < n {
+            // SAFETY: msgs[done..n] point at live iovecs/addresses/buffers owned by self and this frame.
+            let r = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    msgs[done..].as_mut_ptr(),
+                    (n - done) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    // Skip the datagram the kernel refused (e.g. unreachable) and go on.
+                    done += 1;
+                    continue;
+                }
+                break;
+            }
+            done += r as usize;
+        }
+    }
+}
+
+/// Up to [`BATCH`] datagrams received by one `recvmmsg` call.
+pub struct RecvBatch {
+    buf: Vec<u8>,
+    lens: [usize; BATCH],
+    addrs: [libc::sockaddr_in; BATCH],
+    n: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RecvBatch {
+    pub fn new() -> RecvBatch {
+        RecvBatch {
+            buf: vec![0u8; BATCH * SLOT],
+            lens: [0; BATCH],
+            // SAFETY: plain old data.
+            addrs: [unsafe { std::mem::zeroed() }; BATCH],
+            n: 0,
+        }
+    }
+
+    /// Receives at least one datagram (blocking sockets honour their read timeout), at most [`BATCH`].
+    /// Oversized datagrams arrive truncated and fail authentication later.
+    pub fn recv(&mut self, socket: &impl AsRawFd) -> std::io::Result<usize> {
+        let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; BATCH];
+        // SAFETY: plain old data.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for i in 0..BATCH {
+            iovs[i] = libc::iovec {
+                iov_base: self.buf[i * SLOT..].as_mut_ptr().cast(),
+                iov_len: SLOT,
+            };
+            msgs[i].msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+            msgs[i].msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: BATCH messages pointing at buffers owned by self, live for the call.
+        let r = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            self.n = 0;
+            return Err(std::io::Error::last_os_error());
+        }
+        self.n = r as usize;
+        for i in 0..self.n {
+            self.lens[i] = (msgs[i].msg_len as usize).min(SLOT);
+            if msgs[i].msg_hdr.msg_namelen as usize != std::mem::size_of::<libc::sockaddr_in>() {
+                self.lens[i] = 0; // not IPv4: ignored
+            }
+        }
+        Ok(self.n)
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The i-th datagram and its source.
+    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
+        if i >= self.n {
+            return None;
+        }
+        let d = self.buf.get(i * SLOT..i * SLOT + self.lens[i])?;
+        Some((d, from_sockaddr(&self.addrs[i])))
+    }
+}
