@@ -260,7 +260,11 @@ fn namespaces_are_isolated() {
         panic!("up failed: {e:?}")
     });
     let a = &vms[0];
-    let check = |cmd: &str| b.guest_exec(a, cmd).expect("exec").0;
+    let check = |cmd: &str| {
+        b.guest_exec(a, cmd)
+            .unwrap_or_else(|e| panic!("exec `{cmd}`: {e:?}"))
+            .0
+    };
     assert_eq!(check("ping -c 1 -W 2 10.240.3.1"), 0, "own gateway");
     assert_ne!(
         check("ping -c 1 -W 2 10.240.4.1"),
