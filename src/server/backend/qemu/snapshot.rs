@@ -120,6 +120,27 @@ fn snapshot_append(template: &VmTemplate) -> String {
 }
 
 impl QemuBackend {
+    /// Whether a qcow2 overlay holds any data of its own (`qemu-img map`: an extent at depth 0 with data).
+    fn overlay_has_data(&self, overlay: &Path) -> BackendResult<bool> {
+        let out = std::process::Command::new(self.qemu_img())
+            .args(["map", "--output=json", "-f", "qcow2"])
+            .arg(overlay)
+            .output()?;
+        if !out.status.success() {
+            return Err(BackendError::msg(format!(
+                "qemu-img map {}: {}",
+                overlay.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let extents: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+            .map_err(|e| BackendError::msg(format!("qemu-img map output: {e}")))?;
+        Ok(extents.iter().any(|e| {
+            e.get("depth").and_then(serde_json::Value::as_u64) == Some(0)
+                && e.get("data").and_then(serde_json::Value::as_bool) == Some(true)
+        }))
+    }
+
     /// Boot `template` on an isolated NIC, wait until its agent answers, pause it, save the device state and
     /// kill it with SIGKILL (a clean shutdown would write queued packets into the shared RAM file and break the
     /// next restore). Writes `out_root/<key>/`. Returns the meta.
@@ -256,7 +277,7 @@ impl QemuBackend {
             toml::to_string(&meta).map_err(|e| BackendError::msg(format!("snapshot meta: {e}")))?;
         std::fs::write(dir.join(META), text)?;
         let overlay = run.join(files::DISK);
-        if commit_disk && overlay.is_file() {
+        if commit_disk && overlay.is_file() && self.overlay_has_data(&overlay)? {
             let out = std::process::Command::new(self.qemu_img())
                 .args(["commit", "-q", "-f", "qcow2"])
                 .arg(&overlay)
