@@ -256,7 +256,19 @@ impl ThreadNetns {
         let original = std::fs::File::open("/proc/thread-self/ns/net")
             .map_err(sys("/proc/thread-self/ns/net"))?;
         let _ = ip(&["netns", "del", name]);
-        ip(&["netns", "add", name])?;
+        // `ip netns add` can fail transiently while other processes set up /run/netns: retry a little.
+        let mut attempt = 0;
+        loop {
+            match ip(&["netns", "add", name]) {
+                Ok(_) => break,
+                Err(e) if attempt >= 4 => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    let _ = ip(&["netns", "del", name]);
+                    std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
+                }
+            }
+        }
         let path = format!("/run/netns/{name}");
         let ns = std::fs::File::open(&path).map_err(sys(&path))?;
         setns_file(&ns).map_err(sys(&path))?;
