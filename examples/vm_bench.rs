@@ -89,6 +89,25 @@ fn main() -> anyhow::Result<()> {
                         pss.push(kib);
                     }
                 }
+                if std::env::var_os("FCDEV_BENCH_SMAPS").is_some() {
+                    if let Some(pid) = backend.pid(&vms[0]) {
+                        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+                        // Mappings above 1 MB PSS: "address perms offset dev inode path" lines head each block.
+                        let mut head = String::new();
+                        for line in smaps.lines() {
+                            let first = line.split_whitespace().next().unwrap_or("");
+                            if first.contains('-') && !first.ends_with(':') {
+                                head = line.to_string();
+                            } else if let Some(v) = line.strip_prefix("Pss:") {
+                                let kib: u64 =
+                                    v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                                if kib > 1024 {
+                                    println!("    {kib:>7} kB  {head}");
+                                }
+                            }
+                        }
+                    }
+                }
                 restore.push(took);
             } else {
                 boot.push(took);

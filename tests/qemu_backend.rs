@@ -47,7 +47,10 @@ fn image_dir() -> PathBuf {
 /// The tiny image with its onboarding snapshot, built if missing.
 fn tiny_image(b: &QemuBackend) -> Image {
     let dir = image_dir();
-    if !dir.join("image.toml").is_file() || !dir.join("initrd.img").is_file() {
+    let stamp =
+        std::fs::read_to_string(dir.join(fcdev::image::build::RECIPE_FILE)).unwrap_or_default();
+    let fresh = stamp.trim() == format!("tiny {}", fcdev::image::build::tiny_recipe_hash());
+    if !fresh || !dir.join("initrd.img").is_file() {
         fcdev::image::build::build_tiny(&dir, &Default::default())
             .unwrap_or_else(|e| panic!("cannot build the tiny image: {e}"));
     }
@@ -257,7 +260,11 @@ fn namespaces_are_isolated() {
         panic!("up failed: {e:?}")
     });
     let a = &vms[0];
-    let check = |cmd: &str| b.guest_exec(a, cmd).expect("exec").0;
+    let check = |cmd: &str| {
+        b.guest_exec(a, cmd)
+            .unwrap_or_else(|e| panic!("exec `{cmd}`: {e:?}"))
+            .0
+    };
     assert_eq!(check("ping -c 1 -W 2 10.240.3.1"), 0, "own gateway");
     assert_ne!(
         check("ping -c 1 -W 2 10.240.4.1"),

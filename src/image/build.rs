@@ -59,6 +59,21 @@ probe = "tcp:80"
 dir = "snapshot"
 "#;
 
+/// The file in a built tiny image naming the recipe it was built from (see [`tiny_recipe_hash`]).
+pub const RECIPE_FILE: &str = "recipe";
+
+/// A hash of the tiny recipe (init script, image.toml, builder version): a cached image built from another
+/// recipe is stale.
+pub fn tiny_recipe_hash() -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(TINY_INIT.as_bytes());
+    h.update(TINY_IMAGE_TOML.as_bytes());
+    h.update(TINY_MODULES.join(",").as_bytes());
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    hex::encode(&h.finalize()[..8])
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
     /// Kernel version under /boot and /lib/modules; default: the newest `*-cloud-amd64`, else the newest.
@@ -368,5 +383,10 @@ pub fn build_tiny(out: &Path, opts: &BuildOptions) -> BuildResult<()> {
         .map_err(io_err("writing image.toml"))?;
     std::fs::write(out.join("kernel-version"), format!("{kver}\n"))
         .map_err(io_err("writing kernel-version"))?;
+    std::fs::write(
+        out.join(RECIPE_FILE),
+        format!("tiny {}\n", tiny_recipe_hash()),
+    )
+    .map_err(io_err("writing the recipe stamp"))?;
     Ok(())
 }

@@ -76,3 +76,23 @@ impl Cpio {
         self.buf
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newc_entries_are_aligned_and_terminated() {
+        let mut c = Cpio::new();
+        c.dir("/bin");
+        c.file("/bin/x", 0o755, b"abc");
+        c.symlink("/bin/y", "x");
+        let out = c.finish();
+        assert!(out.starts_with(b"070701"));
+        assert_eq!(out.len() % 512, 0);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("bin/x\0"));
+        assert!(text.contains("TRAILER!!!"));
+        assert!(!text.contains("/bin/x"), "names are relative");
+    }
+}

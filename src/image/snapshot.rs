@@ -49,9 +49,16 @@ pub fn snapshot_image(image_dir: &Path, backend: &QemuBackend) -> BuildResult<Sn
         accel: accel.to_string(),
         snapshots: Vec::new(),
     };
-    for (key, vms, i) in groups {
+    for (key, vms, i) in &groups {
+        let (key, vms, i) = (key.clone(), vms.clone(), *i);
+        // The snapshot's disk writes go into the base only when no other snapshot of this image shares it.
+        let disk = &image.spec.vms[i].disk;
+        let shared = groups
+            .iter()
+            .filter(|g| g.0 != key)
+            .any(|g| image.spec.vms[g.2].disk == *disk);
         let meta = backend
-            .take_snapshot(&image, &image.spec.vms[i], &tmp, vms.clone())
+            .take_snapshot(&image, &image.spec.vms[i], &tmp, vms.clone(), !shared)
             .map_err(|e| match e {
                 crate::server::backend::BackendError::Failed { message, log_tail } => {
                     BuildError::Other(match log_tail {

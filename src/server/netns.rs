@@ -96,12 +96,7 @@ fn nft(script: &str) -> NetResult<()> {
 /// Whether a network interface exists in the calling thread's network namespace. (`/sys/class/net` shows the
 /// namespace sysfs was mounted in, and `/proc/self/net` the main thread's, so neither works after `setns`.)
 pub fn link_exists(name: &str) -> bool {
-    let Ok(dev) = std::fs::read_to_string("/proc/thread-self/net/dev") else {
-        return false;
-    };
-    dev.lines()
-        .filter_map(|l| l.split_once(':'))
-        .any(|(n, _)| n.trim() == name)
+    links().iter().any(|n| n == name)
 }
 
 fn sysctl(path: &str, value: &str) -> NetResult<()> {
@@ -176,8 +171,21 @@ fn ensure_isolation(index: u32, subnet: Subnet) -> NetResult<()> {
     nft(&script)
 }
 
-/// Remove the namespace's bridge and rules (idempotent). Taps still attached are removed with the bridge's ports.
+fn links() -> Vec<String> {
+    std::fs::read_to_string("/proc/thread-self/net/dev")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, _)| n.trim().to_string())
+        .collect()
+}
+
+/// Remove the namespace's bridge, any tap of its VMs left behind, and its rules (idempotent).
 pub fn remove_bridge(index: u32) -> NetResult<()> {
+    let prefix = format!("fct{index}v");
+    for tap in links().into_iter().filter(|l| l.starts_with(&prefix)) {
+        let _ = ip(&["link", "del", &tap]);
+    }
     let br = bridge_name(index);
     if link_exists(&br) {
         if let Err(err) = ip(&["link", "del", &br]) {
@@ -248,7 +256,19 @@ impl ThreadNetns {
         let original = std::fs::File::open("/proc/thread-self/ns/net")
             .map_err(sys("/proc/thread-self/ns/net"))?;
         let _ = ip(&["netns", "del", name]);
-        ip(&["netns", "add", name])?;
+        // `ip netns add` can fail transiently while other processes set up /run/netns: retry a little.
+        let mut attempt = 0;
+        loop {
+            match ip(&["netns", "add", name]) {
+                Ok(_) => break,
+                Err(e) if attempt >= 4 => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    let _ = ip(&["netns", "del", name]);
+                    std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
+                }
+            }
+        }
         let path = format!("/run/netns/{name}");
         let ns = std::fs::File::open(&path).map_err(sys(&path))?;
         setns_file(&ns).map_err(sys(&path))?;

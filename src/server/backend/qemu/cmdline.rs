@@ -65,6 +65,23 @@ fn path_opt(prefix: &str, p: &Path) -> OsString {
 }
 
 impl Launch {
+    /// qemu's option syntax splits on commas: refuse paths that contain one instead of misparsing them.
+    pub fn check_paths(&self) -> Result<(), String> {
+        let mut paths: Vec<&Path> = vec![&self.run_dir, &self.kernel];
+        paths.extend(self.initrd.as_deref());
+        paths.extend(self.disk.as_deref());
+        if let Memory::File { path, .. } = &self.memory {
+            paths.push(path);
+        }
+        match paths.iter().find(|p| p.to_string_lossy().contains(',')) {
+            Some(p) => Err(format!(
+                "{} contains a comma, which qemu options cannot take: use another data dir",
+                p.display()
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn args(&self) -> Vec<OsString> {
         let run = &self.run_dir;
         let mut a: Vec<OsString> = Vec::new();
@@ -87,6 +104,10 @@ impl Launch {
         };
         push(os("-machine"));
         push(os(machine));
+        if self.accel == Accel::Kvm {
+            push(os("-cpu"));
+            push(os("host"));
+        }
         push(os("-smp"));
         push(os(self.vcpus.to_string()));
         push(os("-m"));
@@ -159,4 +180,77 @@ impl Launch {
 pub fn shell_quote(p: &Path) -> String {
     let s = p.display().to_string();
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(memory: Memory, net: Net, incoming: bool) -> Launch {
+        Launch {
+            accel: Accel::Tcg,
+            name: "alice-n1".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            kernel: "/img/vmlinuz".into(),
+            initrd: None,
+            append: "console=ttyS0".into(),
+            disk: Some("/run/vm/disk.qcow2".into()),
+            net,
+            mac: "52:54:00:00:00:0a".into(),
+            memory,
+            incoming,
+            run_dir: "/run/vm".into(),
+        }
+    }
+
+    /// Snapshot source and restore must create the same devices in the same order (migration compatibility).
+    #[test]
+    fn source_and_restore_have_the_same_devices() {
+        let devices = |l: &Launch| -> Vec<String> {
+            let args: Vec<String> = l
+                .args()
+                .iter()
+                .map(|a| a.to_string_lossy().into())
+                .collect();
+            args.windows(2)
+                .filter(|w| w[0] == "-device" || w[0] == "-machine" || w[0] == "-serial")
+                .map(|w| format!("{} {}", w[0], w[1].split(',').next().unwrap_or("")))
+                .collect()
+        };
+        let src = launch(
+            Memory::File {
+                path: "/snap/mem".into(),
+                share: true,
+            },
+            Net::Isolated,
+            false,
+        );
+        let dst = launch(
+            Memory::File {
+                path: "/snap/mem".into(),
+                share: false,
+            },
+            Net::Tap("fct1v0".into()),
+            true,
+        );
+        assert_eq!(devices(&src), devices(&dst));
+        let dst_args: Vec<String> = dst
+            .args()
+            .iter()
+            .map(|a| a.to_string_lossy().into())
+            .collect();
+        assert!(dst_args.iter().any(|a| a.contains("share=off")));
+        assert!(dst_args
+            .windows(2)
+            .any(|w| w[0] == "-incoming" && w[1] == "defer"));
+        assert!(dst_args
+            .iter()
+            .any(|a| a.starts_with("tap,id=net0,ifname=fct1v0")));
+    }
+
+    #[test]
+    fn quotes_paths_for_exec_uris() {
+        assert_eq!(shell_quote(Path::new("/a b/it's")), "'/a b/it'\\''s'");
+    }
 }

@@ -332,6 +332,7 @@ impl QemuBackend {
 
     /// Start qemu detached (own session; survives the server) and wait for its pid file.
     pub fn launch(&self, launch: &Launch) -> BackendResult<i32> {
+        launch.check_paths().map_err(BackendError::msg)?;
         let run = &launch.run_dir;
         for f in [files::QMP, files::AGENT, files::PID] {
             let _ = std::fs::remove_file(run.join(f));
@@ -414,7 +415,12 @@ impl QemuBackend {
         tap: String,
         snap: &snapshot::Found,
     ) -> BackendResult<()> {
-        let (kernel, initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
+        // The kernel and initrd only feed fw_cfg, which a restored guest never reads again, yet qemu keeps a
+        // private copy of both: pass the kernel's boot header alone (same option ROM, same RAM blocks) and no
+        // initrd. Saves ~20 MB per VM.
+        let (kernel, _initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
+        let kernel = snap.kernel_stub().unwrap_or(kernel);
+        let initrd = None;
         let launch = Launch {
             accel: self.accel,
             name: format!("{}-{}", vm.namespace.name, vm.name),
@@ -657,11 +663,23 @@ impl Backend for QemuBackend {
         if self.is_running(vm) {
             // Re-adopt: never start a second qemu for one VM.
             let mode = std::fs::read_to_string(run.join(files::MODE)).unwrap_or_default();
-            return Ok(if mode.trim() == "restore" {
-                StartMode::Restore
-            } else {
-                StartMode::Boot
-            });
+            if mode.trim() != "restore" {
+                return Ok(StartMode::Boot);
+            }
+            // A restore whose supervisor died with the previous server may not have told the guest who it is
+            // yet: say it again (idempotent).
+            if !self.probe(vm) {
+                let vm = vm.clone();
+                std::thread::spawn(move || {
+                    let sock = vm.run_dir.join(files::AGENT);
+                    if let Err(e) =
+                        agent::configure(&sock, &guest_config(&vm), Duration::from_secs(15))
+                    {
+                        note(&vm.run_dir, &format!("re-adopted VM not configured: {e}"));
+                    }
+                });
+            }
+            return Ok(StartMode::Restore);
         }
         let generation = self.bump_generation(run);
         let tap = self.tap_for(vm)?;

@@ -23,6 +23,9 @@ use crate::server::images::{Image, VmTemplate};
 pub const META: &str = "meta.toml";
 pub const STATE: &str = "state";
 pub const MEM: &str = "mem";
+/// The kernel's boot header alone (a bzImage without its payload), passed to restores: qemu reads the whole
+/// `-kernel` file into private memory for fw_cfg, which a restored guest never reads again (~14 MB per VM).
+pub const KERNEL_STUB: &str = "kernel.stub";
 
 /// The placeholder identity of the snapshot guest (a TEST-NET address on a NIC that reaches nothing).
 pub const SNAPSHOT_IP: &str = "192.0.2.10/24";
@@ -54,6 +57,32 @@ impl Found {
     pub fn state_path(&self) -> PathBuf {
         self.dir.join(STATE)
     }
+    /// The kernel stub when the snapshot has one.
+    pub fn kernel_stub(&self) -> Option<PathBuf> {
+        let p = self.dir.join(KERNEL_STUB);
+        p.is_file().then_some(p)
+    }
+}
+
+/// Write the setup part of a bzImage (boot sector + setup sectors) plus one zero sector: enough for qemu to
+/// accept it as `-kernel` and register the same option ROM as the real kernel. None when `kernel` is no bzImage.
+pub fn write_kernel_stub(kernel: &Path, out: &Path) -> std::io::Result<bool> {
+    let data = std::fs::read(kernel)?;
+    if data.len() < 0x210 || &data[0x202..0x206] != b"HdrS" {
+        return Ok(false);
+    }
+    let setup_sects = match data[0x1f1] {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let setup = (setup_sects + 1) * 512;
+    if data.len() < setup {
+        return Ok(false);
+    }
+    let mut stub = data[..setup].to_vec();
+    stub.extend_from_slice(&[0u8; 512]);
+    std::fs::write(out, stub)?;
+    Ok(true)
 }
 
 pub fn key(template: &VmTemplate, accel: Accel) -> String {
@@ -91,15 +120,43 @@ fn snapshot_append(template: &VmTemplate) -> String {
 }
 
 impl QemuBackend {
+    /// Whether a qcow2 overlay holds any data of its own (`qemu-img map`: an extent at depth 0 with data).
+    fn overlay_has_data(&self, overlay: &Path) -> BackendResult<bool> {
+        let out = std::process::Command::new(self.qemu_img())
+            .args(["map", "--output=json", "-f", "qcow2"])
+            .arg(overlay)
+            .output()?;
+        if !out.status.success() {
+            return Err(BackendError::msg(format!(
+                "qemu-img map {}: {}",
+                overlay.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let extents: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+            .map_err(|e| BackendError::msg(format!("qemu-img map output: {e}")))?;
+        Ok(extents.iter().any(|e| {
+            e.get("depth").and_then(serde_json::Value::as_u64) == Some(0)
+                && e.get("data").and_then(serde_json::Value::as_bool) == Some(true)
+        }))
+    }
+
     /// Boot `template` on an isolated NIC, wait until its agent answers, pause it, save the device state and
     /// kill it with SIGKILL (a clean shutdown would write queued packets into the shared RAM file and break the
     /// next restore). Writes `out_root/<key>/`. Returns the meta.
+    ///
+    /// Disk consistency: whatever the guest wrote to its disk before the snapshot (a root filesystem mounted
+    /// read-write, journals, logs) is in the source's overlay. With `commit_disk`, that overlay is committed into
+    /// the image's base disk (`qemu-img commit`), so every restored VM's fresh overlay shows exactly the disk the
+    /// snapshot's kernel saw. Only when no other snapshot shares that base, and never while VMs of the image run.
+    /// Without it, the guest must not write its disk before the snapshot (the tiny image mounts /data later).
     pub fn take_snapshot(
         &self,
         image: &Image,
         template: &VmTemplate,
         out_root: &Path,
         vms: Vec<String>,
+        commit_disk: bool,
     ) -> BackendResult<Meta> {
         let key = key(template, self.accel());
         let dir = out_root.join(&key);
@@ -213,10 +270,79 @@ impl QemuBackend {
             append,
             save_ms,
         };
+        if !write_kernel_stub(&launch.kernel, &dir.join(KERNEL_STUB))? {
+            tracing::info!("kernel is not a bzImage: restores load the full kernel");
+        }
         let text =
             toml::to_string(&meta).map_err(|e| BackendError::msg(format!("snapshot meta: {e}")))?;
         std::fs::write(dir.join(META), text)?;
+        let overlay = run.join(files::DISK);
+        if commit_disk && overlay.is_file() && self.overlay_has_data(&overlay)? {
+            let out = std::process::Command::new(self.qemu_img())
+                .args(["commit", "-q", "-f", "qcow2"])
+                .arg(&overlay)
+                .output()?;
+            if !out.status.success() {
+                return Err(BackendError::msg(format!(
+                    "qemu-img commit of the snapshot disk: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        }
         std::fs::remove_dir_all(&run)?;
         Ok(meta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template(name: &str, memory_mb: u32) -> VmTemplate {
+        VmTemplate {
+            name: name.into(),
+            role: String::new(),
+            vcpus: 1,
+            memory_mb,
+            kernel: Some("vmlinuz".into()),
+            initrd: Some("initrd.img".into()),
+            disk: Some("root.qcow2".into()),
+            cmdline: "console=ttyS0".into(),
+            probe: "tcp:80".into(),
+        }
+    }
+
+    #[test]
+    fn identical_vms_share_a_key_and_shapes_do_not() {
+        let k = |t: &VmTemplate, a| key(t, a);
+        assert_eq!(
+            k(&template("n1", 256), Accel::Tcg),
+            k(&template("f1", 256), Accel::Tcg)
+        );
+        assert_ne!(
+            k(&template("n1", 256), Accel::Tcg),
+            k(&template("n1", 512), Accel::Tcg)
+        );
+        assert_ne!(
+            k(&template("n1", 256), Accel::Tcg),
+            k(&template("n1", 256), Accel::Kvm)
+        );
+    }
+
+    #[test]
+    fn kernel_stub_keeps_the_boot_header_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bz = vec![0u8; 0x4000];
+        bz[0x1f1] = 3; // setup sectors
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, &bz).expect("write");
+        let stub = dir.path().join("stub");
+        assert!(write_kernel_stub(&kernel, &stub).expect("stub"));
+        let s = std::fs::read(&stub).expect("read");
+        assert_eq!(s.len(), 4 * 512 + 512);
+        assert_eq!(&s[0x202..0x206], b"HdrS");
+        std::fs::write(&kernel, b"not a kernel").expect("write");
+        assert!(!write_kernel_stub(&kernel, &stub).expect("stub"));
     }
 }
