@@ -390,7 +390,14 @@ fn server_killed_during_up_recovers() {
     assert_eq!(
         String::from_utf8_lossy(&running.stdout).lines().count(),
         3,
-        "one process per VM"
+        "one process per VM: {}",
+        String::from_utf8_lossy(
+            &std::process::Command::new("pgrep")
+                .args(["-af", "--", "__test-vm"])
+                .output()
+                .unwrap()
+                .stdout
+        )
     );
 }
 

@@ -47,6 +47,8 @@ pub struct Orchestrator {
     vms_dir: PathBuf,
     events: broadcast::Sender<EventRow>,
     locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serializes health checks, so a request never reads a cluster while the watchdog is half-way marking it.
+    refresh_lock: Mutex<()>,
 }
 
 /// The backend's view of a namespace row.
@@ -83,6 +85,7 @@ impl Orchestrator {
             vms_dir,
             events,
             locks: Mutex::new(HashMap::new()),
+            refresh_lock: Mutex::new(()),
         })
     }
 
@@ -493,6 +496,12 @@ impl Orchestrator {
     /// Check a ready cluster's VMs are still running; a dead VM marks the cluster failed. Returns whether all run.
     /// Skips clusters that an operation holds.
     pub fn refresh(&self, cluster: &ClusterRow) -> Result<bool, OrchestratorError> {
+        let _serial = self.refresh_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Re-read under the lock: another check may have just marked it.
+        let Some(cluster) = self.store.cluster_by_id(cluster.id)? else {
+            return Ok(false);
+        };
+        let cluster = &cluster;
         if cluster.state != ClusterState::Ready {
             return Ok(false);
         }

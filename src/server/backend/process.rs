@@ -46,6 +46,22 @@ pub fn live_pid(pid_file: &Path, expect_in_cmdline: &str) -> Option<i32> {
         .then_some(pid)
 }
 
+/// A live process whose command line contains `marker`, found by scanning /proc: adopts a VM whose pid file was
+/// never written (a server killed between spawning it and recording it).
+fn find_by_marker(marker: &str) -> Option<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        if pid == me {
+            return None;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_vm = args.iter().any(|a| *a == b"__test-vm");
+        (is_vm && args.iter().any(|a| *a == marker.as_bytes())).then_some(pid)
+    })
+}
+
 /// SIGTERM, then SIGKILL after a grace period.
 pub fn kill_pid(pid: i32, grace: Duration) {
     // SAFETY: kill(2) with a pid we own; no memory is touched.
@@ -74,13 +90,25 @@ fn marker(vm: &VmSpec) -> String {
     format!("--run-dir={}", vm.run_dir.display())
 }
 
+/// The VM's pid: from its pid file, or, when that is missing or stale, from a /proc scan (re-writing the file).
+fn vm_pid(vm: &VmSpec) -> Option<i32> {
+    let pid_file = vm.run_dir.join(PID_FILE);
+    if let Some(pid) = live_pid(&pid_file, &marker(vm)) {
+        return Some(pid);
+    }
+    let pid = find_by_marker(&marker(vm))?;
+    let _ = std::fs::write(&pid_file, pid.to_string());
+    Some(pid)
+}
+
 impl Backend for ProcessBackend {
     fn kind(&self) -> &'static str {
         "process"
     }
 
     fn ready_deadline(&self) -> Duration {
-        Duration::from_secs(5)
+        // Generous: a loaded 2-core CI machine can take seconds to start a process.
+        Duration::from_secs(8)
     }
 
     fn ensure_namespace(&self, _ns: &NamespaceNet) -> BackendResult<()> {
@@ -98,7 +126,11 @@ impl Backend for ProcessBackend {
         std::fs::create_dir_all(vm.run_dir.join(DISK_DIR))?;
         let _ = std::fs::remove_file(vm.run_dir.join(PORT_FILE));
         let exe = std::env::current_exe()?;
-        let log = std::fs::File::create(vm.run_dir.join(LOG_FILE))?;
+        // Append: a retry keeps the log of the attempt before it.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(vm.run_dir.join(LOG_FILE))?;
         let mut cmd = Command::new(exe);
         cmd.arg("__test-vm")
             .arg(format!("--name={}", vm.name))
@@ -138,11 +170,12 @@ impl Backend for ProcessBackend {
     }
 
     fn is_running(&self, vm: &VmSpec) -> bool {
-        live_pid(&vm.run_dir.join(PID_FILE), &marker(vm)).is_some()
+        vm_pid(vm).is_some()
     }
 
     fn stop(&self, vm: &VmSpec) -> BackendResult<()> {
-        if let Some(pid) = live_pid(&vm.run_dir.join(PID_FILE), &marker(vm)) {
+        for _ in 0..5 {
+            let Some(pid) = vm_pid(vm) else { break };
             kill_pid(pid, Duration::from_secs(2));
         }
         for f in [PID_FILE, PORT_FILE] {
