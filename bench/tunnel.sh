@@ -24,6 +24,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+[ -n "${BENCH_KEEP:-}" ] && trap "cp -r $WORK /tmp/bench-last; cleanup" EXIT
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 [ -e /dev/net/tun ] || { echo "needs /dev/net/tun" >&2; exit 1; }
@@ -48,7 +49,7 @@ inh iperf3 -s -D -p 5201 >/dev/null
 CURRENT=
 measure() { # ns host port
   if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $CURRENT "* ]]; then echo 0; return; fi
-  ip netns exec "$1" iperf3 -c "$2" -p "$3" -t "$SECS" ${IPERF_ARGS:-} -J 2>/dev/null \
+  ip netns exec "$1" iperf3 -c "$2" -p "$3" -t "$SECS" ${IPERF_ARGS:-} -J 2>/dev/null | tee "$WORK/iperf-$CURRENT.json" \
     | python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["end"]["sum_received"]["bits_per_second"]/1e6))' \
     || echo 0
 }

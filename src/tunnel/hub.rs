@@ -441,41 +441,11 @@ fn tun_loop(shared: &Shared) {
             continue;
         };
         slot.tx.fetch_add(n as u64, Ordering::Relaxed);
-        encapsulate_batched(&mut peer, packet, endpoint, &mut batch, &mut out, &shared.udp);
+        batch.encapsulate(&mut peer, packet, endpoint, &mut out, &shared.udp);
         if batch.is_full() {
             drop(peer);
             batch.flush(&shared.udp);
         }
-    }
-}
-
-/// Encrypts `packet` straight into the next batch slot (or, when it does not fit, sends it on its own).
-pub(crate) fn encapsulate_batched(
-    peer: &mut Peer,
-    packet: &[u8],
-    endpoint: SocketAddr,
-    batch: &mut SendBatch,
-    out: &mut [u8],
-    udp: &UdpSocket,
-) {
-    if let Some(slot) = batch.slot() {
-        let len = match peer.encapsulate(packet, slot) {
-            Outcome::Network(d) => Some(d.len()),
-            Outcome::Rejected => None,
-            _ => return,
-        };
-        if let Some(len) = len {
-            if batch.commit(len, endpoint) {
-                return;
-            }
-            if let Some(d) = batch.slot().and_then(|s| s.get(..len)) {
-                let _ = udp.send_to(d, endpoint);
-            }
-            return;
-        }
-    }
-    if let Outcome::Network(d) = peer.encapsulate(packet, out) {
-        let _ = udp.send_to(d, endpoint);
     }
 }
 

@@ -11,7 +11,6 @@ use super::keys::PrivateKey;
 use super::packet::ipv4_addrs;
 use super::peer::{Outcome, Peer, PeerStats};
 use super::plan::Plan;
-use super::hub::encapsulate_batched;
 use super::tun_dev::{self, TunDevice};
 use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
@@ -201,7 +200,7 @@ fn tun_loop(shared: &Shared) {
         };
         let Some(packet) = buf.get(..n) else { continue };
         let mut peer = lock(&shared.peer);
-        encapsulate_batched(&mut peer, packet, shared.plan.endpoint, &mut batch, &mut out, &udp);
+        batch.encapsulate(&mut peer, packet, shared.plan.endpoint, &mut out, &*udp);
         drop(peer);
         if batch.is_full() {
             batch.flush(&*udp);
