@@ -35,10 +35,12 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('tunnel', 'tunnel', [CompletionResultType]::ParameterValue, 'Join your namespace''s network from this machine (userspace WireGuard)')
             [CompletionResult]::new('reset', 'reset', [CompletionResultType]::ParameterValue, 'Put a cluster back to its onboarding snapshot')
             [CompletionResult]::new('down', 'down', [CompletionResultType]::ParameterValue, 'Delete a cluster: VMs, disks and this machine''s tunnel peer')
+            [CompletionResult]::new('hosts', 'hosts', [CompletionResultType]::ParameterValue, 'Print /etc/hosts lines for your VMs')
             [CompletionResult]::new('ssh', 'ssh', [CompletionResultType]::ParameterValue, 'Open an ssh session to a VM')
             [CompletionResult]::new('image', 'image', [CompletionResultType]::ParameterValue, 'Build or snapshot prepared images (host side)')
             [CompletionResult]::new('server', 'server', [CompletionResultType]::ParameterValue, 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Print a shell completion script')
+            [CompletionResult]::new('__socks-connect', '__socks-connect', [CompletionResultType]::ParameterValue, 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy')
             [CompletionResult]::new('__test-vm', '__test-vm', [CompletionResultType]::ParameterValue, 'Internal: the process behind one VM of the test backend')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -126,7 +128,20 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
         }
+        'fcdev;hosts' {
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print JSON')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'fcdev;ssh' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The cluster (default: the profile''s cluster)')
+            [CompletionResult]::new('-u', '-u', [CompletionResultType]::ParameterName, 'The user in the VM')
+            [CompletionResult]::new('--user', '--user', [CompletionResultType]::ParameterName, 'The user in the VM')
+            [CompletionResult]::new('--socks', '--socks', [CompletionResultType]::ParameterName, 'The SOCKS5 proxy of a rootless `fcdev tunnel`, used when the VM is not routed here')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
@@ -140,6 +155,45 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny)')
+            [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'fcdev;image;build' {
+            [CompletionResult]::new('--out', '--out', [CompletionResultType]::ParameterName, 'Output folder (default: <data dir>/images/NAME)')
+            [CompletionResult]::new('--kernel-version', '--kernel-version', [CompletionResultType]::ParameterName, 'Guest kernel version under /boot (default: the newest *-cloud-amd64)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--no-ssh', '--no-ssh', [CompletionResultType]::ParameterName, 'Leave dropbear (ssh) out')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;image;snapshot' {
+            [CompletionResult]::new('--out', '--out', [CompletionResultType]::ParameterName, 'Image folder (default: <data dir>/images/NAME)')
+            [CompletionResult]::new('--accel', '--accel', [CompletionResultType]::ParameterName, 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;image;help' {
+            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny)')
+            [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'fcdev;image;help;build' {
+            break
+        }
+        'fcdev;image;help;snapshot' {
+            break
+        }
+        'fcdev;image;help;help' {
             break
         }
         'fcdev;server' {
@@ -270,6 +324,14 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
         }
+        'fcdev;__socks-connect' {
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'fcdev;__test-vm' {
             [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'name')
             [CompletionResult]::new('--run-dir', '--run-dir', [CompletionResultType]::ParameterName, 'run-dir')
@@ -289,10 +351,12 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('tunnel', 'tunnel', [CompletionResultType]::ParameterValue, 'Join your namespace''s network from this machine (userspace WireGuard)')
             [CompletionResult]::new('reset', 'reset', [CompletionResultType]::ParameterValue, 'Put a cluster back to its onboarding snapshot')
             [CompletionResult]::new('down', 'down', [CompletionResultType]::ParameterValue, 'Delete a cluster: VMs, disks and this machine''s tunnel peer')
+            [CompletionResult]::new('hosts', 'hosts', [CompletionResultType]::ParameterValue, 'Print /etc/hosts lines for your VMs')
             [CompletionResult]::new('ssh', 'ssh', [CompletionResultType]::ParameterValue, 'Open an ssh session to a VM')
             [CompletionResult]::new('image', 'image', [CompletionResultType]::ParameterValue, 'Build or snapshot prepared images (host side)')
             [CompletionResult]::new('server', 'server', [CompletionResultType]::ParameterValue, 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Print a shell completion script')
+            [CompletionResult]::new('__socks-connect', '__socks-connect', [CompletionResultType]::ParameterValue, 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy')
             [CompletionResult]::new('__test-vm', '__test-vm', [CompletionResultType]::ParameterValue, 'Internal: the process behind one VM of the test backend')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -318,10 +382,21 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;help;down' {
             break
         }
+        'fcdev;help;hosts' {
+            break
+        }
         'fcdev;help;ssh' {
             break
         }
         'fcdev;help;image' {
+            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny)')
+            [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`')
+            break
+        }
+        'fcdev;help;image;build' {
+            break
+        }
+        'fcdev;help;image;snapshot' {
             break
         }
         'fcdev;help;server' {
@@ -348,6 +423,9 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;help;completions' {
+            break
+        }
+        'fcdev;help;__socks-connect' {
             break
         }
         'fcdev;help;__test-vm' {

@@ -16,6 +16,9 @@ _fcdev() {
             ",$1")
                 cmd="fcdev"
                 ;;
+            fcdev,__socks-connect)
+                cmd="fcdev__subcmd____socks__subcmd__connect"
+                ;;
             fcdev,__test-vm)
                 cmd="fcdev__subcmd____test__subcmd__vm"
                 ;;
@@ -27,6 +30,9 @@ _fcdev() {
                 ;;
             fcdev,help)
                 cmd="fcdev__subcmd__help"
+                ;;
+            fcdev,hosts)
+                cmd="fcdev__subcmd__hosts"
                 ;;
             fcdev,image)
                 cmd="fcdev__subcmd__image"
@@ -55,6 +61,9 @@ _fcdev() {
             fcdev,up)
                 cmd="fcdev__subcmd__up"
                 ;;
+            fcdev__subcmd__help,__socks-connect)
+                cmd="fcdev__subcmd__help__subcmd____socks__subcmd__connect"
+                ;;
             fcdev__subcmd__help,__test-vm)
                 cmd="fcdev__subcmd__help__subcmd____test__subcmd__vm"
                 ;;
@@ -66,6 +75,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help,help)
                 cmd="fcdev__subcmd__help__subcmd__help"
+                ;;
+            fcdev__subcmd__help,hosts)
+                cmd="fcdev__subcmd__help__subcmd__hosts"
                 ;;
             fcdev__subcmd__help,image)
                 cmd="fcdev__subcmd__help__subcmd__image"
@@ -94,6 +106,12 @@ _fcdev() {
             fcdev__subcmd__help,up)
                 cmd="fcdev__subcmd__help__subcmd__up"
                 ;;
+            fcdev__subcmd__help__subcmd__image,build)
+                cmd="fcdev__subcmd__help__subcmd__image__subcmd__build"
+                ;;
+            fcdev__subcmd__help__subcmd__image,snapshot)
+                cmd="fcdev__subcmd__help__subcmd__image__subcmd__snapshot"
+                ;;
             fcdev__subcmd__help__subcmd__server,user)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user"
                 ;;
@@ -108,6 +126,24 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help__subcmd__server__subcmd__user,token)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user__subcmd__token"
+                ;;
+            fcdev__subcmd__image,build)
+                cmd="fcdev__subcmd__image__subcmd__build"
+                ;;
+            fcdev__subcmd__image,help)
+                cmd="fcdev__subcmd__image__subcmd__help"
+                ;;
+            fcdev__subcmd__image,snapshot)
+                cmd="fcdev__subcmd__image__subcmd__snapshot"
+                ;;
+            fcdev__subcmd__image__subcmd__help,build)
+                cmd="fcdev__subcmd__image__subcmd__help__subcmd__build"
+                ;;
+            fcdev__subcmd__image__subcmd__help,help)
+                cmd="fcdev__subcmd__image__subcmd__help__subcmd__help"
+                ;;
+            fcdev__subcmd__image__subcmd__help,snapshot)
+                cmd="fcdev__subcmd__image__subcmd__help__subcmd__snapshot"
                 ;;
             fcdev__subcmd__server,help)
                 cmd="fcdev__subcmd__server__subcmd__help"
@@ -170,8 +206,26 @@ _fcdev() {
 
     case "${cmd}" in
         fcdev)
-            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down ssh image server completions __test-vm help"
+            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd____socks__subcmd__connect)
+            opts="-v -h --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -258,8 +312,22 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help)
-            opts="login up status images tunnel reset down ssh image server completions __test-vm help"
+            opts="login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd____socks__subcmd__connect)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -327,9 +395,51 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        fcdev__subcmd__help__subcmd__image)
+        fcdev__subcmd__help__subcmd__hosts)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__image)
+            opts="build snapshot"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__image__subcmd__build)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__image__subcmd__snapshot)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -523,13 +633,139 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        fcdev__subcmd__image)
-            opts="-v -h --profile --verbose --help"
+        fcdev__subcmd__hosts)
+            opts="-v -h --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image)
+            opts="-v -h --profile --verbose --help build snapshot help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__build)
+            opts="-v -h --out --kernel-version --no-ssh --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --out)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kernel-version)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__help)
+            opts="build snapshot help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__help__subcmd__build)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__help__subcmd__snapshot)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__image__subcmd__snapshot)
+            opts="-v -h --out --accel --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --out)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --accel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --profile)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -950,12 +1186,28 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__ssh)
-            opts="-v -h --profile --verbose --help"
+            opts="-u -v -h --name --user --socks --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --user)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -u)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --profile)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -32,10 +32,12 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
             cand reset 'Put a cluster back to its onboarding snapshot'
             cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
+            cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
+            cand __socks-connect 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy'
             cand __test-vm 'Internal: the process behind one VM of the test backend'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -115,7 +117,19 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'fcdev;hosts'= {
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;ssh'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand -u 'The user in the VM'
+            cand --user 'The user in the VM'
+            cand --socks 'The SOCKS5 proxy of a rootless `fcdev tunnel`, used when the VM is not routed here'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -128,6 +142,39 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
             cand --help 'Print help'
+            cand build 'Build an image from Debian packages (recipes: tiny)'
+            cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;image;build'= {
+            cand --out 'Output folder (default: <data dir>/images/NAME)'
+            cand --kernel-version 'Guest kernel version under /boot (default: the newest *-cloud-amd64)'
+            cand --profile 'The profile (server + token) to use'
+            cand --no-ssh 'Leave dropbear (ssh) out'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;image;snapshot'= {
+            cand --out 'Image folder (default: <data dir>/images/NAME)'
+            cand --accel 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;image;help'= {
+            cand build 'Build an image from Debian packages (recipes: tiny)'
+            cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;image;help;build'= {
+        }
+        &'fcdev;image;help;snapshot'= {
+        }
+        &'fcdev;image;help;help'= {
         }
         &'fcdev;server'= {
             cand --listen 'Where the API listens'
@@ -237,6 +284,13 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'fcdev;__socks-connect'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;__test-vm'= {
             cand --name 'name'
             cand --run-dir 'run-dir'
@@ -255,10 +309,12 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
             cand reset 'Put a cluster back to its onboarding snapshot'
             cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
+            cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
+            cand __socks-connect 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy'
             cand __test-vm 'Internal: the process behind one VM of the test backend'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -276,9 +332,17 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;help;down'= {
         }
+        &'fcdev;help;hosts'= {
+        }
         &'fcdev;help;ssh'= {
         }
         &'fcdev;help;image'= {
+            cand build 'Build an image from Debian packages (recipes: tiny)'
+            cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+        }
+        &'fcdev;help;image;build'= {
+        }
+        &'fcdev;help;image;snapshot'= {
         }
         &'fcdev;help;server'= {
             cand user 'Manage engineers and their tokens'
@@ -298,6 +362,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;user;list'= {
         }
         &'fcdev;help;completions'= {
+        }
+        &'fcdev;help;__socks-connect'= {
         }
         &'fcdev;help;__test-vm'= {
         }

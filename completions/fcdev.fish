@@ -35,10 +35,12 @@ complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "images" -d 'List the pr
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "down" -d 'Delete a cluster: VMs, disks and this machine\'s tunnel peer'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "hosts" -d 'Print /etc/hosts lines for your VMs'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "ssh" -d 'Open an ssh session to a VM'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "image" -d 'Build or snapshot prepared images (host side)'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "completions" -d 'Print a shell completion script'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "__socks-connect" -d 'Internal: ssh\'s ProxyCommand through the rootless tunnel\'s SOCKS5 proxy'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand login" -l server -d 'The fcdev server\'s API URL, e.g. http://host:7070' -r
@@ -86,12 +88,36 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand down" -s y -l yes -d 'Do not
 complete -c fcdev -n "__fish_fcdev_using_subcommand down" -l json -d 'Print the result as JSON'
 complete -c fcdev -n "__fish_fcdev_using_subcommand down" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand down" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -l json -d 'Print JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s u -l user -d 'The user in the VM' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -l socks -d 'The SOCKS5 proxy of a rootless `fcdev tunnel`, used when the VM is not routed here' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s h -l help -d 'Print help'
-complete -c fcdev -n "__fish_fcdev_using_subcommand image" -l profile -d 'The profile (server + token) to use' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand image" -s v -l verbose -d 'More log output (repeat for more)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand image" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l out -d 'Output folder (default: <data dir>/images/NAME)' -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l kernel-version -d 'Guest kernel version under /boot (default: the newest *-cloud-amd64)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l no-ssh -d 'Leave dropbear (ssh) out'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l out -d 'Image folder (default: <data dir>/images/NAME)' -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l accel -d 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l listen -d 'Where the API listens' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-listen -d 'Where the WireGuard hub listens (UDP). Port 0 picks a free one' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-endpoint -d 'The endpoint peers are told to send to (default: the hub\'s listen address)' -r
@@ -122,23 +148,30 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subc
 complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand __socks-connect" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand __socks-connect" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand __socks-connect" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l name -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l run-dir -r -F
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l cmdline -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -s h -l help -d 'Print help'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "login" -d 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "up" -d 'Create your cluster (or resume/repair it) and wait until every VM is ready'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "status" -d 'Show your namespace, clusters, VMs and tunnel peers'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "images" -d 'List the prepared images of the server'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "down" -d 'Delete a cluster: VMs, disks and this machine\'s tunnel peer'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "ssh" -d 'Open an ssh session to a VM'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "image" -d 'Build or snapshot prepared images (host side)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "completions" -d 'Print a shell completion script'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down ssh image server completions __test-vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "login" -d 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "up" -d 'Create your cluster (or resume/repair it) and wait until every VM is ready'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "status" -d 'Show your namespace, clusters, VMs and tunnel peers'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "images" -d 'List the prepared images of the server'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "down" -d 'Delete a cluster: VMs, disks and this machine\'s tunnel peer'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "hosts" -d 'Print /etc/hosts lines for your VMs'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "ssh" -d 'Open an ssh session to a VM'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "image" -d 'Build or snapshot prepared images (host side)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "completions" -d 'Print a shell completion script'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "__socks-connect" -d 'Internal: ssh\'s ProxyCommand through the rootless tunnel\'s SOCKS5 proxy'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from server" -f -a "user" -d 'Manage engineers and their tokens'

@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod image;
 pub mod names;
 pub mod server;
 pub mod tunnel;

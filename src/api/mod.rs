@@ -52,6 +52,10 @@ pub struct ImageVm {
 pub struct CreateCluster {
     pub name: String,
     pub image: String,
+    /// ssh public keys to authorize in the VMs (`fcdev ssh`); kept for the namespace, given to each VM at boot or
+    /// restore, never baked into the shared image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

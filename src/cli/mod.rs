@@ -10,6 +10,7 @@ use crate::config::{self, Profile};
 pub mod completions;
 pub mod down;
 pub mod errors;
+pub mod hosts;
 pub mod image;
 pub mod images;
 pub mod login;
@@ -61,6 +62,8 @@ pub enum Command {
     Reset(reset::ResetArgs),
     /// Delete a cluster: VMs, disks and this machine's tunnel peer.
     Down(down::DownArgs),
+    /// Print /etc/hosts lines for your VMs.
+    Hosts(hosts::HostsArgs),
     /// Open an ssh session to a VM.
     Ssh(ssh::SshArgs),
     /// Build or snapshot prepared images (host side).
@@ -69,6 +72,9 @@ pub enum Command {
     Server(Box<server::ServerArgs>),
     /// Print a shell completion script.
     Completions(completions::CompletionsArgs),
+    /// Internal: ssh's ProxyCommand through the rootless tunnel's SOCKS5 proxy.
+    #[command(name = "__socks-connect", hide = true)]
+    SocksConnect(ssh::SocksConnectArgs),
     /// Internal: the process behind one VM of the test backend.
     #[command(name = "__test-vm", hide = true)]
     TestVm(server::TestVmArgs),
@@ -168,9 +174,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tunnel(args) => tunnel::run(args, Context::new(cli.profile)?).await,
         Command::Reset(args) => reset::run(args, Context::new(cli.profile)?).await,
         Command::Down(args) => down::run(args, Context::new(cli.profile)?).await,
+        Command::Hosts(args) => hosts::run(args, Context::new(cli.profile)?).await,
         Command::Ssh(args) => ssh::run(args, Context::new(cli.profile)?).await,
-        Command::Image(args) => image::run(args).map_err(CliError::from),
+        Command::Image(args) => {
+            image::run(args, &crate::config::data_dir()?).map_err(CliError::from)
+        }
         Command::Completions(args) => completions::run(args),
+        Command::SocksConnect(args) => ssh::socks_connect(args)
+            .map_err(|e| CliError::new(ExitKind::Unreachable, format!("socks connect: {e}"))),
         Command::Server(_) | Command::TestVm(_) => {
             unreachable!("server commands run outside the async runtime")
         }

@@ -38,6 +38,9 @@ pub async fn run(args: UpArgs, mut ctx: Context) -> Result<(), CliError> {
     let req = api::CreateCluster {
         name: name.clone(),
         image,
+        ssh_keys: crate::cli::ssh::ensure_key(&ctx)
+            .map(|k| vec![k])
+            .unwrap_or_default(),
     };
     let cluster: api::Cluster = client.post("/clusters", &req).await?;
     let cluster = if cluster.state == api::ClusterState::Ready {

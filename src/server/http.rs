@@ -288,11 +288,28 @@ async fn create_cluster(
 ) -> ApiResult<Response> {
     check_name("cluster", &req.name)?;
     check_name("image", &req.image)?;
+    let bad_key = req.ssh_keys.iter().find(|k| !valid_ssh_public_key(k));
+    if let Some(key) = bad_key {
+        return Err(ApiErr::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_ssh_key",
+            format!(
+                "`{}` is not an ssh public key",
+                key.chars().take(40).collect::<String>()
+            ),
+        )
+        .hint("send one `ssh-ed25519 AAAA… comment` line per key"));
+    }
     let ns = my_namespace(&state, user).await?;
+    if !req.ssh_keys.is_empty() {
+        let store = state.store.clone();
+        let (nsid, keys) = (ns.id, req.ssh_keys.clone());
+        blocking(move || store.add_ssh_keys(nsid, &keys)).await??;
+    }
     // Events after this one belong to this request: the client follows `/events?after=event_seq`.
     let seq_before = match state.store.cluster(ns.id, &req.name)? {
         Some(existing) => state.store.last_event_seq(existing.id)?,
-        None => 0,
+        None => state.store.last_event_seq_overall()?,
     };
     // `up` spawns background work on this runtime; its own blocking parts are short store reads.
     let (row, outcome) = state.orchestrator.up(&ns, &req.name, &req.image)?;
@@ -490,6 +507,28 @@ async fn cluster_events(
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// One line `TYPE BASE64 [comment]` of a known key type, nothing that could break the guest's authorized_keys.
+fn valid_ssh_public_key(key: &str) -> bool {
+    use base64::Engine;
+    let mut parts = key.split_whitespace();
+    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    key.len() < 8192
+        && !key.contains(['\n', '\r', '\0'])
+        && matches!(
+            kind,
+            "ssh-ed25519"
+                | "ssh-rsa"
+                | "ecdsa-sha2-nistp256"
+                | "ecdsa-sha2-nistp384"
+                | "ecdsa-sha2-nistp521"
+        )
+        && base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .is_ok()
 }
 
 fn valid_public_key(key: &str) -> bool {

@@ -155,7 +155,7 @@ impl Orchestrator {
             image: image.clone(),
             template,
             run_dir: self.vms_dir.join(&ns.name).join(&c.name).join(&vm.name),
-            ssh_keys: Vec::new(),
+            ssh_keys: self.store.ssh_keys(ns.id).unwrap_or_default(),
         }
     }
 

@@ -120,7 +120,7 @@ CREATE TABLE IF NOT EXISTS namespaces (
     subnet TEXT NOT NULL UNIQUE
 );
 CREATE TABLE IF NOT EXISTS clusters (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     namespace_id INTEGER NOT NULL REFERENCES namespaces(id) ON DELETE CASCADE,
     name TEXT NOT NULL,
     image TEXT NOT NULL,
@@ -161,6 +161,11 @@ CREATE TABLE IF NOT EXISTS events (
     state TEXT NOT NULL,
     message TEXT NOT NULL,
     at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+);
+CREATE TABLE IF NOT EXISTS ssh_keys (
+    namespace_id INTEGER NOT NULL REFERENCES namespaces(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    UNIQUE (namespace_id, key)
 );
 CREATE INDEX IF NOT EXISTS events_cluster ON events(cluster_id, seq);
 ";
@@ -546,6 +551,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM vms WHERE cluster_id = ?1", [id])?;
+        tx.execute("DELETE FROM events WHERE cluster_id = ?1", [id])?;
         tx.execute("DELETE FROM clusters WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(())
@@ -577,6 +583,29 @@ impl Store {
             params![id, state.as_str(), detail],
         )?;
         Ok(())
+    }
+
+    // ---- ssh keys ----
+
+    pub fn add_ssh_keys(&self, ns_id: i64, keys: &[String]) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for key in keys {
+            tx.execute(
+                "INSERT OR IGNORE INTO ssh_keys (namespace_id, key) VALUES (?1, ?2)",
+                params![ns_id, key],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn ssh_keys(&self, ns_id: i64) -> StoreResult<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT key FROM ssh_keys WHERE namespace_id = ?1 ORDER BY rowid")?;
+        let rows = stmt.query_map([ns_id], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     // ---- peers ----
@@ -717,6 +746,12 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest event sequence number of all (0 when none).
+    pub fn last_event_seq_overall(&self) -> StoreResult<i64> {
+        let conn = self.conn();
+        Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?)
     }
 
     /// The newest event sequence number of a cluster (0 when none).

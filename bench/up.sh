@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# bench/up.sh [RUNS]  (root; default 5 runs)
+#
+# Median wall time, in one run on this machine, of:
+#   - `fcdev up` of the 3-VM tiny cluster from the onboarding snapshot, until every VM answers HTTP
+#   - the same from a cold boot (the same image without its snapshot)
+#   - `fcdev reset` of the cluster (until every VM answers HTTP again)
+# plus the idle memory (PSS) per VM. The server, the client and every request run inside a network namespace
+# this script creates (and deletes): nothing leaves the machine, nothing is sent from the root namespace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-5}
+[ "$(id -u)" = 0 ] || { echo "bench/up.sh needs root (network namespace, taps, qemu)" >&2; exit 1; }
+
+cargo build --release --quiet
+BIN=$PWD/target/release/fcdev
+IMG=$PWD/target/fcdev-test-images/tiny
+if [ ! -f "$IMG/image.toml" ] || [ ! -f "$IMG/initrd.img" ]; then "$BIN" image build tiny --out "$IMG" >/dev/null; fi
+if [ ! -d "$IMG/snapshot" ]; then "$BIN" image snapshot tiny --out "$IMG" >/dev/null; fi
+
+T=$(mktemp -d /tmp/fcdev-bench-XXXX)
+NS=fcdevb-$$
+SERVER_PID=
+cleanup() {
+  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
+  pkill -9 -f "qemu-system.*$T/data/vms" 2>/dev/null || true
+  ip netns del "$NS" 2>/dev/null || true
+  rm -rf "$T"
+}
+trap cleanup EXIT
+
+# Two images over the same files: `tiny` (with the onboarding snapshot) and `cold` (without: VMs boot).
+mkdir -p "$T/images/cold"
+ln -s "$IMG" "$T/images/tiny"
+for f in "$IMG"/*; do
+  case "$(basename "$f")" in image.toml|snapshot) ;; *) ln -s "$f" "$T/images/cold/";; esac
+done
+sed -e 's/^name = "tiny"/name = "cold"/' -e '/^\[snapshot\]/,$d' "$IMG/image.toml" > "$T/images/cold/image.toml"
+
+ip netns add "$NS"
+ip -n "$NS" link set lo up
+in_ns() { ip netns exec "$NS" "$@"; }
+export FCDEV_CONFIG_DIR=$T/cfg
+in_ns "$BIN" server --dev --netns none --listen 127.0.0.1:7171 --hub-listen 127.0.0.1:0 --hub-tun none \
+  --data-dir "$T/data" --images "$T/images" --user bench > "$T/server.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 100); do grep -q 'fcd_' "$T/server.log" 2>/dev/null && break; sleep 0.1; done
+ACCEL=$(sed -n 's/.*accelerator \([a-z]*\).*/\1/p' "$T/server.log" | head -1)
+grep -o 'fcd_[0-9a-f]*' "$T/server.log" | in_ns "$BIN" login --server http://127.0.0.1:7171 --token-stdin >/dev/null
+
+now() { date +%s%N; }
+all_answer() {  # every VM of the cluster serves its page
+  for ip in $(in_ns "$BIN" status --json | python3 -c 'import json,sys; [print(v["address"]) for c in json.load(sys.stdin)["clusters"] for v in c["vms"]]'); do
+    in_ns curl -s --fail --max-time 5 "http://$ip/" >/dev/null || return 1
+  done
+}
+median() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.3f", m/1e9}'; }
+
+measure_up() {  # image -> nanoseconds per run, one per line
+  local image=$1
+  for i in $(seq "$RUNS"); do
+    local t0 t1
+    t0=$(now)
+    in_ns "$BIN" up --image "$image" --name "b$i" --json >/dev/null
+    all_answer
+    t1=$(now)
+    echo $((t1 - t0))
+    in_ns "$BIN" down --name "b$i" --yes >/dev/null
+  done
+}
+
+echo "fcdev up/reset benchmark: $RUNS runs each, 3-VM tiny cluster, accelerator $ACCEL ($(nproc) cores)"
+RESTORE=$(measure_up tiny | median)
+COLD=$(measure_up cold | median)
+
+in_ns "$BIN" up --image tiny --name bench --json >/dev/null
+sleep 2
+PSS=0
+for pid in $(pgrep -f "qemu-system.*$T/data/vms/bench/bench/"); do
+  PSS=$((PSS + $(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")))
+done
+RESETS=$(for i in $(seq "$RUNS"); do
+  t0=$(now); in_ns "$BIN" reset --name bench --yes --json >/dev/null; all_answer; t1=$(now); echo $((t1 - t0))
+done | median)
+
+printf '%-44s %8s s\n' "fcdev up, from the onboarding snapshot" "$RESTORE"
+printf '%-44s %8s s\n' "fcdev up, cold boot" "$COLD"
+printf '%-44s %8s x\n' "snapshot speed-up (cold / snapshot)" "$(python3 -c "print(f'{$COLD/$RESTORE:.1f}')")"
+printf '%-44s %8s s\n' "fcdev reset" "$RESETS"
+printf '%-44s %8s MB\n' "idle PSS per VM (restored)" "$((PSS / 3 / 1024))"

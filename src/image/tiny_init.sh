@@ -1,0 +1,113 @@
+#!/bin/sh
+# fcdev tiny image init (PID 1). Built by `fcdev image build tiny`; see docs/images.md.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /tmp /run /data /www /root/.ssh /etc/dropbear
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
+
+IP= GW= NAME=vm NS=- ROLE=- MAC= KEYS= SNAPSHOT=
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    fcdev.ip=*) IP=${arg#fcdev.ip=} ;;
+    fcdev.gw=*) GW=${arg#fcdev.gw=} ;;
+    fcdev.name=*) NAME=${arg#fcdev.name=} ;;
+    fcdev.ns=*) NS=${arg#fcdev.ns=} ;;
+    fcdev.role=*) ROLE=${arg#fcdev.role=} ;;
+    fcdev.mac=*) MAC=${arg#fcdev.mac=} ;;
+    fcdev.keys=*) KEYS=${arg#fcdev.keys=} ;;
+    fcdev.snapshot=1) SNAPSHOT=1 ;;
+  esac
+done
+
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+ip link set lo up
+
+page() {
+  echo "fcdev tiny vm ${NAME} namespace ${NS} role ${ROLE} address ${IP%/*}" > /www/index.html
+}
+
+mounted() {
+  while read -r _dev mnt _rest; do [ "$mnt" = /data ] && return 0; done < /proc/mounts
+  return 1
+}
+
+mount_data() {
+  mounted && return 0
+  i=0
+  while [ ! -b /dev/vda ] && [ $i -lt 40 ]; do sleep 0.05; i=$((i+1)); done
+  [ -b /dev/vda ] && mount -t ext4 -o noatime /dev/vda /data
+}
+
+keys() {
+  if [ -n "$KEYS" ] && [ "$KEYS" != "-" ]; then
+    echo "$KEYS" | base64 -d > /root/.ssh/authorized_keys 2>/dev/null
+    chmod 600 /root/.ssh/authorized_keys
+  fi
+}
+
+# Few processes: every exec costs under TCG. The address comes last: it is what the readiness probe sees.
+configure() {
+  [ -n "$MAC" ] && ip link set eth0 address "$MAC"
+  page
+  echo "$NAME" > /proc/sys/kernel/hostname
+  echo "$NAME" > /etc/hostname
+  keys
+  [ -z "$SNAPSHOT" ] && mount_data
+  if [ -n "$IP" ]; then
+    ip addr flush dev eth0
+    ip addr add "$IP" dev eth0
+  fi
+  ip link set eth0 up
+  [ -n "$IP" ] && arping -U -c 1 -I eth0 "${IP%/*}" >/dev/null 2>&1 &
+  [ -n "$GW" ] && ip route replace default via "$GW"
+}
+
+configure
+/bin/httpd -p 80 -h /www
+if [ -x /usr/sbin/dropbear ]; then
+  /usr/sbin/dropbear -R -E -p 22 2>/dev/null
+fi
+echo "fcdev: $NAME ready" > /dev/console
+
+# The guest agent on ttyS1 (see src/server/backend/qemu/agent.rs).
+stty -F /dev/ttyS1 raw -echo 2>/dev/null
+exec 3>/dev/ttyS1
+while true; do
+  while IFS= read -r line; do
+    set -- $line
+    case "$1" in
+      ping) echo pong >&3 ;;
+      config)
+        shift
+        for kv in "$@"; do
+          case "$kv" in
+            ip=*) IP=${kv#ip=} ;;
+            gw=*) GW=${kv#gw=} ;;
+            name=*) NAME=${kv#name=} ;;
+            ns=*) NS=${kv#ns=} ;;
+            role=*) ROLE=${kv#role=} ;;
+            mac=*) MAC=${kv#mac=} ;;
+            keys=*) KEYS=${kv#keys=} ;;
+            seed=*) echo "${kv#seed=}" > /dev/urandom ;;
+          esac
+        done
+        SNAPSHOT=
+        configure
+        echo "ok $NAME" >&3
+        ;;
+      run)
+        cmd=$(echo "$2" | base64 -d)
+        out=$(sh -c "$cmd" 2>&1 </dev/null)
+        rc=$?
+        echo "out $rc $(printf '%s' "$out" | base64 -w 0)" >&3
+        ;;
+    esac
+  done < /dev/ttyS1
+  sleep 0.1
+done

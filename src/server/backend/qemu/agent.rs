@@ -1,0 +1,181 @@
+//! The guest agent: a shell loop in the tiny image's init reading one-line commands on the second serial port
+//! (ttyS1), which qemu exposes as a unix socket in the VM's run dir. It is how a VM restored from the shared
+//! onboarding snapshot learns its own address, MAC, name and ssh keys, and how tests run a command in a guest.
+//!
+//! Protocol (one line each way, fields are `key=value` without spaces, binary values in base64):
+//! - `ping` → `pong`
+//! - `config ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 seed=HEX` → `ok N`
+//! - `run B64(command)` → `out RC B64(output)`
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("guest agent socket {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("guest agent did not answer `{command}` within {secs:.1} s")]
+    Timeout { command: String, secs: f64 },
+    #[error("guest agent i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("guest agent: bad reply `{0}`")]
+    BadReply(String),
+}
+
+/// What a guest must be told after a restore.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub ip_cidr: String,
+    pub gateway: String,
+    pub name: String,
+    pub namespace: String,
+    pub role: String,
+    pub mac: String,
+    pub ssh_keys: Vec<String>,
+}
+
+impl GuestConfig {
+    pub fn to_line(&self) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let keys = b64.encode(self.ssh_keys.join("\n"));
+        let seed: [u8; 32] = rand::random();
+        format!(
+            "config ip={} gw={} name={} ns={} role={} mac={} keys={} seed={}",
+            self.ip_cidr,
+            self.gateway,
+            self.name,
+            self.namespace,
+            if self.role.is_empty() {
+                "-"
+            } else {
+                &self.role
+            },
+            self.mac,
+            if keys.is_empty() {
+                "-".to_string()
+            } else {
+                keys
+            },
+            hex::encode(seed)
+        )
+    }
+}
+
+/// Send `line` and wait for a reply line starting with `expect`; when `resend` is set, the line is sent again
+/// at that interval until a reply comes (for idempotent commands sent while the guest may still be booting).
+pub fn request(
+    socket: &Path,
+    line: &str,
+    expect: &str,
+    timeout: Duration,
+    resend: Option<Duration>,
+) -> Result<String, AgentError> {
+    let start = Instant::now();
+    let command = line.split_whitespace().next().unwrap_or("").to_string();
+    let stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(source) => {
+                if start.elapsed() >= timeout {
+                    return Err(AgentError::Connect {
+                        path: socket.display().to_string(),
+                        source,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let mut writer = stream.try_clone()?;
+    let poll = resend
+        .unwrap_or(Duration::from_millis(200))
+        .min(Duration::from_millis(200));
+    stream.set_read_timeout(Some(poll))?;
+    let mut reader = BufReader::new(stream);
+    let send = |w: &mut UnixStream| -> std::io::Result<()> {
+        w.write_all(format!("\n{line}\n").as_bytes())?;
+        w.flush()
+    };
+    send(&mut writer)?;
+    let mut last_send = Instant::now();
+    let mut buf = Vec::new();
+    loop {
+        if start.elapsed() >= timeout {
+            return Err(AgentError::Timeout {
+                command,
+                secs: timeout.as_secs_f64(),
+            });
+        }
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => return Err(AgentError::BadReply("agent socket closed".into())),
+            Ok(_) if buf.ends_with(b"\n") => {
+                let text = String::from_utf8_lossy(&buf).trim().to_string();
+                buf.clear();
+                if text.starts_with(expect) {
+                    return Ok(text);
+                }
+            }
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(every) = resend {
+            if last_send.elapsed() >= every {
+                send(&mut writer)?;
+                last_send = Instant::now();
+            }
+        }
+    }
+}
+
+/// Wait until the guest agent answers (the guest finished booting its services).
+pub fn ping(socket: &Path, timeout: Duration) -> Result<(), AgentError> {
+    request(
+        socket,
+        "ping",
+        "pong",
+        timeout,
+        Some(Duration::from_millis(500)),
+    )
+    .map(|_| ())
+}
+
+/// Tell a restored guest who it is; returns when the guest confirmed.
+pub fn configure(socket: &Path, cfg: &GuestConfig, timeout: Duration) -> Result<(), AgentError> {
+    let expect = format!("ok {}", cfg.name);
+    request(
+        socket,
+        &cfg.to_line(),
+        &expect,
+        timeout,
+        Some(Duration::from_millis(1500)),
+    )
+    .map(|_| ())
+}
+
+/// Run a shell command in the guest; returns (exit code, combined output).
+pub fn run(socket: &Path, command: &str, timeout: Duration) -> Result<(i32, String), AgentError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let line = format!("run {}", b64.encode(command));
+    let reply = request(socket, &line, "out ", timeout, None)?;
+    let mut parts = reply.splitn(3, ' ');
+    let _ = parts.next();
+    let rc: i32 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| AgentError::BadReply(reply.clone()))?;
+    let out = parts.next().unwrap_or("");
+    let bytes = b64
+        .decode(out.trim())
+        .map_err(|_| AgentError::BadReply(reply.clone()))?;
+    Ok((rc, String::from_utf8_lossy(&bytes).into_owned()))
+}

@@ -1,0 +1,761 @@
+//! Real VMs with qemu-system-x86_64 (Debian package `qemu-system-x86`), one detached qemu per VM controlled over
+//! QMP, a qcow2 overlay per VM on the image's base disk, one tap per VM on the namespace bridge.
+//!
+//! A VM's run dir holds everything about it: `qemu.pid`, `qmp.sock`, `agent.sock` (guest agent on ttyS1),
+//! `console.log` (ttyS0), `qemu.log` (qemu's stderr and the backend's notes), `disk.qcow2`, `mode`.
+//! qemu runs in its own session, so it survives a server restart; `start` re-adopts a running VM through the pid
+//! file instead of starting a second one.
+
+pub mod agent;
+pub mod bench;
+pub mod cmdline;
+pub mod proc;
+pub mod qmp;
+pub mod snapshot;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use self::cmdline::{files, Launch, Memory, Net};
+use super::{Backend, BackendError, BackendResult, NamespaceNet, StartMode, VmSpec};
+use crate::server::images::{Image, VmTemplate};
+use crate::server::netns;
+
+/// Which accelerator qemu uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM when /proc/cpuinfo shows vmx or svm, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not an accelerator (auto, kvm, tcg)")]
+pub struct AccelParseError(String);
+
+impl FromStr for Accel {
+    type Err = AccelParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            _ => Err(AccelParseError(s.to_string())),
+        }
+    }
+}
+
+impl Accel {
+    /// Resolve `auto`: KVM only where the CPU shows hardware virtualization (a nested paravirtual /dev/kvm without
+    /// vmx/svm is far slower than TCG).
+    pub fn resolve(self) -> Accel {
+        match self {
+            Accel::Auto => {
+                let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+                let hw = cpuinfo
+                    .lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+                if hw && Path::new("/dev/kvm").exists() {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub accel: Accel,
+    /// qemu-system-x86_64 to use; default: found on PATH.
+    pub qemu_binary: Option<PathBuf>,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            accel: Accel::Auto,
+            qemu_binary: None,
+        }
+    }
+}
+
+pub struct QemuBackend {
+    binary: PathBuf,
+    qemu_img: PathBuf,
+    accel: Accel,
+    boot_deadline: Duration,
+    /// Per run dir: a generation number bumped by start/stop so a background supervisor of an older start stops
+    /// acting on the VM.
+    generations: Arc<Mutex<HashMap<PathBuf, u64>>>,
+}
+
+/// The server's constructor: `accel` is `auto`, `kvm` or `tcg` (from `fcdev server --accel`).
+pub fn make(accel: &str) -> anyhow::Result<Arc<dyn Backend>> {
+    let accel: Accel = accel.parse()?;
+    let backend = QemuBackend::new(QemuConfig {
+        accel,
+        qemu_binary: None,
+    })?;
+    tracing::info!("qemu backend: accelerator {}", backend.accel());
+    Ok(Arc::new(backend))
+}
+
+/// Find an executable on PATH (or in the usual sbin folders).
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn err_with_log(message: impl Into<String>, run_dir: &Path) -> BackendError {
+    BackendError::Failed {
+        message: message.into(),
+        log_tail: log_tail_of(run_dir),
+    }
+}
+
+fn tail_lines(path: &Path, n: usize) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let out = lines[start..].join("\n");
+    (!out.trim().is_empty()).then_some(out)
+}
+
+fn log_tail_of(run_dir: &Path) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(t) = tail_lines(&run_dir.join(files::LOG), 20) {
+        parts.push(format!("--- qemu.log ---\n{t}"));
+    }
+    if let Some(t) = tail_lines(&run_dir.join(files::CONSOLE), 30) {
+        parts.push(format!("--- console.log ---\n{t}"));
+    }
+    (!parts.is_empty()).then(|| parts.join("\n"))
+}
+
+/// Append a line to the VM's qemu.log (the backend's own notes, next to qemu's stderr).
+fn note(run_dir: &Path, msg: &str) {
+    tracing::info!(run_dir = %run_dir.display(), "{msg}");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join(files::LOG))
+    {
+        let _ = writeln!(f, "fcdev: {msg}");
+    }
+}
+
+/// The kernel command line of a booted VM: the template's arguments plus who the VM is.
+pub fn boot_append(template: &VmTemplate, guest: &agent::GuestConfig) -> String {
+    use base64::Engine;
+    let keys = base64::engine::general_purpose::STANDARD.encode(guest.ssh_keys.join("\n"));
+    let mut s = format!(
+        "{} fcdev.ip={} fcdev.gw={} fcdev.name={} fcdev.ns={} fcdev.mac={}",
+        template.cmdline.trim(),
+        guest.ip_cidr,
+        guest.gateway,
+        guest.name,
+        guest.namespace,
+        guest.mac
+    );
+    if !guest.role.is_empty() {
+        s.push_str(&format!(" fcdev.role={}", guest.role));
+    }
+    if !keys.is_empty() {
+        s.push_str(&format!(" fcdev.keys={keys}"));
+    }
+    s.trim().to_string()
+}
+
+fn guest_config(vm: &VmSpec) -> agent::GuestConfig {
+    agent::GuestConfig {
+        ip_cidr: format!("{}/{}", vm.address, vm.namespace.subnet.prefix),
+        gateway: vm.namespace.gateway.to_string(),
+        name: vm.name.clone(),
+        namespace: vm.namespace.name.clone(),
+        role: vm.template.role.clone(),
+        mac: vm.mac.clone(),
+        ssh_keys: vm.ssh_keys.clone(),
+    }
+}
+
+/// Probe `tcp:PORT` or `http:PORT` on an address, ~1 s at most.
+pub fn probe_addr(probe: &str, addr: std::net::Ipv4Addr) -> bool {
+    let (kind, port) = probe.split_once(':').unwrap_or(("tcp", probe));
+    let Ok(port) = port.parse::<u16>() else {
+        return false;
+    };
+    let sa = SocketAddr::from((addr, port));
+    let Ok(mut s) = TcpStream::connect_timeout(&sa, Duration::from_millis(500)) else {
+        return false;
+    };
+    if kind != "http" {
+        return true;
+    }
+    let _ = s.set_read_timeout(Some(Duration::from_millis(700)));
+    if s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(n) => {
+            let head = String::from_utf8_lossy(&buf[..n]);
+            head.starts_with("HTTP/") && head.split_whitespace().nth(1) == Some("200")
+        }
+        Err(_) => false,
+    }
+}
+
+impl QemuBackend {
+    pub fn new(cfg: QemuConfig) -> Result<QemuBackend, BackendError> {
+        let binary = match cfg.qemu_binary {
+            Some(p) if p.is_file() => p,
+            Some(p) => {
+                return Err(BackendError::msg(format!(
+                    "qemu binary {} does not exist",
+                    p.display()
+                )))
+            }
+            None => which("qemu-system-x86_64").ok_or_else(|| {
+                BackendError::msg(
+                    "qemu-system-x86_64 not found: install the Debian package `qemu-system-x86`",
+                )
+            })?,
+        };
+        let qemu_img = which("qemu-img").ok_or_else(|| {
+            BackendError::msg("qemu-img not found: install the Debian package `qemu-utils`")
+        })?;
+        let accel = cfg.accel.resolve();
+        if accel == Accel::Kvm && !Path::new("/dev/kvm").exists() {
+            return Err(BackendError::msg(
+                "accelerator kvm requested but /dev/kvm does not exist (use --accel tcg)",
+            ));
+        }
+        Ok(QemuBackend {
+            binary,
+            qemu_img,
+            accel,
+            boot_deadline: Duration::from_secs(45),
+            generations: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// How long one boot attempt may take before the VM is killed and booted once more (default 45 s).
+    pub fn with_boot_deadline(mut self, deadline: Duration) -> Self {
+        self.boot_deadline = deadline;
+        self
+    }
+
+    /// The resolved accelerator (never `Auto`).
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    pub fn qemu_img(&self) -> &Path {
+        &self.qemu_img
+    }
+
+    fn bump_generation(&self, run_dir: &Path) -> u64 {
+        let key = run_dir
+            .canonicalize()
+            .unwrap_or_else(|_| run_dir.to_path_buf());
+        let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        let e = g.entry(key).or_insert(0);
+        *e += 1;
+        *e
+    }
+
+    fn current_generation(gens: &Mutex<HashMap<PathBuf, u64>>, run_dir: &Path) -> u64 {
+        let key = run_dir
+            .canonicalize()
+            .unwrap_or_else(|_| run_dir.to_path_buf());
+        let g = gens.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Create `overlay` as a qcow2 on `base` (never a copy).
+    pub fn create_overlay(&self, base: &Path, overlay: &Path) -> BackendResult<()> {
+        let base = base
+            .canonicalize()
+            .map_err(|e| BackendError::msg(format!("base disk {}: {e}", base.display())))?;
+        let fmt = if base.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        let out = std::process::Command::new(&self.qemu_img)
+            .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+            .arg(&base)
+            .arg(overlay)
+            .output()?;
+        if !out.status.success() {
+            return Err(BackendError::msg(format!(
+                "qemu-img create overlay {}: {}",
+                overlay.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Start qemu detached (own session; survives the server) and wait for its pid file.
+    pub fn launch(&self, launch: &Launch) -> BackendResult<i32> {
+        launch.check_paths().map_err(BackendError::msg)?;
+        let run = &launch.run_dir;
+        for f in [files::QMP, files::AGENT, files::PID] {
+            let _ = std::fs::remove_file(run.join(f));
+        }
+        note(
+            run,
+            &format!(
+                "starting qemu ({}, accel {})",
+                if launch.incoming { "restore" } else { "boot" },
+                launch.accel
+            ),
+        );
+        proc::spawn_detached(&self.binary, &launch.args(), run)
+            .map_err(|e| err_with_log(format!("qemu did not start: {e}"), run))
+    }
+
+    fn tap_for(&self, vm: &VmSpec) -> BackendResult<String> {
+        netns::ensure_tap(vm.namespace.index, vm.slot)
+            .map_err(|e| BackendError::msg(format!("tap for {}: {e}", vm.name)))
+    }
+
+    fn kernel_paths(
+        image: &Image,
+        template: &VmTemplate,
+    ) -> BackendResult<(PathBuf, Option<PathBuf>)> {
+        let kernel = template
+            .kernel
+            .as_deref()
+            .map(|k| image.path(k))
+            .ok_or_else(|| {
+                BackendError::msg(format!(
+                    "image {} VM {} has no kernel",
+                    image.spec.name, template.name
+                ))
+            })?;
+        if !kernel.is_file() {
+            return Err(BackendError::msg(format!(
+                "kernel {} is missing",
+                kernel.display()
+            )));
+        }
+        // qemu runs in the VM's run dir: make the paths absolute.
+        let kernel = kernel.canonicalize()?;
+        let initrd = match template.initrd.as_deref() {
+            Some(i) => Some(image.path(i).canonicalize().map_err(|e| {
+                BackendError::msg(format!("initrd {}: {e}", image.path(i).display()))
+            })?),
+            None => None,
+        };
+        Ok((kernel, initrd))
+    }
+
+    fn boot_launch(&self, vm: &VmSpec, tap: String) -> BackendResult<Launch> {
+        let (kernel, initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
+        Ok(Launch {
+            accel: self.accel,
+            name: format!("{}-{}", vm.namespace.name, vm.name),
+            vcpus: vm.template.vcpus,
+            memory_mb: vm.template.memory_mb,
+            kernel,
+            initrd,
+            append: boot_append(&vm.template, &guest_config(vm)),
+            disk: vm
+                .template
+                .disk
+                .as_ref()
+                .map(|_| vm.run_dir.join(files::DISK)),
+            net: Net::Tap(tap),
+            mac: vm.mac.clone(),
+            memory: Memory::Anonymous,
+            incoming: false,
+            run_dir: vm.run_dir.clone(),
+        })
+    }
+
+    /// Start qemu waiting for an incoming migration and feed it the snapshot's state.
+    fn launch_restore(
+        &self,
+        vm: &VmSpec,
+        tap: String,
+        snap: &snapshot::Found,
+    ) -> BackendResult<()> {
+        // The kernel and initrd only feed fw_cfg, which a restored guest never reads again, yet qemu keeps a
+        // private copy of both: pass the kernel's boot header alone (same option ROM, same RAM blocks) and no
+        // initrd. Saves ~20 MB per VM.
+        let (kernel, _initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
+        let kernel = snap.kernel_stub().unwrap_or(kernel);
+        let initrd = None;
+        let launch = Launch {
+            accel: self.accel,
+            name: format!("{}-{}", vm.namespace.name, vm.name),
+            vcpus: vm.template.vcpus,
+            memory_mb: vm.template.memory_mb,
+            kernel,
+            initrd,
+            append: snap.meta.append.clone(),
+            disk: vm
+                .template
+                .disk
+                .as_ref()
+                .map(|_| vm.run_dir.join(files::DISK)),
+            net: Net::Tap(tap),
+            mac: vm.mac.clone(),
+            memory: Memory::File {
+                path: snap.mem_path(),
+                share: false,
+            },
+            incoming: true,
+            run_dir: vm.run_dir.clone(),
+        };
+        self.launch(&launch)?;
+        let run = &vm.run_dir;
+        let mut q = qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5))
+            .map_err(|e| err_with_log(e.to_string(), run))?;
+        q.set_capability("x-ignore-shared", true)
+            .map_err(|e| err_with_log(e.to_string(), run))?;
+        let uri = format!("exec:cat {}", cmdline::shell_quote(&snap.state_path()));
+        q.execute("migrate-incoming", json!({ "uri": uri }))
+            .map_err(|e| err_with_log(e.to_string(), run))?;
+        Ok(())
+    }
+
+    /// Kill qemu of this run dir (QMP quit, then SIGKILL) and wait until it is gone.
+    fn kill_vm(run_dir: &Path, graceful: bool) {
+        let Some(pid) = proc::read_pid(run_dir) else {
+            return;
+        };
+        if !proc::alive(pid, run_dir) {
+            return;
+        }
+        if graceful {
+            if let Ok(mut q) =
+                qmp::Qmp::connect(&run_dir.join(files::QMP), Duration::from_millis(300))
+            {
+                let _ = q.execute("quit", json!({}));
+            }
+            if proc::wait_gone(pid, run_dir, Duration::from_secs(3)) {
+                return;
+            }
+        }
+        proc::kill9(pid);
+        proc::wait_gone(pid, run_dir, Duration::from_secs(5));
+    }
+
+    /// Run a shell command inside the guest through the serial agent (tests, debugging).
+    pub fn guest_exec(&self, vm: &VmSpec, command: &str) -> BackendResult<(i32, String)> {
+        // The agent starts after httpd at boot: make sure it listens before sending a command (sent once).
+        agent::ping(&vm.run_dir.join(files::AGENT), Duration::from_secs(20))
+            .map_err(|e| err_with_log(e.to_string(), &vm.run_dir))?;
+        agent::run(
+            &vm.run_dir.join(files::AGENT),
+            command,
+            Duration::from_secs(20),
+        )
+        .map_err(|e| err_with_log(e.to_string(), &vm.run_dir))
+    }
+
+    /// The pid of the VM's qemu when it runs.
+    pub fn pid(&self, vm: &VmSpec) -> Option<i32> {
+        proc::read_pid(&vm.run_dir).filter(|p| proc::alive(*p, &vm.run_dir))
+    }
+}
+
+/// What a background supervisor needs (cloned out of the backend).
+struct Supervisor {
+    binary: PathBuf,
+    generations: Arc<Mutex<HashMap<PathBuf, u64>>>,
+    generation: u64,
+    boot_deadline: Duration,
+    accel: Accel,
+}
+
+impl Supervisor {
+    fn current(&self, run_dir: &Path) -> bool {
+        QemuBackend::current_generation(&self.generations, run_dir) == self.generation
+    }
+
+    /// After a restore: wait for the guest to run, then tell it who it is. On failure, boot instead.
+    fn after_restore(&self, vm: &VmSpec, launch_boot: Launch) {
+        let run = &vm.run_dir;
+        let t0 = Instant::now();
+        let result = (|| -> Result<(), String> {
+            let mut q = qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5))
+                .map_err(|e| e.to_string())?;
+            loop {
+                if !self.current(run) {
+                    return Ok(());
+                }
+                let status = q.status().map_err(|e| e.to_string())?;
+                if status == "running" {
+                    break;
+                }
+                if status == "paused" {
+                    // The snapshot was saved from a paused guest, so the restored one stays paused: resume it.
+                    q.execute("cont", json!({})).map_err(|e| e.to_string())?;
+                    continue;
+                }
+                if status != "inmigrate" && status != "prelaunch" && status != "restore-vm" {
+                    let (_, err) = q.migrate_status().unwrap_or(("?".into(), None));
+                    return Err(format!(
+                        "restore ended in state {status}: {}",
+                        err.unwrap_or_default()
+                    ));
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    return Err("restore did not finish within 30 s".into());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let resumed = t0.elapsed();
+            agent::configure(
+                &run.join(files::AGENT),
+                &guest_config(vm),
+                Duration::from_secs(15),
+            )
+            .map_err(|e| e.to_string())?;
+            note(
+                run,
+                &format!(
+                    "restored: running after {:.0} ms, guest configured after {:.0} ms",
+                    resumed.as_secs_f64() * 1000.0,
+                    t0.elapsed().as_secs_f64() * 1000.0
+                ),
+            );
+            Ok(())
+        })();
+        if let Err(e) = result {
+            if !self.current(run) {
+                return;
+            }
+            note(run, &format!("restore failed ({e}); booting instead"));
+            QemuBackend::kill_vm(run, false);
+            let _ = std::fs::write(run.join(files::MODE), "boot");
+            self.boot_and_watch(vm, launch_boot);
+        }
+    }
+
+    /// Boot, and when the VM is not ready within the deadline (or dies), kill it and boot once more.
+    fn boot_and_watch(&self, vm: &VmSpec, launch: Launch) {
+        let run = &vm.run_dir;
+        for attempt in 1..=2 {
+            if !self.current(run) {
+                return;
+            }
+            if attempt > 1 || proc::read_pid(run).is_none_or(|p| !proc::alive(p, run)) {
+                for f in [files::QMP, files::AGENT, files::PID] {
+                    let _ = std::fs::remove_file(run.join(f));
+                }
+                note(
+                    run,
+                    &format!("booting (attempt {attempt}, accel {})", self.accel),
+                );
+                if let Err(e) = proc::spawn_detached(&self.binary, &launch.args(), run) {
+                    note(run, &format!("qemu did not start: {e}"));
+                    continue;
+                }
+            }
+            let t0 = Instant::now();
+            while t0.elapsed() < self.boot_deadline {
+                if !self.current(run) {
+                    return;
+                }
+                if probe_addr(&vm.template.probe, vm.address) {
+                    note(
+                        run,
+                        &format!("ready after {:.1} s (boot)", t0.elapsed().as_secs_f64()),
+                    );
+                    return;
+                }
+                let alive = proc::read_pid(run).is_some_and(|p| proc::alive(p, run));
+                if !alive {
+                    note(run, &format!("qemu exited during boot (attempt {attempt})"));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            if !self.current(run) {
+                return;
+            }
+            if t0.elapsed() < self.boot_deadline {
+                continue;
+            }
+            note(
+                run,
+                &format!(
+                    "not ready within {} s (attempt {attempt}); killing qemu",
+                    self.boot_deadline.as_secs()
+                ),
+            );
+            QemuBackend::kill_vm(run, false);
+        }
+    }
+}
+
+impl Backend for QemuBackend {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn accelerator(&self) -> String {
+        self.accel.to_string()
+    }
+
+    fn ready_deadline(&self) -> Duration {
+        self.boot_deadline * 2 + Duration::from_secs(20)
+    }
+
+    fn ensure_namespace(&self, ns: &NamespaceNet) -> BackendResult<()> {
+        netns::ensure_bridge(ns.index, ns.subnet, ns.gateway)
+            .map_err(|e| BackendError::msg(format!("namespace {} network: {e}", ns.name)))
+    }
+
+    fn remove_namespace(&self, ns: &NamespaceNet) -> BackendResult<()> {
+        netns::remove_bridge(ns.index)
+            .map_err(|e| BackendError::msg(format!("namespace {} network: {e}", ns.name)))
+    }
+
+    fn start(&self, vm: &VmSpec) -> BackendResult<StartMode> {
+        // qemu runs in the run dir and the snapshot paths end up in its arguments: use absolute paths.
+        let mut owned = vm.clone();
+        owned.image.dir = vm.image.dir.canonicalize().map_err(|e| {
+            BackendError::msg(format!("image folder {}: {e}", vm.image.dir.display()))
+        })?;
+        std::fs::create_dir_all(&vm.run_dir)?;
+        owned.run_dir = vm.run_dir.canonicalize()?;
+        let vm = &owned;
+        let run = &vm.run_dir;
+        if self.is_running(vm) {
+            // Re-adopt: never start a second qemu for one VM.
+            let mode = std::fs::read_to_string(run.join(files::MODE)).unwrap_or_default();
+            if mode.trim() != "restore" {
+                return Ok(StartMode::Boot);
+            }
+            // A restore whose supervisor died with the previous server may not have told the guest who it is
+            // yet: say it again (idempotent).
+            if !self.probe(vm) {
+                let vm = vm.clone();
+                std::thread::spawn(move || {
+                    let sock = vm.run_dir.join(files::AGENT);
+                    if let Err(e) =
+                        agent::configure(&sock, &guest_config(&vm), Duration::from_secs(15))
+                    {
+                        note(&vm.run_dir, &format!("re-adopted VM not configured: {e}"));
+                    }
+                });
+            }
+            return Ok(StartMode::Restore);
+        }
+        let generation = self.bump_generation(run);
+        let tap = self.tap_for(vm)?;
+        if let Some(disk) = &vm.template.disk {
+            let overlay = run.join(files::DISK);
+            if !overlay.exists() {
+                self.create_overlay(&vm.image.path(disk), &overlay)?;
+            }
+        }
+        let boot = self.boot_launch(vm, tap.clone())?;
+        let sup = Supervisor {
+            binary: self.binary.clone(),
+            generations: self.generations.clone(),
+            generation,
+            boot_deadline: self.boot_deadline,
+            accel: self.accel,
+        };
+        let snap = snapshot::find(&vm.image, &vm.template, self.accel);
+        if let Some(snap) = snap {
+            match self.launch_restore(vm, tap, &snap) {
+                Ok(()) => {
+                    std::fs::write(run.join(files::MODE), "restore")?;
+                    let vm = vm.clone();
+                    std::thread::spawn(move || sup.after_restore(&vm, boot));
+                    return Ok(StartMode::Restore);
+                }
+                Err(e) => {
+                    note(
+                        run,
+                        &format!("restore could not start ({e}); booting instead"),
+                    );
+                    Self::kill_vm(run, false);
+                }
+            }
+        }
+        std::fs::write(run.join(files::MODE), "boot")?;
+        self.launch(&boot)?;
+        let vm = vm.clone();
+        std::thread::spawn(move || sup.boot_and_watch(&vm, boot));
+        Ok(StartMode::Boot)
+    }
+
+    fn probe(&self, vm: &VmSpec) -> bool {
+        probe_addr(&vm.template.probe, vm.address)
+    }
+
+    fn is_running(&self, vm: &VmSpec) -> bool {
+        self.pid(vm).is_some()
+    }
+
+    fn stop(&self, vm: &VmSpec) -> BackendResult<()> {
+        let run = &vm.run_dir;
+        self.bump_generation(run);
+        Self::kill_vm(run, true);
+        if let Some(pid) = proc::read_pid(run) {
+            if proc::alive(pid, run) {
+                return Err(err_with_log(format!("qemu (pid {pid}) did not exit"), run));
+            }
+        }
+        for f in [files::QMP, files::AGENT, files::PID, files::MODE] {
+            let _ = std::fs::remove_file(run.join(f));
+        }
+        netns::remove_tap(vm.namespace.index, vm.slot)
+            .map_err(|e| BackendError::msg(format!("tap of {}: {e}", vm.name)))?;
+        Ok(())
+    }
+
+    fn discard_disk(&self, vm: &VmSpec) -> BackendResult<()> {
+        match std::fs::remove_file(vm.run_dir.join(files::DISK)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn log_tail(&self, vm: &VmSpec) -> Option<String> {
+        log_tail_of(&vm.run_dir)
+    }
+}

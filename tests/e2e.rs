@@ -1,0 +1,461 @@
+//! The whole system end to end, with real parts only: `fcdev server` (qemu backend, real VMs from the tiny
+//! image's onboarding snapshot, the hub with its TUN) in a `host` network namespace; two engineers' laptops in
+//! their own namespaces on a LAN bridge; `fcdev login/up/tunnel/ssh/reset/down` from the laptops.
+//!
+//! Needs root, /dev/net/tun, qemu-system-x86, linux-image-cloud-amd64, busybox-static, dropbear-bin and
+//! openssh-client: a missing piece fails the test with a message, it never skips. Every packet stays inside
+//! namespaces this test creates (deleted at the end).
+
+mod netns;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use netns::*;
+
+const FCDEV: &str = env!("CARGO_BIN_EXE_fcdev");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn require_vm_tools() {
+    for (tool, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("qemu-img", "qemu-utils"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+    ] {
+        let ok = run(&format!("command -v {tool}")).status.success();
+        assert!(
+            ok,
+            "the end-to-end test needs `{tool}` (Debian package {package})"
+        );
+    }
+    assert!(
+        run("ls /boot/vmlinuz-*").status.success(),
+        "the end-to-end test needs a guest kernel: apt-get install --no-install-recommends linux-image-cloud-amd64"
+    );
+}
+
+/// The tiny image with its onboarding snapshot, built once with the real CLI into target/fcdev-test-images.
+fn tiny_image() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fcdev-test-images/tiny");
+    let snapshot_ready = dir.join("snapshot").is_dir();
+    if !dir.join("image.toml").is_file() || !dir.join("initrd.img").is_file() {
+        let out = Command::new(FCDEV)
+            .args(["image", "build", "tiny", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fcdev image build: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if !snapshot_ready {
+        let out = Command::new(FCDEV)
+            .args(["image", "snapshot", "tiny", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fcdev image snapshot: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    dir
+}
+
+struct Laptop<'a> {
+    ns: String,
+    cfg: PathBuf,
+    nss: &'a Namespaces,
+    role: &'static str,
+}
+
+impl Laptop<'_> {
+    fn fcdev(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, FCDEV])
+            .args(args)
+            .env("FCDEV_CONFIG_DIR", &self.cfg);
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.fcdev(args).stdin(Stdio::null()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "fcdev {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn login(&self, url: &str, token: &str) {
+        let mut c = self
+            .fcdev(&["login", "--server", url, "--token-stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success(), "fcdev login");
+    }
+
+    fn tunnel(&self, args: &[&str]) -> Proc {
+        let mut full = vec!["tunnel"];
+        full.extend_from_slice(args);
+        Proc(
+            self.fcdev(&full)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// curl inside the laptop namespace, retried until it answers (the handshake takes a moment).
+    fn curl(&self, args: &str) -> Option<String> {
+        eventually(Duration::from_secs(15), || {
+            let o = self
+                .nss
+                .sh(self.role, &format!("curl -s --fail --max-time 3 {args}"));
+            o.status
+                .success()
+                .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+        })
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON")
+    }
+}
+
+fn qemu_count(data_dir: &Path) -> usize {
+    let out = Command::new("pgrep")
+        .args([
+            "-f",
+            "--",
+            &format!("qemu-system.*{}/vms/", data_dir.display()),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn laptop_to_real_vms_through_the_tunnel() {
+    require_root_and_tun();
+    require_vm_tools();
+    let image = tiny_image();
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::os::unix::fs::symlink(&image, images.join("tiny")).unwrap();
+
+    let nss = Namespaces::new(&["ehost", "ealice", "ebob"]);
+    let host = nss.name("ehost");
+    // A LAN: a bridge in the host namespace, one veth per laptop.
+    must(&format!(
+        "ip -n {host} link add lan type bridge && ip -n {host} addr add 192.168.81.1/24 dev lan && ip -n {host} link set lan up"
+    ));
+    for (role, ip) in [("ealice", "192.168.81.2"), ("ebob", "192.168.81.3")] {
+        let ns = nss.name(role);
+        must(&format!(
+            "ip -n {host} link add v{role} type veth peer name lan0 netns {ns} && \
+             ip -n {host} link set v{role} master lan up && \
+             ip -n {ns} addr add {ip}/24 dev lan0 && ip -n {ns} link set lan0 up"
+        ));
+    }
+
+    let mut server = Proc(
+        Command::new("ip")
+            .args([
+                "netns", "exec", &host, FCDEV, "server", "--dev", "--netns", "none", "--user",
+                "alice",
+            ])
+            .args([
+                "--listen",
+                "192.168.81.1:7070",
+                "--hub-listen",
+                "192.168.81.1:51820",
+                "--hub-tun",
+                "fcdevhub",
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--images")
+            .arg(&images)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fcdev server"),
+    );
+    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
+    let mut token = None;
+    for line in lines.by_ref() {
+        let line = line.expect("server output");
+        eprintln!("server: {line}");
+        if let Some(t) = line.split_whitespace().find(|w| w.starts_with("fcd_")) {
+            token = Some(t.to_string());
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let token = token.expect("the server printed a login token");
+    let url = "http://192.168.81.1:7070";
+
+    let alice = Laptop {
+        ns: nss.name("ealice"),
+        cfg: tmp.path().join("alice"),
+        nss: &nss,
+        role: "ealice",
+    };
+    alice.login(url, &token);
+    let up = alice.ok(&["up", "--json"]);
+    let cluster: serde_json::Value = serde_json::from_str(&up).expect("up --json");
+    assert_eq!(cluster["state"], "ready", "{cluster}");
+    assert_eq!(
+        cluster["start_mode"], "restore",
+        "up restores the onboarding snapshot: {cluster}"
+    );
+    let vms: Vec<(String, String)> = cluster["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["address"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        vms.iter().map(|v| v.0.as_str()).collect::<Vec<_>>(),
+        ["n1", "f1", "m1"]
+    );
+    assert_eq!(qemu_count(&data_dir), 3, "one qemu per VM");
+
+    // TUN mode: every VM's page, by address, from the laptop.
+    let tun = alice.tunnel(&["--mode", "tun"]);
+    for (name, addr) in &vms {
+        let page = alice
+            .curl(&format!("http://{addr}/"))
+            .unwrap_or_else(|| panic!("{name} through the TUN tunnel"));
+        assert!(
+            page.contains(&format!("vm {name} namespace alice")),
+            "{name}: {page}"
+        );
+    }
+    // A VM calls back to the laptop at its peer address (a local Press receiving agent callbacks).
+    let peer_addr = alice.status()["peers"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello from the laptop").unwrap();
+    let laptop_www = Proc(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &alice.ns,
+                "busybox",
+                "httpd",
+                "-f",
+                "-p",
+                &format!("{peer_addr}:8000"),
+                "-h",
+            ])
+            .arg(&www)
+            .spawn()
+            .unwrap(),
+    );
+    let callback = eventually(Duration::from_secs(20), || {
+        let out = alice
+            .fcdev(&[
+                "ssh",
+                "n1",
+                "--",
+                &format!("wget -qO- http://{peer_addr}:8000/"),
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("hello from the laptop").then_some(text)
+    });
+    assert!(
+        callback.is_some(),
+        "a VM reaches the laptop through the tunnel (fcdev ssh n1 -- wget)"
+    );
+
+    // Another engineer: bob's peer can never reach alice's namespace, even with a route pointed at it.
+    let bob_token = {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &host,
+                FCDEV,
+                "server",
+                "user",
+                "add",
+                "bob",
+                "--data-dir",
+            ])
+            .arg(&data_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "user add bob");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let bob = Laptop {
+        ns: nss.name("ebob"),
+        cfg: tmp.path().join("bob"),
+        nss: &nss,
+        role: "ebob",
+    };
+    bob.login(url, &bob_token);
+    let bob_tun = bob.tunnel(&["--mode", "tun"]);
+    let bob_ns = eventually(Duration::from_secs(10), || {
+        let s = bob.status();
+        s["peers"][0]["address"].is_string().then_some(s)
+    })
+    .expect("bob's peer registered");
+    assert_ne!(
+        bob_ns["namespace"]["subnet"], "10.240.0.0/24",
+        "bob has his own subnet"
+    );
+    nss.must("ebob", "ip route replace 10.240.0.0/24 dev fcdev0");
+    let stolen = nss.sh(
+        "ebob",
+        &format!("curl -s --max-time 3 http://{}/", vms[0].1),
+    );
+    assert!(
+        !stolen.status.success() && stolen.stdout.is_empty(),
+        "bob reached alice's VM"
+    );
+    let dropped = eventually(Duration::from_secs(5), || {
+        let d = bob.status()["peers"][0]["dropped_packets"]
+            .as_u64()
+            .unwrap_or(0);
+        (d > 0).then_some(d)
+    });
+    assert!(
+        dropped.is_some(),
+        "the hub counts bob's packets to alice's namespace as dropped"
+    );
+    drop(bob_tun);
+    drop(tun);
+
+    // Rootless mode: no TUN; a port forward and the SOCKS5 proxy (names resolved by the proxy), and ssh.
+    let proxy = alice.tunnel(&[
+        "--mode",
+        "proxy",
+        "--socks",
+        "127.0.0.1:1080",
+        "-L",
+        "18080:n1:80",
+    ]);
+    let page = alice
+        .curl("http://127.0.0.1:18080/")
+        .expect("-L forward to n1");
+    assert!(page.contains("vm n1"), "{page}");
+    let page = alice
+        .curl("--socks5-hostname 127.0.0.1:1080 http://m1.alice.fcdev/")
+        .expect("SOCKS5 to m1 by name");
+    assert!(page.contains("vm m1"), "{page}");
+    let hostname = alice.ok(&["ssh", "f1", "--", "cat /etc/hostname"]);
+    assert_eq!(hostname.trim(), "f1");
+
+    // Reset: a file written after `up` is gone, the VMs answer again.
+    alice.ok(&["ssh", "f1", "--", "echo scribble > /data/marker && sync"]);
+    assert_eq!(
+        alice.ok(&["ssh", "f1", "--", "cat /data/marker"]).trim(),
+        "scribble"
+    );
+    let reset = alice.ok(&["reset", "--yes", "--json"]);
+    assert!(reset.contains("\"ready\""), "{reset}");
+    let mut last_err = String::new();
+    let after = eventually(Duration::from_secs(20), || {
+        let out = alice
+            .fcdev(&[
+                "ssh",
+                "f1",
+                "--",
+                "cat /data/marker 2>/dev/null || echo gone",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        last_err = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    });
+    assert_eq!(
+        after.as_deref(),
+        Some("gone"),
+        "the file survived reset (or ssh failed: {last_err})"
+    );
+    assert!(
+        alice.curl("http://127.0.0.1:18080/").is_some(),
+        "n1 answers after reset, same tunnel"
+    );
+    drop(proxy);
+
+    // Down leaves no qemu, tap, bridge or VM folder behind.
+    alice.ok(&["down", "--yes"]);
+    assert_eq!(qemu_count(&data_dir), 0, "qemu processes left after down");
+    let links = nss.must("ehost", "ip -o link show");
+    assert!(
+        !links.contains("fct") && !links.contains("fcbr"),
+        "taps or bridges left after down: {links}"
+    );
+    assert!(
+        common_files(&data_dir.join("vms")).is_empty(),
+        "VM folders left after down"
+    );
+    drop(laptop_www);
+    drop(server);
+}
+
+fn common_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(common_files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
