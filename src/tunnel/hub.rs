@@ -227,13 +227,7 @@ impl Hub {
                 }
             };
             let keepalive = Some(self.shared.keepalive).filter(|k| *k > 0);
-            let peer = Peer::new(
-                &self.shared.key,
-                p.public_key,
-                keepalive,
-                index,
-                Some(&self.shared.limiter),
-            );
+            let peer = Peer::new(&self.shared.key, p.public_key, keepalive, index, None);
             let slot = Arc::new(Slot {
                 id: p.id,
                 public_key: p.public_key,
@@ -321,12 +315,18 @@ impl Drop for Hub {
     }
 }
 
-fn lookup(shared: &Shared, datagram: &[u8]) -> Option<Arc<Slot>> {
-    let who = peer::addressee(&shared.key, datagram)?;
+fn lookup(shared: &Shared, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Option<Arc<Slot>> {
+    let who = peer::addressee(&shared.key, &shared.limiter, from, datagram, out)?;
     let table = shared.table.read().unwrap_or_else(|e| e.into_inner());
     match who {
         Addressee::Initiator(key) => table.by_key.get(&key).cloned(),
         Addressee::Index(i) => table.by_index.get(&i).cloned(),
+        Addressee::Cookie(len) => {
+            if let Some(cookie) = out.get(..len) {
+                send(shared, cookie, from);
+            }
+            None
+        }
     }
 }
 
@@ -374,7 +374,7 @@ fn handle_datagram(
     out: &mut [u8],
     writer: &mut TunWriter,
 ) {
-    let Some(slot) = lookup(shared, datagram) else {
+    let Some(slot) = lookup(shared, from, datagram, out) else {
         shared.unknown.fetch_add(1, Ordering::Relaxed);
         return;
     };

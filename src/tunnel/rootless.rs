@@ -300,6 +300,7 @@ impl Stack {
             None,
         );
         peer.set_endpoint(plan.endpoint);
+        peer.set_recovery(true);
         let mut link = Link {
             peer,
             udp,

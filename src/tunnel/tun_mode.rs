@@ -65,6 +65,7 @@ impl TunClient {
             None,
         );
         peer.set_endpoint(plan.endpoint);
+        peer.set_recovery(true);
         let shared = Arc::new(Shared {
             udp: RwLock::new(bind_udp(bind)?),
             peer: Mutex::new(peer),
