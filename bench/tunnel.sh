@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Tunnel throughput, side by side in one run: TCP (iperf3) from a "laptop" network namespace to a "host"
 # namespace over a veth pair, through: the raw veth, fcdev TUN mode, fcdev rootless mode (-L forward),
-# wireguard-go (Debian), and boringtun-cli / onetun when they are installed (BENCH_TOOLS=/path/bin).
+# wireguard-go (Debian), and boringtun-cli / onetun when they are installed (BENCH_TOOLS=/path/bin, default
+# /tmp/fcdev-bench-tools/bin: `cargo install boringtun-cli onetun --root /tmp/fcdev-bench-tools`).
 #
 #   sudo bench/tunnel.sh [SECONDS]        (default 10; needs root, /dev/net/tun, iperf3, wireguard-go, wg)
+#   IPERF_ARGS=-R bench/tunnel.sh         the other direction (host -> laptop)
+#   BENCH_ONLY="fcdev_tun wireguard_go"   measure only these paths
+#
+# fcdev is driven through examples/tunnel_node (the library's hub and client, release build).
 #
 # Everything runs in namespaces created here and deleted on exit; nothing leaves the root namespace.
 set -euo pipefail
@@ -24,6 +29,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+[ -n "${BENCH_KEEP:-}" ] && trap "cp -r $WORK /tmp/bench-last; cleanup" EXIT
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 [ -e /dev/net/tun ] || { echo "needs /dev/net/tun" >&2; exit 1; }
@@ -48,7 +54,7 @@ inh iperf3 -s -D -p 5201 >/dev/null
 CURRENT=
 measure() { # ns host port
   if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $CURRENT "* ]]; then echo 0; return; fi
-  ip netns exec "$1" iperf3 -c "$2" -p "$3" -t "$SECS" ${IPERF_ARGS:-} -J 2>/dev/null \
+  ip netns exec "$1" iperf3 -c "$2" -p "$3" -t "$SECS" ${IPERF_ARGS:-} -J 2>/dev/null | tee "$WORK/iperf-$CURRENT.json" \
     | python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["end"]["sum_received"]["bits_per_second"]/1e6))' \
     || echo 0
 }
@@ -129,7 +135,8 @@ exec 7>&-
 WGGO=${R[wireguard_go]}
 ratio() { python3 -c "print(f'{$1/$WGGO:.2f}x' if $WGGO else '-')"; }
 echo
-echo "TCP laptop -> host, iperf3 -t $SECS, $(nproc) cores, $(uname -r)"
+DIR="laptop -> host"; [[ " ${IPERF_ARGS:-} " == *" -R "* ]] && DIR="host -> laptop (-R)"
+echo "TCP $DIR, iperf3 -t $SECS, $(nproc) cores, $(uname -r), load $(cut -d" " -f1-3 /proc/loadavg)"
 printf '%-16s %10s %12s\n' path "Mbit/s" "vs wg-go"
 for k in veth wireguard_go fcdev_tun fcdev_rootless boringtun_cli onetun; do
   printf '%-16s %10s %12s\n' "$k" "${R[$k]}" "$(ratio "${R[$k]}")"

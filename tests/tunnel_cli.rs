@@ -163,6 +163,17 @@ fn fcdev_tunnel_against_fcdev_server() {
         Some("hello from the vm"),
         "fcdev tunnel --mode proxy"
     );
+    // The ProxyCommand `fcdev ssh` uses in rootless mode carries a byte stream through the tunnel.
+    let relayed = nss.must(
+        "slaptop",
+        &format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | {FCDEV} __socks-connect 127.0.0.1:1080 {vm} 80"
+        ),
+    );
+    assert!(
+        relayed.contains("hello from the vm"),
+        "__socks-connect: {relayed}"
+    );
     assert!(
         sigterm_and_wait(&mut tunnel).success(),
         "clean exit on SIGTERM"

@@ -152,7 +152,28 @@ async fn hub_survives_garbage() {
         "malformed inner packets must be dropped and counted"
     );
     assert!(hub.unknown_datagrams() > 1000);
-    // 3. Still serving: a fresh peer handshakes.
+    // 3. A flood of well-formed initiations from an unknown key puts the hub under load: it answers with
+    //    cookie replies (type 3, 64 bytes) instead of doing Diffie-Hellman for each.
+    let stranger = PrivateKey::generate();
+    let mut cookies = 0;
+    for i in 0..50 {
+        let mut p = Peer::new(&stranger, hub_key.public_key(), None, 100 + i, None);
+        if let Outcome::Network(d) = p.initiate(&mut out) {
+            sock.send_to(d, to).unwrap();
+        }
+    }
+    let mut buf = vec![0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n == 64 && buf[0] == 3 {
+                cookies += 1;
+            }
+        }
+    }
+    assert!(cookies > 0, "no cookie replies under load");
+    std::thread::sleep(Duration::from_millis(1100));
+    // 4. Still serving: a fresh peer handshakes.
     let mut again = Peer::new(&peer_key, hub_key.public_key(), None, 8, None);
     again.set_endpoint(to);
     handshake(&mut again, &sock, to);

@@ -15,7 +15,7 @@ use crate::api::Subnet;
 use super::keys::{PrivateKey, PublicKey};
 use super::packet::ipv4_addrs;
 use super::peer::{self, Addressee, HandshakeLimiter, Outcome, Peer};
-use super::tun_dev::{self, TunDevice};
+use super::tun_dev::{self, TunDevice, TunReader, TunWriter};
 use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
 
@@ -227,13 +227,7 @@ impl Hub {
                 }
             };
             let keepalive = Some(self.shared.keepalive).filter(|k| *k > 0);
-            let peer = Peer::new(
-                &self.shared.key,
-                p.public_key,
-                keepalive,
-                index,
-                Some(&self.shared.limiter),
-            );
+            let peer = Peer::new(&self.shared.key, p.public_key, keepalive, index, None);
             let slot = Arc::new(Slot {
                 id: p.id,
                 public_key: p.public_key,
@@ -321,18 +315,25 @@ impl Drop for Hub {
     }
 }
 
-fn lookup(shared: &Shared, datagram: &[u8]) -> Option<Arc<Slot>> {
-    let who = peer::addressee(&shared.key, datagram)?;
+fn lookup(shared: &Shared, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Option<Arc<Slot>> {
+    let who = peer::addressee(&shared.key, &shared.limiter, from, datagram, out)?;
     let table = shared.table.read().unwrap_or_else(|e| e.into_inner());
     match who {
         Addressee::Initiator(key) => table.by_key.get(&key).cloned(),
         Addressee::Index(i) => table.by_index.get(&i).cloned(),
+        Addressee::Cookie(len) => {
+            if let Some(cookie) = out.get(..len) {
+                send(shared, cookie, from);
+            }
+            None
+        }
     }
 }
 
 fn udp_loop(shared: &Shared) {
     let mut batch = RecvBatch::new();
     let mut out = vec![0u8; BUF];
+    let mut writer = TunWriter::new();
     while !shared.stop.load(Ordering::Relaxed) {
         if let Err(e) = batch.recv(&shared.udp) {
             if !matches!(
@@ -349,15 +350,31 @@ fn udp_loop(shared: &Shared) {
         for i in 0..batch.len() {
             if let Some((datagram, from)) = batch.get(i) {
                 if !datagram.is_empty() {
-                    handle_datagram(shared, datagram, from, &mut out);
+                    handle_datagram(shared, datagram, from, &mut out, &mut writer);
                 }
             }
+            if writer.is_full() {
+                flush_tun(shared, &mut writer);
+            }
         }
+        flush_tun(shared, &mut writer);
     }
 }
 
-fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
-    let Some(slot) = lookup(shared, datagram) else {
+fn flush_tun(shared: &Shared, writer: &mut TunWriter) {
+    if let Some(tun) = &shared.tun {
+        writer.flush(tun);
+    }
+}
+
+fn handle_datagram(
+    shared: &Shared,
+    datagram: &[u8],
+    from: SocketAddr,
+    out: &mut [u8],
+    writer: &mut TunWriter,
+) {
+    let Some(slot) = lookup(shared, from, datagram, out) else {
         shared.unknown.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -371,26 +388,25 @@ fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr, out: &mut
         }
         Outcome::Ipv4(packet) => {
             drop(peer);
-            deliver(shared, &slot, packet);
+            if deliver(&slot, packet) && shared.tun.is_some() {
+                writer.push(packet);
+            }
         }
         Outcome::Done | Outcome::Rejected => {}
     }
 }
 
-/// Isolation for packets coming out of the tunnel: the peer's own source, its own namespace.
-fn deliver(shared: &Shared, slot: &Slot, packet: &[u8]) {
+/// Isolation for packets coming out of the tunnel: the peer's own source, its own namespace. True when
+/// the packet may be delivered (and is counted).
+fn deliver(slot: &Slot, packet: &[u8]) -> bool {
     let allowed = ipv4_addrs(packet)
         .is_some_and(|(src, dst)| src == slot.address && slot.subnet.contains(dst));
-    if !allowed {
+    if allowed {
+        slot.rx.fetch_add(packet.len() as u64, Ordering::Relaxed);
+    } else {
         slot.drop_one();
-        return;
     }
-    slot.rx.fetch_add(packet.len() as u64, Ordering::Relaxed);
-    if let Some(tun) = &shared.tun {
-        if let Err(e) = tun.send(packet) {
-            tracing::debug!("hub TUN write: {e}");
-        }
-    }
+    allowed
 }
 
 fn send(shared: &Shared, datagram: &[u8], to: SocketAddr) {
@@ -405,12 +421,12 @@ fn tun_loop(shared: &Shared) {
         tracing::warn!("hub TUN: {e}");
         return;
     }
-    let mut buf = vec![0u8; BUF];
+    let mut reader = TunReader::new();
     let mut out = vec![0u8; BUF];
     let mut batch = SendBatch::new();
     while !shared.stop.load(Ordering::Relaxed) {
-        let n = match tun.recv(&mut buf) {
-            Ok(n) => n,
+        match reader.read(tun) {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 batch.flush(&shared.udp);
                 tun.wait_readable(POLL);
@@ -420,70 +436,38 @@ fn tun_loop(shared: &Shared) {
                 tracing::debug!("hub TUN read: {e}");
                 continue;
             }
-        };
-        let Some(packet) = buf.get(..n) else { continue };
-        let Some((src, dst)) = ipv4_addrs(packet) else {
-            continue;
-        };
-        let slot = {
-            let table = shared.table.read().unwrap_or_else(|e| e.into_inner());
-            table.by_addr.get(&dst).cloned()
-        };
-        let Some(slot) = slot else { continue };
-        // Isolation for packets going into the tunnel: only the peer's own namespace may reach it.
-        if !slot.subnet.contains(src) {
-            slot.drop_one();
-            continue;
         }
-        let mut peer = slot.peer.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(endpoint) = peer.endpoint() else {
-            slot.drop_one();
-            continue;
-        };
-        slot.tx.fetch_add(n as u64, Ordering::Relaxed);
-        encapsulate_batched(
-            &mut peer,
-            packet,
-            endpoint,
-            &mut batch,
-            &mut out,
-            &shared.udp,
-        );
-        if batch.is_full() {
-            drop(peer);
-            batch.flush(&shared.udp);
+        for i in 0..reader.len() {
+            if let Some(packet) = reader.get(i) {
+                route_out(shared, packet, &mut batch, &mut out);
+            }
         }
     }
 }
 
-/// Encrypts `packet` straight into the next batch slot (or, when it does not fit, sends it on its own).
-pub(crate) fn encapsulate_batched(
-    peer: &mut Peer,
-    packet: &[u8],
-    endpoint: SocketAddr,
-    batch: &mut SendBatch,
-    out: &mut [u8],
-    udp: &UdpSocket,
-) {
-    if let Some(slot) = batch.slot() {
-        let len = match peer.encapsulate(packet, slot) {
-            Outcome::Network(d) => Some(d.len()),
-            Outcome::Rejected => None,
-            _ => return,
-        };
-        if let Some(len) = len {
-            if batch.commit(len, endpoint) {
-                return;
-            }
-            if let Some(d) = batch.slot().and_then(|s| s.get(..len)) {
-                let _ = udp.send_to(d, endpoint);
-            }
-            return;
-        }
+/// Cryptokey routing for one packet from the host: the peer owning the destination /32, if the source
+/// may reach it.
+fn route_out(shared: &Shared, packet: &[u8], batch: &mut SendBatch, out: &mut [u8]) {
+    let Some((src, dst)) = ipv4_addrs(packet) else {
+        return;
+    };
+    let slot = {
+        let table = shared.table.read().unwrap_or_else(|e| e.into_inner());
+        table.by_addr.get(&dst).cloned()
+    };
+    let Some(slot) = slot else { return };
+    // Isolation for packets going into the tunnel: only the peer's own namespace may reach it.
+    if !slot.subnet.contains(src) {
+        slot.drop_one();
+        return;
     }
-    if let Outcome::Network(d) = peer.encapsulate(packet, out) {
-        let _ = udp.send_to(d, endpoint);
-    }
+    let mut peer = slot.peer.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(endpoint) = peer.endpoint() else {
+        slot.drop_one();
+        return;
+    };
+    slot.tx.fetch_add(packet.len() as u64, Ordering::Relaxed);
+    batch.encapsulate(&mut peer, packet, endpoint, out, &shared.udp);
 }
 
 fn timer_loop(shared: &Shared) {

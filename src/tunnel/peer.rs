@@ -51,6 +51,7 @@ pub struct Peer {
     last_rx: Instant,
     last_tx: Instant,
     last_nudge: Option<Instant>,
+    recover: bool,
 }
 
 fn outcome(r: TunnResult<'_>) -> Outcome<'_> {
@@ -88,7 +89,15 @@ impl Peer {
             last_rx: now,
             last_tx: now,
             last_nudge: None,
+            recover: false,
         }
+    }
+
+    /// Client side: re-handshake on its own after 5 s without an answer to what it sent, or when even the
+    /// keepalives stopped (a restarted hub forgot the session). The hub leaves this off: a laptop that went
+    /// away is not chased.
+    pub fn set_recovery(&mut self, on: bool) {
+        self.recover = on;
     }
 
     pub fn endpoint(&self) -> Option<SocketAddr> {
@@ -150,7 +159,7 @@ impl Peer {
         let nudged_recently = self
             .last_nudge
             .is_some_and(|t| now.duration_since(t) < NUDGE_AFTER);
-        if self.endpoint.is_some() && (waiting || lost) && !nudged_recently {
+        if self.recover && self.endpoint.is_some() && (waiting || lost) && !nudged_recently {
             self.last_nudge = Some(now);
             return outcome(self.tunn.format_handshake_initiation(out, true));
         }
@@ -199,11 +208,29 @@ pub enum Addressee {
     Initiator(PublicKey),
     /// A datagram for the session whose local 24-bit index is this.
     Index(u32),
+    /// The hub is under load: send back the cookie reply of this length written into `reply`.
+    Cookie(usize),
 }
 
-/// Finds the peer a datagram is for without touching any peer state. Garbage gives `None`.
-pub fn addressee(own: &PrivateKey, datagram: &[u8]) -> Option<Addressee> {
-    match Tunn::parse_incoming_packet(datagram).ok()? {
+/// Finds the peer a datagram is for without touching any peer state. Garbage gives `None`. Handshake
+/// messages pass the MAC check and, under load, the cookie check of `limiter` first, so unauthenticated
+/// floods never reach the Diffie-Hellman that identifies an initiator.
+pub fn addressee(
+    own: &PrivateKey,
+    limiter: &HandshakeLimiter,
+    from: SocketAddr,
+    datagram: &[u8],
+    reply: &mut [u8],
+) -> Option<Addressee> {
+    if reply.len() < MIN_OUT {
+        return None;
+    }
+    let packet = match limiter.0.verify_packet(Some(from.ip()), datagram, reply) {
+        Ok(p) => p,
+        Err(TunnResult::WriteToNetwork(cookie)) => return Some(Addressee::Cookie(cookie.len())),
+        Err(_) => return None,
+    };
+    match packet {
         Packet::HandshakeInit(init) => {
             let public = x25519::PublicKey::from(own.secret());
             let half = parse_handshake_anon(own.secret(), &public, &init).ok()?;

@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
@@ -20,12 +20,12 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio::task::JoinHandle;
 
 use super::keys::PrivateKey;
 use super::packet::ipv4_addrs;
 use super::peer::{Outcome, Peer, PeerStats};
 use super::plan::Plan;
+use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
 
 const MTU: usize = 1420;
@@ -35,6 +35,8 @@ const TCP_BUF: usize = 2 << 20;
 /// Chunks in flight between a local connection and the stack, each way.
 const CHANNEL_DEPTH: usize = 32;
 const CHUNK: usize = 64 * 1024;
+/// Egress rounds per wake-up (each sends at most one segment per connection).
+const EGRESS_ROUNDS: usize = 512;
 const TICK: Duration = Duration::from_millis(250);
 
 /// A local TCP forward: connections to `local` go to `host:port` inside the namespace.
@@ -92,13 +94,15 @@ struct StackHandle {
 pub struct RootlessClient {
     stack: StackHandle,
     stats: Arc<Mutex<PeerStats>>,
-    tasks: Vec<JoinHandle<()>>,
-    stack_task: Option<JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     socks: Option<SocketAddr>,
     forwards: Vec<SocketAddr>,
 }
 
 impl RootlessClient {
+    /// Binds the UDP socket and the listeners here (so errors surface now), then runs the stack and the
+    /// listeners on one thread with its own single-threaded runtime: packets, smoltcp and local sockets never
+    /// wait for a wake-up from another core.
     pub async fn start(
         key: &PrivateKey,
         plan: Plan,
@@ -106,49 +110,68 @@ impl RootlessClient {
         socks: Option<SocketAddr>,
         forwards: &[Forward],
     ) -> Result<RootlessClient, TunnelError> {
-        let udp = bind_udp(bind)?;
+        let udp = bind_std_udp(bind)?;
         let plan = Arc::new(plan);
+        let mut listeners = Vec::new();
+        let mut socks_addr = None;
+        if let Some(addr) = socks {
+            let l = std_listener(addr, "SOCKS5 proxy")?;
+            socks_addr = l.local_addr().ok();
+            listeners.push((l, None));
+        }
+        let mut forward_addrs = Vec::new();
+        for f in forwards {
+            let dst = plan.resolve(&f.host).ok_or_else(|| {
+                TunnelError::Config(format!("forward {}: unknown VM `{}`", f.local, f.host))
+            })?;
+            let l = std_listener(f.local, "forward")?;
+            forward_addrs.push(l.local_addr().unwrap_or(f.local));
+            listeners.push((l, Some(SocketAddrV4::new(dst, f.port))));
+        }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let wake = Arc::new(Notify::new());
         let stats = Arc::new(Mutex::new(PeerStats::default()));
-        let stack = Stack::new(key, plan.clone(), udp, stats.clone());
-        let stack_task = tokio::spawn(stack.run(cmd_rx, wake.clone()));
         let handle = StackHandle {
             cmd: cmd_tx,
-            wake,
-            plan,
+            wake: wake.clone(),
+            plan: plan.clone(),
         };
-        let mut client = RootlessClient {
-            stack: handle.clone(),
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(TunnelError::io("starting the proxy runtime"))?;
+        let key = key.clone();
+        let (thread_stats, thread_handle) = (stats.clone(), handle.clone());
+        let thread = std::thread::Builder::new()
+            .name("fcdev-proxy".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let udp = match UdpSocket::from_std(udp) {
+                        Ok(u) => u,
+                        Err(e) => return tracing::error!("proxy UDP socket: {e}"),
+                    };
+                    for (l, target) in listeners {
+                        let Ok(l) = TcpListener::from_std(l) else {
+                            continue;
+                        };
+                        let h = thread_handle.clone();
+                        match target {
+                            None => tokio::spawn(serve_socks(l, h)),
+                            Some(t) => tokio::spawn(serve_forward(l, t, h)),
+                        };
+                    }
+                    let stack = Stack::new(&key, plan, udp, thread_stats);
+                    stack.run(cmd_rx, wake).await;
+                });
+            })
+            .map_err(TunnelError::io("spawning the proxy thread"))?;
+        Ok(RootlessClient {
+            stack: handle,
             stats,
-            tasks: Vec::new(),
-            stack_task: Some(stack_task),
-            socks: None,
-            forwards: Vec::new(),
-        };
-        if let Some(addr) = socks {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(TunnelError::io(format!("binding SOCKS5 proxy on {addr}")))?;
-            client.socks = l.local_addr().ok();
-            client
-                .tasks
-                .push(tokio::spawn(serve_socks(l, handle.clone())));
-        }
-        for f in forwards {
-            let dst = handle.plan.resolve(&f.host).ok_or_else(|| {
-                TunnelError::Config(format!("forward {}: unknown VM `{}`", f.local, f.host))
-            })?;
-            let l = TcpListener::bind(f.local)
-                .await
-                .map_err(TunnelError::io(format!("binding forward {}", f.local)))?;
-            client.forwards.push(l.local_addr().unwrap_or(f.local));
-            let target = SocketAddrV4::new(dst, f.port);
-            client
-                .tasks
-                .push(tokio::spawn(serve_forward(l, target, handle.clone())));
-        }
-        Ok(client)
+            thread: Some(thread),
+            socks: socks_addr,
+            forwards: forward_addrs,
+        })
     }
 
     pub fn socks_addr(&self) -> Option<SocketAddr> {
@@ -161,7 +184,7 @@ impl RootlessClient {
 
     /// False once the stack task ended (shut down, or failed).
     pub fn is_running(&self) -> bool {
-        self.stack_task.as_ref().is_some_and(|t| !t.is_finished())
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     pub fn stats(&self) -> PeerStats {
@@ -176,36 +199,39 @@ impl RootlessClient {
     }
 
     pub async fn shutdown(mut self) {
-        self.stop().await;
-    }
-
-    async fn stop(&mut self) {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
         let _ = self.stack.cmd.send(Cmd::Shutdown);
-        if let Some(t) = self.stack_task.take() {
-            let _ = t.await;
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
 }
 
 impl Drop for RootlessClient {
     fn drop(&mut self) {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
         let _ = self.stack.cmd.send(Cmd::Shutdown);
     }
 }
 
-fn bind_udp(bind: SocketAddr) -> Result<UdpSocket, TunnelError> {
+fn std_listener(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, TunnelError> {
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(TunnelError::io(format!("binding {what} on {addr}")))?;
+    l.set_nonblocking(true)
+        .map_err(TunnelError::io(format!("{what} on {addr}")))?;
+    Ok(l)
+}
+
+fn bind_std_udp(bind: SocketAddr) -> Result<std::net::UdpSocket, TunnelError> {
     let std =
         std::net::UdpSocket::bind(bind).map_err(TunnelError::io(format!("binding UDP {bind}")))?;
     super::udp::enlarge_buffers(&std);
     std.set_nonblocking(true)
         .map_err(TunnelError::io("UDP socket"))?;
-    UdpSocket::from_std(std).map_err(TunnelError::io("UDP socket"))
+    Ok(std)
+}
+
+/// Inside the proxy runtime (rebinding).
+fn bind_udp(bind: SocketAddr) -> Result<UdpSocket, TunnelError> {
+    UdpSocket::from_std(bind_std_udp(bind)?).map_err(TunnelError::io("UDP socket"))
 }
 
 /// Congestion control for connections smoltcp sends on (uploads): without it smoltcp sends the whole
@@ -239,12 +265,13 @@ struct Link {
     free: Vec<Vec<u8>>,
     scratch: Vec<u8>,
     out: Vec<u8>,
+    batch: SendBatch,
 }
 
+/// Sends with a plain `sendto`: tokio's `try_send_to` refuses until the reactor has seen the socket
+/// writable, which drops the very first handshake initiation.
 fn send_to(udp: &UdpSocket, endpoint: SocketAddr, datagram: &[u8]) {
-    if let Err(e) = udp.try_send_to(datagram, endpoint) {
-        tracing::trace!("UDP send: {e}");
-    }
+    super::udp::send_to(udp, datagram, endpoint);
 }
 
 struct Stack {
@@ -255,7 +282,7 @@ struct Stack {
     conns: Vec<Conn>,
     next_port: u16,
     stats: Arc<Mutex<PeerStats>>,
-    inbuf: Vec<u8>,
+    inbatch: RecvBatch,
 }
 
 impl Stack {
@@ -273,6 +300,7 @@ impl Stack {
             None,
         );
         peer.set_endpoint(plan.endpoint);
+        peer.set_recovery(true);
         let mut link = Link {
             peer,
             udp,
@@ -281,6 +309,7 @@ impl Stack {
             free: Vec::new(),
             scratch: vec![0u8; BUF],
             out: vec![0u8; BUF],
+            batch: SendBatch::new(),
         };
         let config = Config::new(HardwareAddress::Ip);
         let mut iface = Interface::new(config, &mut link, SmolInstant::now());
@@ -299,7 +328,7 @@ impl Stack {
             conns: Vec::new(),
             next_port: 49152 + rand::random::<u16>() % 8192,
             stats,
-            inbuf: vec![0u8; BUF],
+            inbatch: RecvBatch::new(),
         }
     }
 
@@ -319,10 +348,24 @@ impl Stack {
             }
             let now = SmolInstant::now();
             self.iface.poll(now, &mut self.link, &mut self.sockets);
-            if self.pump() {
-                self.iface
-                    .poll(SmolInstant::now(), &mut self.link, &mut self.sockets);
+            self.pump();
+            // smoltcp's poll sends one segment per socket; keep egressing while it has more (a window's
+            // worth of upload goes out in one wake-up, in batches of datagrams).
+            for _ in 0..EGRESS_ROUNDS {
+                let now = SmolInstant::now();
+                if self
+                    .iface
+                    .poll_egress(now, &mut self.link, &mut self.sockets)
+                    == PollResult::None
+                {
+                    break;
+                }
+                if self.link.batch.is_full() {
+                    self.link.batch.flush(&self.link.udp);
+                    self.pump();
+                }
             }
+            self.link.batch.flush(&self.link.udp);
             if tokio::time::Instant::now() >= next_tick {
                 next_tick = tokio::time::Instant::now() + TICK;
                 if let Outcome::Network(d) = self.link.peer.tick(&mut self.link.out) {
@@ -350,41 +393,45 @@ impl Stack {
 
     /// Decrypts every datagram waiting on the socket into the device's receive queue.
     fn drain_udp(&mut self) {
-        for _ in 0..1024 {
-            let (n, from) = match self.link.udp.try_recv_from(&mut self.inbuf) {
-                Ok(r) => r,
-                Err(_) => return,
-            };
-            if from != self.link.endpoint {
-                continue;
+        for _ in 0..16 {
+            let batch = &mut self.inbatch;
+            let udp = &self.link.udp;
+            // try_io clears tokio's readiness when the socket runs dry.
+            if udp
+                .try_io(tokio::io::Interest::READABLE, || batch.recv(udp))
+                .is_err()
+            {
+                return;
             }
-            let Some(datagram) = self.inbuf.get(..n) else {
-                continue;
-            };
-            let link = &mut self.link;
-            match link.peer.decapsulate(from, datagram, &mut link.out) {
-                Outcome::Network(reply) => {
-                    if let Err(e) = link.udp.try_send_to(reply, link.endpoint) {
-                        tracing::trace!("UDP send: {e}");
-                    }
-                    while let Outcome::Network(queued) = link.peer.flush(&mut link.out) {
-                        if let Err(e) = link.udp.try_send_to(queued, link.endpoint) {
-                            tracing::trace!("UDP send: {e}");
+            for i in 0..self.inbatch.len() {
+                let Some((datagram, from)) = self.inbatch.get(i) else {
+                    continue;
+                };
+                if from != self.link.endpoint || datagram.is_empty() {
+                    continue;
+                }
+                let link = &mut self.link;
+                match link.peer.decapsulate(from, datagram, &mut link.out) {
+                    Outcome::Network(reply) => {
+                        send_to(&link.udp, link.endpoint, reply);
+                        while let Outcome::Network(queued) = link.peer.flush(&mut link.out) {
+                            send_to(&link.udp, link.endpoint, queued);
                         }
                     }
-                }
-                Outcome::Ipv4(packet) => {
-                    let inside = ipv4_addrs(packet).is_some_and(|(src, dst)| {
-                        self.plan.subnet.contains(src) && dst == self.plan.address
-                    });
-                    if inside {
-                        let mut buf = link.free.pop().unwrap_or_else(|| Vec::with_capacity(2048));
-                        buf.clear();
-                        buf.extend_from_slice(packet);
-                        link.rx.push_back(buf);
+                    Outcome::Ipv4(packet) => {
+                        let inside = ipv4_addrs(packet).is_some_and(|(src, dst)| {
+                            self.plan.subnet.contains(src) && dst == self.plan.address
+                        });
+                        if inside {
+                            let mut buf =
+                                link.free.pop().unwrap_or_else(|| Vec::with_capacity(2048));
+                            buf.clear();
+                            buf.extend_from_slice(packet);
+                            link.rx.push_back(buf);
+                        }
                     }
+                    Outcome::Done | Outcome::Rejected => {}
                 }
-                Outcome::Done | Outcome::Rejected => {}
             }
         }
     }
@@ -559,6 +606,7 @@ impl phy::Device for Link {
             free,
             scratch,
             out,
+            batch,
             ..
         } = self;
         Some((
@@ -569,6 +617,7 @@ impl phy::Device for Link {
                 endpoint: *endpoint,
                 scratch,
                 out,
+                batch,
             },
         ))
     }
@@ -580,6 +629,7 @@ impl phy::Device for Link {
             endpoint: self.endpoint,
             scratch: &mut self.scratch,
             out: &mut self.out,
+            batch: &mut self.batch,
         })
     }
 
@@ -616,6 +666,7 @@ struct TxToken<'a> {
     endpoint: SocketAddr,
     scratch: &'a mut Vec<u8>,
     out: &'a mut Vec<u8>,
+    batch: &'a mut SendBatch,
 }
 
 impl phy::TxToken for TxToken<'_> {
@@ -624,11 +675,13 @@ impl phy::TxToken for TxToken<'_> {
             self.scratch.resize(len, 0);
         }
         let r = f(&mut self.scratch[..len]);
-        if let Outcome::Network(d) = self.peer.encapsulate(&self.scratch[..len], self.out) {
-            if let Err(e) = self.udp.try_send_to(d, self.endpoint) {
-                tracing::trace!("UDP send: {e}");
-            }
-        }
+        self.batch.encapsulate(
+            self.peer,
+            &self.scratch[..len],
+            self.endpoint,
+            self.out,
+            self.udp,
+        );
         r
     }
 }

@@ -5,10 +5,15 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
+use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
 use super::TunnelError;
 
+/// A TUN device with Linux offloads (IFF_VNET_HDR, TSO/GRO through tun-rs): one read can return a whole
+/// 64 KB TCP burst, split here into MTU-sized packets, and one write can carry many coalesced packets.
 pub struct TunDevice {
-    iface: tun_tap::Iface,
+    dev: SyncDevice,
+    name: String,
 }
 
 impl TunDevice {
@@ -17,17 +22,25 @@ impl TunDevice {
         if !std::path::Path::new("/dev/net/tun").exists() {
             return Err(TunnelError::NoPrivilege("/dev/net/tun".into()));
         }
-        let iface = tun_tap::Iface::without_packet_info(name, tun_tap::Mode::Tun).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                TunnelError::NoPrivilege("CAP_NET_ADMIN to create a TUN device".into())
-            } else {
-                TunnelError::Io {
-                    context: format!("creating TUN device {name}"),
-                    source: e,
+        let mtu16 = u16::try_from(mtu).unwrap_or(1420);
+        let dev = DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu16)
+            .offload(true)
+            .build_sync()
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    TunnelError::NoPrivilege("CAP_NET_ADMIN to create a TUN device".into())
+                } else {
+                    TunnelError::Io {
+                        context: format!("creating TUN device {name}"),
+                        source: e,
+                    }
                 }
-            }
-        })?;
-        let dev = TunDevice { iface };
+            })?;
+        let name = dev.name().unwrap_or_else(|_| name.to_string());
+        let dev = TunDevice { dev, name };
+        tracing::info!("TUN device {}: offload {}", dev.name, dev.offload());
         ip(&[
             "link",
             "set",
@@ -41,38 +54,129 @@ impl TunDevice {
     }
 
     pub fn name(&self) -> &str {
-        self.iface.name()
+        &self.name
+    }
+
+    /// True when the kernel accepted the offloads (else packets come and go one per syscall).
+    pub fn offload(&self) -> bool {
+        self.dev.tcp_gso()
     }
 
     /// Reads return `WouldBlock` instead of waiting (use [`TunDevice::wait_readable`]).
     pub fn set_nonblocking(&self) -> Result<(), TunnelError> {
-        let fd = self.iface.as_raw_fd();
-        // SAFETY: fcntl on a descriptor we own.
-        let ok = unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(TunnelError::Io {
-                context: "TUN device".into(),
-                source: std::io::Error::last_os_error(),
-            })
-        }
-    }
-
-    pub fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.iface.recv(buf)
-    }
-
-    pub fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
-        self.iface.send(packet)
+        self.dev
+            .set_nonblocking(true)
+            .map_err(TunnelError::io("TUN device"))
     }
 
     /// Waits until a packet can be read or `timeout` passes; true when readable.
     pub fn wait_readable(&self, timeout: Duration) -> bool {
-        wait_readable(self.iface.as_raw_fd(), timeout)
+        wait_readable(self.dev.as_raw_fd(), timeout)
+    }
+}
+
+/// Packets of one TUN read (a GSO burst split into MTU-sized packets), in reused buffers.
+pub struct TunReader {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    n: usize,
+}
+
+impl Default for TunReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TunReader {
+    pub fn new() -> TunReader {
+        TunReader {
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + 65535],
+            bufs: vec![vec![0u8; 65535]; IDEAL_BATCH_SIZE],
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            n: 0,
+        }
+    }
+
+    /// One read from the device; returns how many packets it gave.
+    pub fn read(&mut self, dev: &TunDevice) -> std::io::Result<usize> {
+        self.n = 0;
+        self.n = dev
+            .dev
+            .recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0)?;
+        Ok(self.n)
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        if i >= self.n {
+            return None;
+        }
+        self.bufs.get(i)?.get(..*self.sizes.get(i)?)
+    }
+}
+
+/// Packets collected for one batched write (coalesced by GRO where they belong to one TCP flow).
+pub struct TunWriter {
+    bufs: Vec<Vec<u8>>,
+    n: usize,
+    gro: GROTable,
+}
+
+impl Default for TunWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TunWriter {
+    pub fn new() -> TunWriter {
+        TunWriter {
+            bufs: Vec::new(),
+            n: 0,
+            gro: GROTable::default(),
+        }
+    }
+
+    pub fn push(&mut self, packet: &[u8]) {
+        if self.n == self.bufs.len() {
+            self.bufs
+                .push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + 2048));
+        }
+        if let Some(b) = self.bufs.get_mut(self.n) {
+            b.clear();
+            b.resize(VIRTIO_NET_HDR_LEN, 0);
+            b.extend_from_slice(packet);
+            self.n += 1;
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.n >= IDEAL_BATCH_SIZE
+    }
+
+    /// Writes what was pushed; a failed write drops the batch (like a full queue).
+    pub fn flush(&mut self, dev: &TunDevice) {
+        let n = std::mem::take(&mut self.n);
+        if n == 0 {
+            return;
+        }
+        if let Some(bufs) = self.bufs.get_mut(..n) {
+            if let Err(e) = dev
+                .dev
+                .send_multiple(&mut self.gro, bufs, VIRTIO_NET_HDR_LEN)
+            {
+                tracing::debug!("TUN write of {n} packets: {e}");
+            }
+        }
     }
 }
 

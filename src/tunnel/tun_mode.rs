@@ -7,12 +7,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::hub::encapsulate_batched;
 use super::keys::PrivateKey;
 use super::packet::ipv4_addrs;
 use super::peer::{Outcome, Peer, PeerStats};
 use super::plan::Plan;
-use super::tun_dev::{self, TunDevice};
+use super::tun_dev::{self, TunDevice, TunReader, TunWriter};
 use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
 
@@ -66,6 +65,7 @@ impl TunClient {
             None,
         );
         peer.set_endpoint(plan.endpoint);
+        peer.set_recovery(true);
         let shared = Arc::new(Shared {
             udp: RwLock::new(bind_udp(bind)?),
             peer: Mutex::new(peer),
@@ -145,7 +145,9 @@ fn send(shared: &Shared, datagram: &[u8]) {
 fn udp_loop(shared: &Shared) {
     let mut batch = RecvBatch::new();
     let mut out = vec![0u8; BUF];
+    let mut writer = TunWriter::new();
     while !shared.stop.load(Ordering::Relaxed) {
+        writer.flush(&shared.tun);
         let udp = socket(shared);
         if batch.recv(&*udp).is_err() {
             continue;
@@ -168,8 +170,9 @@ fn udp_loop(shared: &Shared) {
                 Outcome::Ipv4(packet) => {
                     // Only the namespace may come out of the tunnel.
                     if ipv4_addrs(packet).is_some_and(|(src, _)| shared.plan.subnet.contains(src)) {
-                        if let Err(e) = shared.tun.send(packet) {
-                            tracing::debug!("TUN write: {e}");
+                        writer.push(packet);
+                        if writer.is_full() {
+                            writer.flush(&shared.tun);
                         }
                     }
                 }
@@ -184,13 +187,13 @@ fn tun_loop(shared: &Shared) {
         tracing::warn!("{e}");
         return;
     }
-    let mut buf = vec![0u8; BUF];
+    let mut reader = TunReader::new();
     let mut out = vec![0u8; BUF];
     let mut batch = SendBatch::new();
     let mut udp = socket(shared);
     while !shared.stop.load(Ordering::Relaxed) {
-        let n = match shared.tun.recv(&mut buf) {
-            Ok(n) => n,
+        match reader.read(&shared.tun) {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 batch.flush(&*udp);
                 shared.tun.wait_readable(POLL);
@@ -198,20 +201,12 @@ fn tun_loop(shared: &Shared) {
                 continue;
             }
             Err(_) => continue,
-        };
-        let Some(packet) = buf.get(..n) else { continue };
+        }
         let mut peer = lock(&shared.peer);
-        encapsulate_batched(
-            &mut peer,
-            packet,
-            shared.plan.endpoint,
-            &mut batch,
-            &mut out,
-            &udp,
-        );
-        drop(peer);
-        if batch.is_full() {
-            batch.flush(&*udp);
+        for i in 0..reader.len() {
+            if let Some(packet) = reader.get(i) {
+                batch.encapsulate(&mut peer, packet, shared.plan.endpoint, &mut out, &*udp);
+            }
         }
     }
 }

@@ -33,6 +33,8 @@ pub fn enlarge_buffers(socket: &impl AsRawFd) {
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
+use super::peer::{Outcome, Peer};
+
 /// Datagrams per batch (one `sendmmsg`/`recvmmsg`).
 pub const BATCH: usize = 64;
 /// Room per datagram: an MTU-1420 packet plus WireGuard overhead, with margin.
@@ -108,6 +110,39 @@ impl SendBatch {
         true
     }
 
+    /// Encrypts `packet` for `peer` straight into the next slot; flushes first when full. A packet too
+    /// big for a slot (or an IPv6 endpoint) is encrypted into `out` and sent on its own.
+    pub fn encapsulate(
+        &mut self,
+        peer: &mut Peer,
+        packet: &[u8],
+        endpoint: SocketAddr,
+        out: &mut [u8],
+        socket: &impl AsRawFd,
+    ) {
+        if self.is_full() {
+            self.flush(socket);
+        }
+        if let Some(slot) = self.slot() {
+            let len = match peer.encapsulate(packet, slot) {
+                Outcome::Network(d) => Some(d.len()),
+                Outcome::Rejected => None,
+                _ => return,
+            };
+            if let Some(len) = len {
+                if !self.commit(len, endpoint) {
+                    if let Some(d) = self.slot().and_then(|s| s.get(..len)) {
+                        send_to(socket, d, endpoint);
+                    }
+                }
+                return;
+            }
+        }
+        if let Outcome::Network(d) = peer.encapsulate(packet, out) {
+            send_to(socket, d, endpoint);
+        }
+    }
+
     /// Sends everything collected (what the socket cannot take now is dropped, like a full queue would).
     pub fn flush(&mut self, socket: &impl AsRawFd) {
         let n = self.n;
@@ -145,6 +180,7 @@ impl SendBatch {
             };
             if r <= 0 {
                 let e = std::io::Error::last_os_error();
+                tracing::debug!("sendmmsg of {} datagrams: {e}", n - done);
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -156,6 +192,52 @@ impl SendBatch {
                 break;
             }
             done += r as usize;
+        }
+    }
+}
+
+/// One datagram, best effort (a full socket queue drops it, as the network would).
+pub fn send_to(socket: &impl AsRawFd, datagram: &[u8], to: SocketAddr) {
+    let sock = socket2_addr(to);
+    // SAFETY: a valid buffer and a sockaddr of the given length.
+    unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            datagram.as_ptr().cast(),
+            datagram.len(),
+            0,
+            (&sock.0 as *const libc::sockaddr_storage).cast(),
+            sock.1,
+        );
+    }
+}
+
+fn socket2_addr(to: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: plain old data.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match to {
+        SocketAddr::V4(v4) => {
+            let sa = to_sockaddr(v4);
+            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sa) };
+            (
+                ss,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        SocketAddr::V6(v6) => {
+            // SAFETY: plain old data.
+            let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = v6.port().to_be();
+            sa.sin6_addr.s6_addr = v6.ip().octets();
+            sa.sin6_scope_id = v6.scope_id();
+            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sa) };
+            (
+                ss,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
         }
     }
 }
@@ -220,11 +302,14 @@ impl RecvBatch {
             return Err(std::io::Error::last_os_error());
         }
         self.n = r as usize;
-        for i in 0..self.n {
-            self.lens[i] = (msgs[i].msg_len as usize).min(SLOT);
-            if msgs[i].msg_hdr.msg_namelen as usize != std::mem::size_of::<libc::sockaddr_in>() {
-                self.lens[i] = 0; // not IPv4: ignored
-            }
+        for (len, msg) in self.lens.iter_mut().zip(&msgs).take(self.n) {
+            let ipv4 = msg.msg_hdr.msg_namelen as usize == std::mem::size_of::<libc::sockaddr_in>();
+            // Not IPv4: length 0, ignored.
+            *len = if ipv4 {
+                (msg.msg_len as usize).min(SLOT)
+            } else {
+                0
+            };
         }
         Ok(self.n)
     }

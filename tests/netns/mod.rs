@@ -19,7 +19,7 @@ pub fn require_root_and_tun() {
         std::path::Path::new("/dev/net/tun").exists(),
         "the tunnel end-to-end tests need /dev/net/tun (modprobe tun, or --device /dev/net/tun in a container)"
     );
-    for tool in ["ip", "curl", "busybox"] {
+    for tool in ["ip", "curl", "busybox", "socat", "nft"] {
         let ok = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
