@@ -153,6 +153,60 @@ impl Laptop<'_> {
     }
 }
 
+/// `fcdev server --dev` in the host namespace; returns it and the login token it printed.
+fn spawn_server(host: &str, data_dir: &Path, images: &Path) -> (Proc, Option<String>) {
+    let mut server = Proc(
+        Command::new("ip")
+            .args([
+                "netns", "exec", host, FCDEV, "server", "--dev", "--netns", "none",
+            ])
+            .args(["--user", "alice", "--listen", "192.168.81.1:7070"])
+            .args([
+                "--hub-listen",
+                "192.168.81.1:51820",
+                "--hub-tun",
+                "fcdevhub",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--images")
+            .arg(images)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fcdev server"),
+    );
+    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
+    let mut token = None;
+    for line in lines.by_ref() {
+        let line = line.expect("server output");
+        eprintln!("server: {line}");
+        if let Some(t) = line.split_whitespace().find(|w| w.starts_with("fcd_")) {
+            token = Some(t.to_string());
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (server, token)
+}
+
+fn qemu_pids(data_dir: &Path) -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args([
+            "-f",
+            "--",
+            &format!("qemu-system.*{}/vms/", data_dir.display()),
+        ])
+        .output()
+        .unwrap();
+    let mut pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    pids.sort();
+    pids
+}
+
 fn qemu_count(data_dir: &Path) -> usize {
     let out = Command::new("pgrep")
         .args([
@@ -191,40 +245,7 @@ fn laptop_to_real_vms_through_the_tunnel() {
         ));
     }
 
-    let mut server = Proc(
-        Command::new("ip")
-            .args([
-                "netns", "exec", &host, FCDEV, "server", "--dev", "--netns", "none", "--user",
-                "alice",
-            ])
-            .args([
-                "--listen",
-                "192.168.81.1:7070",
-                "--hub-listen",
-                "192.168.81.1:51820",
-                "--hub-tun",
-                "fcdevhub",
-            ])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--images")
-            .arg(&images)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn fcdev server"),
-    );
-    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
-    let mut token = None;
-    for line in lines.by_ref() {
-        let line = line.expect("server output");
-        eprintln!("server: {line}");
-        if let Some(t) = line.split_whitespace().find(|w| w.starts_with("fcd_")) {
-            token = Some(t.to_string());
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let (mut server, token) = spawn_server(&host, &data_dir, &images);
     let token = token.expect("the server printed a login token");
     let url = "http://192.168.81.1:7070";
 
@@ -428,6 +449,48 @@ fn laptop_to_real_vms_through_the_tunnel() {
         "n1 answers after reset, same tunnel"
     );
     drop(proxy);
+
+    // A server restart re-adopts the running VMs: none duplicated, none lost.
+    let pids_before = qemu_pids(&data_dir);
+    drop(server);
+    let (restarted, _) = spawn_server(&host, &data_dir, &images);
+    server = restarted;
+    assert_eq!(alice.status()["clusters"][0]["state"], "ready");
+    assert_eq!(
+        qemu_pids(&data_dir),
+        pids_before,
+        "the restarted server re-adopts the same qemu processes"
+    );
+
+    // A killed qemu shows in `fcdev status`; `fcdev up` repairs it.
+    let victim = Command::new("pgrep")
+        .args([
+            "-f",
+            "--",
+            &format!("qemu-system.*{}/vms/alice/dev/m1/", data_dir.display()),
+        ])
+        .output()
+        .unwrap();
+    let victim = String::from_utf8_lossy(&victim.stdout).trim().to_string();
+    assert!(!victim.is_empty(), "m1's qemu");
+    must(&format!("kill -9 {victim}"));
+    let noticed = eventually(Duration::from_secs(10), || {
+        let c = alice.status()["clusters"][0].clone();
+        (c["state"] == "failed").then_some(c)
+    })
+    .expect("fcdev status shows the killed VM");
+    assert!(
+        noticed["reason"].as_str().unwrap_or("").contains("m1"),
+        "{noticed}"
+    );
+    assert_eq!(noticed["vms"][2]["state"], "stopped", "{noticed}");
+    alice.ok(&["up"]);
+    assert_eq!(alice.status()["clusters"][0]["state"], "ready");
+    assert_eq!(
+        qemu_count(&data_dir),
+        3,
+        "up repaired m1 without duplicating the others"
+    );
 
     // Down leaves no qemu, tap, bridge or VM folder behind.
     alice.ok(&["down", "--yes"]);
