@@ -57,8 +57,8 @@ fn find_by_marker(marker: &str) -> Option<i32> {
         }
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_vm = args.iter().any(|a| *a == b"__test-vm");
-        (is_vm && args.iter().any(|a| *a == marker.as_bytes())).then_some(pid)
+        let is_vm = args.contains(&&b"__test-vm"[..]);
+        (is_vm && args.contains(&marker.as_bytes())).then_some(pid)
     })
 }
 
