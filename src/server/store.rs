@@ -245,6 +245,31 @@ fn row_peer(r: &rusqlite::Row) -> rusqlite::Result<PeerRow> {
     })
 }
 
+/// Host numbers (offsets in the namespace /24), sorted, already taken by the rows of `table` (`vms` or `peers`).
+fn used_hosts(conn: &Connection, table: &str, ns: &NamespaceRow) -> rusqlite::Result<Vec<u32>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT address FROM {table} WHERE namespace_id = ?1"
+    ))?;
+    let rows = stmt.query_map([ns.id], |r| parse_addr(r.get(0)?))?;
+    let mut used = rows
+        .map(|a| a.map(|a| u32::from(a) - u32::from(ns.subnet.base)))
+        .collect::<Result<Vec<_>, _>>()?;
+    used.sort_unstable();
+    Ok(used)
+}
+
+fn row_event(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        seq: r.get(0)?,
+        cluster_id: r.get(1)?,
+        vm: r.get(2)?,
+        state: r.get(3)?,
+        message: r.get(4)?,
+        at: r.get(5)?,
+    })
+}
+
+const EVENT_COLS: &str = "seq, cluster_id, vm, state, message, at";
 const NS_COLS: &str = "id, user_id, name, idx, subnet";
 const CLUSTER_COLS: &str =
     "id, namespace_id, name, image, state, reason, start_mode, created_at, updated_at";
@@ -268,6 +293,19 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(conn),
         })
+    }
+
+    /// Every row of a query, mapped.
+    fn query_all<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        map: fn(&rusqlite::Row) -> rusqlite::Result<T>,
+    ) -> StoreResult<Vec<T>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(sql)?;
+        let rows = stmt.query_map(params, map)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -447,12 +485,7 @@ impl Store {
             params![ns.id, name, image, ClusterState::Requested.as_str()],
         )?;
         let cluster_id = tx.last_insert_rowid();
-        let mut used: Vec<u32> = {
-            let mut stmt = tx.prepare("SELECT address FROM vms WHERE namespace_id = ?1")?;
-            let rows = stmt.query_map([ns.id], |r| parse_addr(r.get(0)?))?;
-            rows.map(|a| a.map(|a| u32::from(a) - u32::from(ns.subnet.base)))
-                .collect::<Result<_, _>>()?
-        };
+        let mut used = used_hosts(&tx, "vms", ns)?;
         for (slot, vm) in vms.iter().enumerate() {
             used.sort_unstable();
             let host = alloc::lowest_free_from(&used, alloc::FIRST_VM_HOST, alloc::LAST_VM_HOST)
@@ -510,19 +543,19 @@ impl Store {
     }
 
     pub fn clusters_in(&self, ns_id: i64) -> StoreResult<Vec<ClusterRow>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {CLUSTER_COLS} FROM clusters WHERE namespace_id = ?1 ORDER BY name"
-        ))?;
-        let rows = stmt.query_map([ns_id], row_cluster)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.query_all(
+            &format!("SELECT {CLUSTER_COLS} FROM clusters WHERE namespace_id = ?1 ORDER BY name"),
+            [ns_id],
+            row_cluster,
+        )
     }
 
     pub fn all_clusters(&self) -> StoreResult<Vec<ClusterRow>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {CLUSTER_COLS} FROM clusters ORDER BY id"))?;
-        let rows = stmt.query_map([], row_cluster)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.query_all(
+            &format!("SELECT {CLUSTER_COLS} FROM clusters ORDER BY id"),
+            [],
+            row_cluster,
+        )
     }
 
     pub fn set_cluster_state(
@@ -558,12 +591,11 @@ impl Store {
     }
 
     pub fn vms_of(&self, cluster_id: i64) -> StoreResult<Vec<VmRow>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {VM_COLS} FROM vms WHERE cluster_id = ?1 ORDER BY slot"
-        ))?;
-        let rows = stmt.query_map([cluster_id], row_vm)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.query_all(
+            &format!("SELECT {VM_COLS} FROM vms WHERE cluster_id = ?1 ORDER BY slot"),
+            [cluster_id],
+            row_vm,
+        )
     }
 
     pub fn vms_in_namespace(&self, ns_id: i64) -> StoreResult<Vec<(String, VmRow)>> {
@@ -643,13 +675,7 @@ impl Store {
                 "a peer with this public key in another namespace".into(),
             ));
         }
-        let mut used: Vec<u32> = {
-            let mut stmt = tx.prepare("SELECT address FROM peers WHERE namespace_id = ?1")?;
-            let rows = stmt.query_map([ns.id], |r| parse_addr(r.get(0)?))?;
-            rows.map(|a| a.map(|a| u32::from(a) - u32::from(ns.subnet.base)))
-                .collect::<Result<_, _>>()?
-        };
-        used.sort_unstable();
+        let used = used_hosts(&tx, "peers", ns)?;
         let host = alloc::lowest_free_from(&used, alloc::FIRST_PEER_HOST, alloc::LAST_PEER_HOST)
             .ok_or_else(|| {
                 StoreError::Exhausted(format!(
@@ -675,19 +701,19 @@ impl Store {
     }
 
     pub fn peers_in(&self, ns_id: i64) -> StoreResult<Vec<PeerRow>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {PEER_COLS} FROM peers WHERE namespace_id = ?1 ORDER BY id"
-        ))?;
-        let rows = stmt.query_map([ns_id], row_peer)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.query_all(
+            &format!("SELECT {PEER_COLS} FROM peers WHERE namespace_id = ?1 ORDER BY id"),
+            [ns_id],
+            row_peer,
+        )
     }
 
     pub fn all_peers(&self) -> StoreResult<Vec<PeerRow>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {PEER_COLS} FROM peers ORDER BY id"))?;
-        let rows = stmt.query_map([], row_peer)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.query_all(
+            &format!("SELECT {PEER_COLS} FROM peers ORDER BY id"),
+            [],
+            row_peer,
+        )
     }
 
     pub fn delete_peer(&self, ns_id: i64, id: i64) -> StoreResult<bool> {
@@ -714,38 +740,20 @@ impl Store {
         )?;
         let seq = conn.last_insert_rowid();
         Ok(conn.query_row(
-            "SELECT seq, cluster_id, vm, state, message, at FROM events WHERE seq = ?1",
+            &format!("SELECT {EVENT_COLS} FROM events WHERE seq = ?1"),
             [seq],
-            |r| {
-                Ok(EventRow {
-                    seq: r.get(0)?,
-                    cluster_id: r.get(1)?,
-                    vm: r.get(2)?,
-                    state: r.get(3)?,
-                    message: r.get(4)?,
-                    at: r.get(5)?,
-                })
-            },
+            row_event,
         )?)
     }
 
     pub fn events_after(&self, cluster_id: i64, after: i64) -> StoreResult<Vec<EventRow>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT seq, cluster_id, vm, state, message, at FROM events
-             WHERE cluster_id = ?1 AND seq > ?2 ORDER BY seq",
-        )?;
-        let rows = stmt.query_map(params![cluster_id, after], |r| {
-            Ok(EventRow {
-                seq: r.get(0)?,
-                cluster_id: r.get(1)?,
-                vm: r.get(2)?,
-                state: r.get(3)?,
-                message: r.get(4)?,
-                at: r.get(5)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.query_all(
+            &format!(
+                "SELECT {EVENT_COLS} FROM events WHERE cluster_id = ?1 AND seq > ?2 ORDER BY seq"
+            ),
+            params![cluster_id, after],
+            row_event,
+        )
     }
 
     /// The newest event sequence number of all (0 when none).
@@ -763,11 +771,103 @@ impl Store {
             |r| r.get(0),
         )?)
     }
+}
 
-    /// A key/value setting of the server (e.g. the hub's private key is NOT kept here but in a 0600 file).
-    pub fn user_count(&self) -> StoreResult<i64> {
-        Ok(self
-            .conn()
-            .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn tokens_are_hashed_and_revocable() {
+        let (dir, store) = store();
+        let (user, token) = store.add_user("alice").unwrap();
+        assert!(token.starts_with("fcd_") && token.len() == 68);
+        assert_eq!(store.user_by_token(&token).unwrap(), Some(user));
+        assert!(matches!(
+            store.add_user("alice"),
+            Err(StoreError::Exists(_))
+        ));
+        let raw = std::fs::read(dir.path().join("state.db")).unwrap();
+        assert!(
+            !raw.windows(token.len()).any(|w| w == token.as_bytes()),
+            "token stored in clear"
+        );
+        assert_eq!(store.revoke_tokens("alice").unwrap(), 1);
+        assert_eq!(store.user_by_token(&token).unwrap(), None);
+    }
+
+    #[test]
+    fn allocation_fills_gaps_and_survives_reopen() {
+        let (dir, store) = store();
+        let (a, _) = store.add_user("a").unwrap();
+        let (b, _) = store.add_user("b").unwrap();
+        let na = store.ensure_namespace(&a).unwrap();
+        let nb = store.ensure_namespace(&b).unwrap();
+        assert_eq!(na.subnet.to_string(), "10.240.0.0/24");
+        assert_eq!(nb.subnet.to_string(), "10.240.1.0/24");
+        assert_eq!(store.ensure_namespace(&a).unwrap(), na, "idempotent");
+        let vms = [
+            NewVm {
+                name: "n1",
+                role: "proxy",
+            },
+            NewVm {
+                name: "f1",
+                role: "app",
+            },
+        ];
+        let c1 = store.create_cluster(&na, "one", "tiny", &vms).unwrap();
+        let c2 = store.create_cluster(&na, "two", "tiny", &vms).unwrap();
+        let addr = |c: &ClusterRow| -> Vec<String> {
+            store
+                .vms_of(c.id)
+                .unwrap()
+                .iter()
+                .map(|v| v.address.to_string())
+                .collect()
+        };
+        assert_eq!(addr(&c1), ["10.240.0.10", "10.240.0.11"]);
+        assert_eq!(addr(&c2), ["10.240.0.12", "10.240.0.13"]);
+        store.delete_cluster(c1.id).unwrap();
+        let c3 = store
+            .create_cluster(&na, "three", "tiny", &vms[..1])
+            .unwrap();
+        assert_eq!(addr(&c3), ["10.240.0.10"], "freed addresses are reused");
+        let key = "x".repeat(44);
+        let p = store.add_peer(&na, "laptop", &key).unwrap();
+        assert_eq!(p.address.to_string(), "10.240.0.2");
+        assert_eq!(
+            store.add_peer(&na, "laptop2", &key).unwrap().address,
+            p.address,
+            "same key, same address"
+        );
+        assert!(matches!(
+            store.add_peer(&nb, "x", &key),
+            Err(StoreError::Exists(_))
+        ));
+        drop(store);
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        assert_eq!(store.namespace_of(b.id).unwrap(), Some(nb));
+        assert_eq!(store.peers_in(na.id).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn peer_addresses_run_out_cleanly() {
+        let (_dir, store) = store();
+        let (a, _) = store.add_user("a").unwrap();
+        let ns = store.ensure_namespace(&a).unwrap();
+        for i in 0..8 {
+            store.add_peer(&ns, "p", &format!("{i:0>44}")).unwrap();
+        }
+        assert!(matches!(
+            store.add_peer(&ns, "p", &"9".repeat(44)),
+            Err(StoreError::Exhausted(_))
+        ));
     }
 }
