@@ -25,7 +25,7 @@ cleanup() {
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
   pkill -9 -f "qemu-system.*$T/data/vms" 2>/dev/null || true
   ip netns del "$NS" 2>/dev/null || true
-  rm -rf "$T"
+  [ -n "${KEEP:-}" ] || rm -rf "$T"
 }
 trap cleanup EXIT
 
@@ -49,8 +49,11 @@ ACCEL=$(sed -n 's/.*accelerator \([a-z]*\).*/\1/p' "$T/server.log" | head -1)
 grep -o 'fcd_[0-9a-f]*' "$T/server.log" | in_ns "$BIN" login --server http://127.0.0.1:7171 --token-stdin >/dev/null
 
 now() { date +%s%N; }
-all_answer() {  # every VM of the cluster serves its page
-  for ip in $(in_ns "$BIN" status --json | python3 -c 'import json,sys; [print(v["address"]) for c in json.load(sys.stdin)["clusters"] for v in c["vms"]]'); do
+all_answer() {  # every VM in the `fcdev up/reset --json` output on stdin serves its page
+  local ips
+  ips=$(grep -o '"address": "[0-9.]*"' | grep -o '[0-9.]*[0-9]')
+  [ -n "$ips" ] || return 1
+  for ip in $ips; do
     in_ns curl -s --fail --max-time 5 "http://$ip/" >/dev/null || return 1
   done
 }
@@ -61,8 +64,7 @@ measure_up() {  # image -> nanoseconds per run, one per line
   for i in $(seq "$RUNS"); do
     local t0 t1
     t0=$(now)
-    in_ns "$BIN" up --image "$image" --name "b$i" --json >/dev/null
-    all_answer
+    in_ns "$BIN" up --image "$image" --name "b$i" --json | all_answer
     t1=$(now)
     echo $((t1 - t0))
     in_ns "$BIN" down --name "b$i" --yes >/dev/null
@@ -80,7 +82,7 @@ for pid in $(pgrep -f "qemu-system.*$T/data/vms/bench/bench/"); do
   PSS=$((PSS + $(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")))
 done
 RESETS=$(for i in $(seq "$RUNS"); do
-  t0=$(now); in_ns "$BIN" reset --name bench --yes --json >/dev/null; all_answer; t1=$(now); echo $((t1 - t0))
+  t0=$(now); in_ns "$BIN" reset --name bench --yes --json | all_answer; t1=$(now); echo $((t1 - t0))
 done | median)
 
 printf '%-44s %8s s\n' "fcdev up, from the onboarding snapshot" "$RESTORE"

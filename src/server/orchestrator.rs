@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::broadcast;
 
 use crate::api::{self, ClusterState, VmState};
@@ -248,17 +249,24 @@ impl Orchestrator {
             .collect();
 
         if reset {
-            for (vm, spec) in &specs {
-                self.set_vm(&cluster, vm, VmState::Pending, Some("discarding disk"));
-                let backend = self.backend.clone();
-                let spec = spec.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    backend.stop(&spec)?;
-                    backend.discard_disk(&spec)
+            // Stop every VM and drop its disk at once: they are independent.
+            let tasks: Vec<_> = specs
+                .iter()
+                .map(|(vm, spec)| {
+                    self.set_vm(&cluster, vm, VmState::Pending, Some("discarding disk"));
+                    let backend = self.backend.clone();
+                    let spec = spec.clone();
+                    let name = vm.name.clone();
+                    tokio::task::spawn_blocking(move || {
+                        backend.stop(&spec)?;
+                        backend.discard_disk(&spec)
+                    })
+                    .map(move |r| (name, r))
                 })
-                .await;
+                .collect();
+            for (name, result) in futures::future::join_all(tasks).await {
                 if let Some(err) = join_error(result) {
-                    let reason = format!("reset of {} failed: {err}", vm.name);
+                    let reason = format!("reset of {name} failed: {err}");
                     self.set_cluster(&cluster, ClusterState::Failed, Some(&reason));
                     return Ok(());
                 }
@@ -421,7 +429,7 @@ impl Orchestrator {
                 ));
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(250));
+            delay = (delay * 2).min(Duration::from_millis(50));
         }
     }
 
