@@ -18,7 +18,7 @@ fi
 # Host packages: QEMU and a guest kernel for the VMs, busybox/dropbear for the tiny image, iproute2/nftables for
 # the VM network. --no-install-recommends: wireguard-tools would otherwise pull in a whole kernel.
 PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static dropbear-bin iproute2 nftables procps
-          curl ca-certificates)
+          curl ca-certificates openssh-client xz-utils zstd gcc)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -181,15 +181,17 @@ impl ApiClient {
             return self.decode::<serde_json::Value>(resp).await.map(|_| ());
         }
         let mut stream = resp.bytes_stream();
-        let mut buf = String::new();
+        // Bytes, not text: a multi-byte character may be split across chunks; frames end at a blank line.
+        let mut buf: Vec<u8> = Vec::new();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| ClientError::Unreachable {
                 url: self.base.clone(),
                 reason: root_cause(&e),
             })?;
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let frame: String = buf.drain(..end + 2).collect();
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = buf.drain(..end + 2).collect();
+                let frame = String::from_utf8_lossy(&raw);
                 let data: Vec<&str> = frame
                     .lines()
                     .filter_map(|l| l.strip_prefix("data:"))

@@ -224,6 +224,26 @@ fn bad_input_gets_clear_errors() {
     );
     let (status, body) = http(&server.url, "DELETE", "/v1/peers/abc", t, None);
     assert_eq!((status, error_code(&body).as_str()), (400, "bad_request"));
+    let (status, body) = http(
+        &server.url,
+        "GET",
+        "/v1/clusters/dev/events?after=abc",
+        t,
+        None,
+    );
+    assert!(status == 400 || status == 404, "{status} {body}");
+    error_code(&body);
+    let (status, body) = http(
+        &server.url,
+        "POST",
+        "/v1/clusters",
+        t,
+        Some(r#"{"name":"dev","image":"tiny","ssh_keys":["ssh-rsa AAAA"]}"#),
+    );
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (400, "invalid_ssh_key")
+    );
     let (status, body) = http(&server.url, "GET", "/v2/nothing", t, None);
     assert_eq!((status, error_code(&body).as_str()), (404, "not_found"));
 
@@ -489,4 +509,52 @@ fn completions_are_committed_and_fresh() {
             "completions/{file} is stale: run scripts/gen-completions.sh and commit"
         );
     }
+}
+
+#[test]
+fn concurrent_ups_of_one_cluster_join_and_reset_waits_its_turn() {
+    let slow = TINY_TOML.replace(
+        "role = \"proxy\"",
+        "role = \"proxy\"\ncmdline = \"test:delay-ms=1500\"",
+    );
+    let server = TestServer::start(&[("tiny", &slow)]);
+    server.login();
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let mut cmd = std::process::Command::new(common::fcdev_bin());
+            cmd.env("FCDEV_CONFIG_DIR", server.config_dir())
+                .args(["up", "--json"]);
+            std::thread::spawn(move || cmd.output().unwrap())
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // While it boots, a reset is refused rather than mixed into the boot.
+    server
+        .fcdev()
+        .args(["reset", "--yes"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("busy"));
+    for h in handles {
+        let out = h.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(json(&out.stdout)["state"], "ready");
+    }
+    let out = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            "--",
+            &format!("--run-dir={}", server.data_dir().join("vms").display()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        3,
+        "one process per VM"
+    );
 }

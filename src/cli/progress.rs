@@ -44,35 +44,43 @@ pub async fn follow(
     let mut finished = false;
     // The stream may drop (server restart): reconnect and read on from the last event seen.
     let mut after = start.event_seq;
+    let deadline = Instant::now() + Duration::from_secs(30 * 60);
     for _attempt in 0..30 {
+        if Instant::now() > deadline {
+            break;
+        }
         let p = format!("/clusters/{}/events?after={after}", start.name);
         let _ = &path;
-        let result = client
-            .follow_events(&p, |data| {
-                let Ok(ev) = serde_json::from_str::<api::ClusterEvent>(data) else {
-                    return true;
-                };
-                after = ev.seq;
-                match &ev.vm {
-                    Some(vm) => {
-                        if let Some(bar) = bars.get(vm) {
-                            if ev.state == "ready" || ev.state == "failed" {
-                                bar.finish_with_message(ev.message.clone());
-                            } else {
-                                bar.set_message(ev.message.clone());
-                            }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let followed = client.follow_events(&p, |data| {
+            let Ok(ev) = serde_json::from_str::<api::ClusterEvent>(data) else {
+                return true;
+            };
+            after = ev.seq;
+            match &ev.vm {
+                Some(vm) => {
+                    if let Some(bar) = bars.get(vm) {
+                        if ev.state == "ready" || ev.state == "failed" {
+                            bar.finish_with_message(ev.message.clone());
+                        } else {
+                            bar.set_message(ev.message.clone());
                         }
-                        true
                     }
-                    None => {
-                        header.set_message(ev.message.clone());
-                        let end = matches!(ev.state.as_str(), "ready" | "failed" | "deleted");
-                        finished |= end;
-                        !end
-                    }
+                    true
                 }
-            })
-            .await;
+                None => {
+                    header.set_message(ev.message.clone());
+                    let end = matches!(ev.state.as_str(), "ready" | "failed" | "deleted");
+                    finished |= end;
+                    !end
+                }
+            }
+        });
+        // The stream stays open (keep-alives) while the server works: bound the whole wait.
+        let result = match tokio::time::timeout(remaining, followed).await {
+            Ok(result) => result,
+            Err(_) => break,
+        };
         if finished {
             break;
         }

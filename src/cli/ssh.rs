@@ -110,9 +110,10 @@ pub async fn run(args: SshArgs, ctx: Context) -> Result<(), CliError> {
         }
         let exe =
             std::env::current_exe().map_err(|e| CliError::new(ExitKind::Failure, e.to_string()))?;
+        // ssh runs the ProxyCommand through a shell: quote the path.
+        let quoted = format!("'{}'", exe.display().to_string().replace('\'', "'\\''"));
         cmd.arg("-o").arg(format!(
-            "ProxyCommand={} __socks-connect {} %h %p",
-            exe.display(),
+            "ProxyCommand={quoted} __socks-connect {} %h %p",
             args.socks
         ));
     }

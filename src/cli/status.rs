@@ -29,7 +29,12 @@ pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
     // GET /clusters/{name} re-checks that the VMs still run.
     let mut fresh = Vec::new();
     for c in clusters {
-        fresh.push(client.get(&format!("/clusters/{}", c.name)).await?);
+        match client.get(&format!("/clusters/{}", c.name)).await {
+            Ok(view) => fresh.push(view),
+            // Deleted since the list was read.
+            Err(e) if e.status() == Some(reqwest::StatusCode::NOT_FOUND) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let peers: Vec<api::Peer> = client.get("/peers").await?;
     let status = Status {

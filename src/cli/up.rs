@@ -38,9 +38,15 @@ pub async fn run(args: UpArgs, mut ctx: Context) -> Result<(), CliError> {
     let req = api::CreateCluster {
         name: name.clone(),
         image,
-        ssh_keys: crate::cli::ssh::ensure_key(&ctx)
-            .map(|k| vec![k])
-            .unwrap_or_default(),
+        ssh_keys: match crate::cli::ssh::ensure_key(&ctx) {
+            Some(key) => vec![key],
+            None => {
+                if !args.json {
+                    eprintln!("warning: no ssh-keygen here (Debian: openssh-client): `fcdev ssh` will not work");
+                }
+                Vec::new()
+            }
+        },
     };
     let cluster: api::Cluster = client.post("/clusters", &req).await?;
     let cluster = if cluster.state == api::ClusterState::Ready {

@@ -103,6 +103,10 @@ impl From<OrchestratorError> for ApiErr {
                     .hint("pick another name with --name, or `fcdev down` it first")
             }
             OrchestratorError::NotFound(name) => cluster_not_found(&name),
+            e @ OrchestratorError::Busy { .. } => {
+                ApiErr::new(StatusCode::CONFLICT, "busy", e.to_string())
+                    .hint("wait for it to finish (`fcdev status`), then try again")
+            }
         }
     }
 }
@@ -132,6 +136,27 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(JsonBody(v)),
             Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+/// Query parameters, with a 400 JSON error when they do not parse.
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for QueryParams<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(QueryParams(v)),
+            Err(r) => Err(
+                ApiErr::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
+                    .hint("see docs/api.md for the query parameters"),
+            ),
         }
     }
 }
@@ -298,17 +323,32 @@ async fn create_cluster(
                 key.chars().take(40).collect::<String>()
             ),
         )
-        .hint("send one `ssh-ed25519 AAAA… comment` line per key"));
+        .hint(
+            "send `ssh-ed25519 AAAA… comment` lines (ed25519 or ECDSA, at most 256 bytes each)",
+        ));
+    }
+    if req.ssh_keys.len() > MAX_SSH_KEYS {
+        return Err(ApiErr::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_ssh_key",
+            format!("at most {MAX_SSH_KEYS} ssh keys per request"),
+        ));
     }
     let ns = my_namespace(&state, user).await?;
     if !req.ssh_keys.is_empty() {
         let store = state.store.clone();
         let (nsid, keys) = (ns.id, req.ssh_keys.clone());
-        blocking(move || store.add_ssh_keys(nsid, &keys)).await??;
+        blocking(move || store.add_ssh_keys(nsid, &keys, MAX_SSH_KEYS)).await??;
     }
     // Events after this one belong to this request: the client follows `/events?after=event_seq`.
     let seq_before = match state.store.cluster(ns.id, &req.name)? {
-        Some(existing) => state.store.last_event_seq(existing.id)?,
+        Some(existing) => {
+            // Notice a dead VM first, so its `failed` event comes before this request's progress.
+            let orch = state.orchestrator.clone();
+            let e = existing.clone();
+            blocking(move || orch.refresh(&e)).await??;
+            state.store.last_event_seq(existing.id)?
+        }
         None => state.store.last_event_seq_overall()?,
     };
     // `up` spawns background work on this runtime; its own blocking parts are short store reads.
@@ -390,7 +430,7 @@ async fn reset_cluster(
         ));
     }
     let seq_before = state.store.last_event_seq(row.id)?;
-    state.orchestrator.reset(&row);
+    state.orchestrator.reset(&row)?;
     let store = state.store.clone();
     let row = blocking(move || store.cluster_by_id(row.id))
         .await??
@@ -406,7 +446,11 @@ async fn delete_cluster(
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let (_ns, row) = find_cluster(&state, &user, &name).await?;
-    state.orchestrator.delete(&row).await?;
+    state
+        .orchestrator
+        .spawn_delete(row.clone())
+        .await
+        .map_err(ApiErr::internal)??;
     let store = state.store.clone();
     let id = row.id;
     if let Some(after) = blocking(move || store.cluster_by_id(id)).await?? {
@@ -432,7 +476,7 @@ async fn cluster_events(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(name): Path<String>,
-    Query(q): Query<EventsQuery>,
+    QueryParams(q): QueryParams<EventsQuery>,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
     let (ns, row) = find_cluster(&state, &user, &name).await?;
     let mut live = state.orchestrator.subscribe();
@@ -509,6 +553,11 @@ async fn cluster_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
+/// The longest ssh key line accepted (an ed25519 key with a comment is ~100 bytes).
+const MAX_SSH_KEY_LEN: usize = 256;
+/// Keys kept per namespace (the newest win): the guest gets them all on its kernel command line.
+pub const MAX_SSH_KEYS: usize = 4;
+
 /// One line `TYPE BASE64 [comment]` of a known key type, nothing that could break the guest's authorized_keys.
 fn valid_ssh_public_key(key: &str) -> bool {
     use base64::Engine;
@@ -516,15 +565,12 @@ fn valid_ssh_public_key(key: &str) -> bool {
     let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
         return false;
     };
-    key.len() < 8192
+    // Short key types only: every key rides on the guest's kernel command line (2 KB in all) at boot.
+    key.len() <= MAX_SSH_KEY_LEN
         && !key.contains(['\n', '\r', '\0'])
         && matches!(
             kind,
-            "ssh-ed25519"
-                | "ssh-rsa"
-                | "ecdsa-sha2-nistp256"
-                | "ecdsa-sha2-nistp384"
-                | "ecdsa-sha2-nistp521"
+            "ssh-ed25519" | "ecdsa-sha2-nistp256" | "ecdsa-sha2-nistp384"
         )
         && base64::engine::general_purpose::STANDARD
             .decode(blob)

@@ -77,6 +77,23 @@ pub struct SnapshotSpec {
     pub dir: String,
 }
 
+impl VmTemplate {
+    /// A template with defaults and only a name.
+    pub fn named(name: &str) -> VmTemplate {
+        VmTemplate {
+            name: name.to_string(),
+            role: String::new(),
+            vcpus: default_vcpus(),
+            memory_mb: default_memory(),
+            kernel: None,
+            initrd: None,
+            disk: None,
+            cmdline: String::new(),
+            probe: default_probe(),
+        }
+    }
+}
+
 fn default_vcpus() -> u32 {
     1
 }

@@ -28,6 +28,8 @@ pub enum OrchestratorError {
     ImageMismatch { name: String, image: String },
     #[error("cluster `{0}` not found")]
     NotFound(String),
+    #[error("cluster `{name}` is busy: {what}")]
+    Busy { name: String, what: String },
 }
 
 /// What `up` did.
@@ -182,9 +184,20 @@ impl Orchestrator {
                 return Ok((existing, UpOutcome::AlreadyReady));
             }
             let cluster = self.store.cluster_by_id(existing.id)?.unwrap_or(existing);
-            // An operation already holding the cluster will bring it up; don't queue a second one behind it.
             let busy = self.lock_for(cluster.id).try_lock().is_err();
-            if !busy && cluster.state != ClusterState::Deleting {
+            if cluster.state == ClusterState::Deleting {
+                if !busy {
+                    // A delete that was cut off (client gone, error): finish it.
+                    self.spawn_delete(cluster.clone());
+                }
+                return Err(OrchestratorError::Busy {
+                    name: name.to_string(),
+                    what: "it is being deleted".into(),
+                });
+            }
+            // A transient cluster with an operation holding it will be brought up by that operation; anything
+            // else (failed, a dead VM) gets a drive, which waits for the lock if a health check holds it.
+            if !(busy && cluster.state.is_transient()) {
                 self.spawn_drive(cluster.id, false);
             }
             return Ok((cluster, UpOutcome::Resumed));
@@ -199,7 +212,12 @@ impl Orchestrator {
                 role: &t.role,
             })
             .collect();
-        let cluster = self.store.create_cluster(ns, name, image_name, &vms)?;
+        let cluster = match self.store.create_cluster(ns, name, image_name, &vms) {
+            Ok(cluster) => cluster,
+            // Another `up` created it a moment ago: join it.
+            Err(StoreError::Exists(_)) => return self.up(ns, name, image_name),
+            Err(e) => return Err(e.into()),
+        };
         self.emit(
             cluster.id,
             None,
@@ -210,9 +228,27 @@ impl Orchestrator {
         Ok((cluster, UpOutcome::Created))
     }
 
-    pub fn reset(self: &Arc<Self>, cluster: &ClusterRow) {
+    /// Reset a ready or failed cluster; refused while another operation runs on it (its events would be taken
+    /// for the reset's).
+    pub fn reset(self: &Arc<Self>, cluster: &ClusterRow) -> Result<(), OrchestratorError> {
+        if cluster.state.is_transient() {
+            return Err(OrchestratorError::Busy {
+                name: cluster.name.clone(),
+                what: format!("it is {}", cluster.state.as_str()),
+            });
+        }
         self.set_cluster(cluster, ClusterState::Resetting, None);
         self.spawn_drive(cluster.id, true);
+        Ok(())
+    }
+
+    /// Delete in a task of its own, so a client that goes away mid-delete does not cut it off.
+    pub fn spawn_delete(
+        self: &Arc<Self>,
+        cluster: ClusterRow,
+    ) -> tokio::task::JoinHandle<Result<(), OrchestratorError>> {
+        let this = self.clone();
+        tokio::spawn(async move { this.delete(&cluster).await })
     }
 
     fn spawn_drive(self: &Arc<Self>, cluster_id: i64, reset: bool) {
@@ -451,18 +487,20 @@ impl Orchestrator {
         let image = self.catalog.get(&cluster.image).ok();
         let mut errors = Vec::new();
         for vm in &vms {
+            // Without its image (removed, or being rebuilt) a VM is still stopped from its run folder: the
+            // backend needs only the folder, the namespace and the slot for that.
+            let stand_in = || Image {
+                spec: crate::server::images::ImageSpec {
+                    name: cluster.image.clone(),
+                    description: String::new(),
+                    vms: vec![crate::server::images::VmTemplate::named(&vm.name)],
+                    snapshot: None,
+                },
+                dir: self.vms_dir.clone(),
+            };
             let spec = match &image {
                 Some(image) => self.vm_spec(&ns, cluster, vm, image),
-                None => {
-                    // The image is gone: forget the folder, the backend cannot know more.
-                    let dir = self
-                        .vms_dir
-                        .join(&ns.name)
-                        .join(&cluster.name)
-                        .join(&vm.name);
-                    let _ = std::fs::remove_dir_all(dir);
-                    continue;
-                }
+                None => self.vm_spec(&ns, cluster, vm, &stand_in()),
             };
             let backend = self.backend.clone();
             let result = tokio::task::spawn_blocking(move || {
@@ -550,12 +588,7 @@ impl Orchestrator {
         for cluster in self.store.all_clusters()? {
             match cluster.state {
                 ClusterState::Deleting => {
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = this.delete(&cluster).await {
-                            tracing::error!("resuming delete of {}: {e}", cluster.name);
-                        }
-                    });
+                    drop(self.spawn_delete(cluster));
                 }
                 ClusterState::Resetting => self.spawn_drive(cluster.id, true),
                 state if state.is_transient() => {

@@ -619,15 +619,26 @@ impl Store {
 
     // ---- ssh keys ----
 
-    pub fn add_ssh_keys(&self, ns_id: i64, keys: &[String]) -> StoreResult<()> {
+    /// Remember ssh keys for the namespace, keeping only the `keep` most recently sent.
+    pub fn add_ssh_keys(&self, ns_id: i64, keys: &[String], keep: usize) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for key in keys {
+            // Re-inserting moves a key to the newest position.
             tx.execute(
-                "INSERT OR IGNORE INTO ssh_keys (namespace_id, key) VALUES (?1, ?2)",
+                "DELETE FROM ssh_keys WHERE namespace_id = ?1 AND key = ?2",
+                params![ns_id, key],
+            )?;
+            tx.execute(
+                "INSERT INTO ssh_keys (namespace_id, key) VALUES (?1, ?2)",
                 params![ns_id, key],
             )?;
         }
+        tx.execute(
+            "DELETE FROM ssh_keys WHERE namespace_id = ?1 AND rowid NOT IN
+             (SELECT rowid FROM ssh_keys WHERE namespace_id = ?1 ORDER BY rowid DESC LIMIT ?2)",
+            params![ns_id, keep as i64],
+        )?;
         tx.commit()?;
         Ok(())
     }

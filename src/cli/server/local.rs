@@ -35,6 +35,12 @@ pub async fn ensure(mut ctx: Context, port: u16, talk: bool) -> Result<Context, 
     } else {
         start_server(&data_dir, port, talk).await?;
     }
+    // Already logged in to this server with a token it accepts: keep it (no new token each time).
+    if let Ok((profile, client)) = ctx.client() {
+        if profile.server == url && client.get::<api::Me>("/me").await.is_ok() {
+            return Ok(ctx);
+        }
+    }
     // Same machine, same data dir: mint a token straight in the store (SQLite WAL allows a second writer).
     let user = crate::cli::server::default_user_name();
     let dir = data_dir.clone();
@@ -60,12 +66,20 @@ async fn start_server(data_dir: &std::path::Path, port: u16, talk: bool) -> Resu
         )
     })?;
     let log_path = data_dir.join("server.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| {
-        CliError::new(
-            ExitKind::Failure,
-            format!("cannot write {}: {e}", log_path.display()),
-        )
-    })?;
+    // The dev server prints a login token: keep its log private.
+    use std::os::unix::fs::OpenOptionsExt;
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|e| {
+            CliError::new(
+                ExitKind::Failure,
+                format!("cannot write {}: {e}", log_path.display()),
+            )
+        })?;
     let exe =
         std::env::current_exe().map_err(|e| CliError::new(ExitKind::Failure, e.to_string()))?;
     use std::os::unix::process::CommandExt;

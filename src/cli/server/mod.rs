@@ -149,6 +149,11 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         Some(ServerCommand::User(cmd)) => user(cmd),
         None => {
             let r = args.run;
+            if let Some(user) = &r.user {
+                if !crate::names::is_dns_label(user) {
+                    anyhow::bail!("`{user}` is not a valid engineer name: use lowercase letters, digits and `-` (it names the namespace)");
+                }
+            }
             let data_dir = data_dir(r.data_dir)?;
             let netns = match r.netns.as_deref() {
                 Some("none") | Some("") => None,

@@ -41,8 +41,10 @@ pub fn live_pid(pid_file: &Path, expect_in_cmdline: &str) -> Option<i32> {
         return None;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmdline)
-        .contains(expect_in_cmdline)
+    // A whole argument, so `.../n1` never matches `.../n10`.
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg == expect_in_cmdline.as_bytes())
         .then_some(pid)
 }
 
