@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install fcdev and the host packages it needs (idempotent; run as root, or it uses sudo).
 #
-#   ./install.sh          install packages + build and install /usr/local/bin/fcdev
+#   ./install.sh          install packages + build (as you) and install /usr/local/bin/fcdev (with sudo)
 #   ./install.sh --run    ...then run the main job: a local cluster (fcdev up --local) reachable through the
 #                         tunnel (rootless mode, http://127.0.0.1:8080 -> n1:80); Ctrl-C stops the tunnel
 set -euo pipefail
