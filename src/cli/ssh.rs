@@ -42,22 +42,42 @@ fn key_path(ctx: &Context) -> PathBuf {
 pub fn ensure_key(ctx: &Context) -> Option<String> {
     let path = key_path(ctx);
     let public = path.with_extension("pub");
-    if !public.is_file() {
-        std::fs::create_dir_all(path.parent()?).ok()?;
-        let status = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "fcdev", "-f"])
-            .arg(&path)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .ok()?;
-        if !status.success() {
-            return None;
+    let read = || {
+        std::fs::read_to_string(&public)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(key) = read() {
+        return Some(key);
+    }
+    // One `fcdev up` generates, concurrent ones wait for it (a lock file; a stale one is ignored after 5 s), so
+    // nobody reads half a key or pairs the wrong halves.
+    std::fs::create_dir_all(path.parent()?).ok()?;
+    let lock = path.with_extension("lock");
+    for _ in 0..100 {
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock);
+        if created.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if let Some(key) = read() {
+            return Some(key);
         }
     }
-    std::fs::read_to_string(public)
-        .ok()
-        .map(|s| s.trim().to_string())
+    let _ = std::fs::remove_file(&path);
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "fcdev", "-f"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status();
+    let _ = std::fs::remove_file(&lock);
+    status.ok().filter(|s| s.success())?;
+    read()
 }
 
 pub async fn run(args: SshArgs, ctx: Context) -> Result<(), CliError> {
