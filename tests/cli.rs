@@ -78,15 +78,7 @@ fn login_up_status_reset_down() {
         .stdout(predicate::str::contains("n1").and(predicate::str::contains("10.240.0.10")))
         .stdout(predicate::str::contains("fcdev tunnel"));
 
-    let out = server
-        .fcdev()
-        .args(["status", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let status = json(&out);
+    let status = server.status_json();
     assert_eq!(status["user"], "alice");
     assert_eq!(status["namespace"]["subnet"], "10.240.0.0/24");
     let cluster = &status["clusters"][0];
@@ -132,15 +124,10 @@ fn login_up_status_reset_down() {
         .stdout(predicate::str::contains("\"tiny\""));
 
     server.fcdev().args(["down", "--yes"]).assert().success();
-    let out = server
-        .fcdev()
-        .args(["status", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    assert_eq!(json(&out)["clusters"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        server.status_json()["clusters"].as_array().unwrap().len(),
+        0
+    );
     assert!(
         common::find_files(&server.data_dir().join("vms"), "vm.pid").is_empty(),
         "VM folders left behind"
@@ -261,15 +248,7 @@ fn bad_input_gets_clear_errors() {
         .assert()
         .code(5)
         .stderr(predicate::str::contains("already exists"));
-    let out = server
-        .fcdev()
-        .args(["status", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let clusters = json(&out)["clusters"].as_array().unwrap().clone();
+    let clusters = server.status_json()["clusters"].as_array().unwrap().clone();
     assert_eq!(clusters.len(), 1);
 }
 
@@ -390,15 +369,7 @@ fn server_killed_during_up_recovers() {
     server.restart();
     // The restarted server drives the cluster on; `up` follows it to ready, and no VM is duplicated.
     server.fcdev().arg("up").assert().success();
-    let out = server
-        .fcdev()
-        .args(["status", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    assert_eq!(json(&out)["clusters"][0]["state"], "ready");
+    assert_eq!(server.status_json()["clusters"][0]["state"], "ready");
     let running = std::process::Command::new("pgrep")
         .args([
             "-f",
@@ -428,15 +399,8 @@ fn killed_vm_is_noticed_and_repaired() {
     server.fcdev().arg("up").assert().success();
     server.kill_vms();
     std::thread::sleep(Duration::from_millis(200));
-    let out = server
-        .fcdev()
-        .args(["status", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let cluster = &json(&out)["clusters"][0];
+    let status = server.status_json();
+    let cluster = &status["clusters"][0];
     assert_eq!(cluster["state"], "failed");
     assert!(cluster["reason"]
         .as_str()
@@ -444,15 +408,7 @@ fn killed_vm_is_noticed_and_repaired() {
         .contains("stopped unexpectedly"));
     assert_eq!(cluster["vms"][0]["state"], "stopped");
     server.fcdev().arg("up").assert().success();
-    let out = server
-        .fcdev()
-        .args(["status", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    assert_eq!(json(&out)["clusters"][0]["state"], "ready");
+    assert_eq!(server.status_json()["clusters"][0]["state"], "ready");
 }
 
 #[test]
@@ -473,15 +429,7 @@ fn vm_that_never_gets_ready_fails_the_cluster_with_its_log() {
             predicate::str::contains("f1")
                 .and(predicate::str::contains("told never to become ready")),
         );
-    let out = server
-        .fcdev()
-        .args(["status", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    assert_eq!(json(&out)["clusters"][0]["state"], "failed");
+    assert_eq!(server.status_json()["clusters"][0]["state"], "failed");
 }
 
 #[test]

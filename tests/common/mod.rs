@@ -161,6 +161,19 @@ impl TestServer {
             .success();
     }
 
+    /// `fcdev status --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self
+            .fcdev()
+            .args(["status", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        json(&out)
+    }
+
     /// Kill every test-VM process this server started.
     pub fn kill_vms(&self) {
         for pid_file in find_files(&self.data_dir().join("vms"), "vm.pid") {
