@@ -79,9 +79,24 @@ pub async fn run(args: UpArgs, mut ctx: Context) -> Result<(), CliError> {
     if !args.json {
         let first = cluster.vms.first().map(|v| v.name.as_str()).unwrap_or("n1");
         println!("\nNamespace {} ({}). Next:", ns.name, ns.subnet);
-        println!("  fcdev tunnel                     # reach the VMs from here (TUN with root, else a SOCKS5 proxy)");
-        println!("  fcdev tunnel -L 8080:{first}:80     # or forward one port: curl http://127.0.0.1:8080");
-        println!("  fcdev ssh {first}");
+        let steps = [
+            (
+                "fcdev tunnel".to_string(),
+                "reach the VMs from here (TUN with root, else a SOCKS5 proxy)".to_string(),
+            ),
+            (
+                format!("fcdev tunnel -L 8080:{first}:80"),
+                "or forward one port: curl http://127.0.0.1:8080".to_string(),
+            ),
+            (
+                format!("fcdev ssh {first}"),
+                "a shell in the VM".to_string(),
+            ),
+        ];
+        let width = steps.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+        for (command, what) in steps {
+            println!("  {command:<width$}  # {what}");
+        }
     }
     Ok(())
 }
