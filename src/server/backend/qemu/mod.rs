@@ -385,16 +385,23 @@ impl QemuBackend {
         Ok((kernel, initrd))
     }
 
-    fn boot_launch(&self, vm: &VmSpec, tap: String) -> BackendResult<Launch> {
-        let (kernel, initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
-        Ok(Launch {
+    /// The launch settings of one VM booting; a restore changes memory and `incoming` from these.
+    fn launch_for(
+        &self,
+        vm: &VmSpec,
+        tap: String,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        append: String,
+    ) -> Launch {
+        Launch {
             accel: self.accel,
             name: format!("{}-{}", vm.namespace.name, vm.name),
             vcpus: vm.template.vcpus,
             memory_mb: vm.template.memory_mb,
             kernel,
             initrd,
-            append: boot_append(&vm.template, &guest_config(vm)),
+            append,
             disk: vm
                 .template
                 .disk
@@ -405,7 +412,13 @@ impl QemuBackend {
             memory: Memory::Anonymous,
             incoming: false,
             run_dir: vm.run_dir.clone(),
-        })
+        }
+    }
+
+    fn boot_launch(&self, vm: &VmSpec, tap: String) -> BackendResult<Launch> {
+        let (kernel, initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
+        let append = boot_append(&vm.template, &guest_config(vm));
+        Ok(self.launch_for(vm, tap, kernel, initrd, append))
     }
 
     /// Start qemu waiting for an incoming migration and feed it the snapshot's state.
@@ -420,28 +433,13 @@ impl QemuBackend {
         // initrd. Saves ~20 MB per VM.
         let (kernel, _initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
         let kernel = snap.kernel_stub().unwrap_or(kernel);
-        let initrd = None;
         let launch = Launch {
-            accel: self.accel,
-            name: format!("{}-{}", vm.namespace.name, vm.name),
-            vcpus: vm.template.vcpus,
-            memory_mb: vm.template.memory_mb,
-            kernel,
-            initrd,
-            append: snap.meta.append.clone(),
-            disk: vm
-                .template
-                .disk
-                .as_ref()
-                .map(|_| vm.run_dir.join(files::DISK)),
-            net: Net::Tap(tap),
-            mac: vm.mac.clone(),
             memory: Memory::File {
                 path: snap.mem_path(),
                 share: false,
             },
             incoming: true,
-            run_dir: vm.run_dir.clone(),
+            ..self.launch_for(vm, tap, kernel, None, snap.meta.append.clone())
         };
         self.launch(&launch)?;
         let run = &vm.run_dir;
