@@ -370,16 +370,8 @@ fn server_killed_during_up_recovers() {
     // The restarted server drives the cluster on; `up` follows it to ready, and no VM is duplicated.
     server.fcdev().arg("up").assert().success();
     assert_eq!(server.status_json()["clusters"][0]["state"], "ready");
-    let running = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            "--",
-            &format!("--run-dir={}", server.data_dir().join("vms").display()),
-        ])
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&running.stdout).lines().count(),
+        server.vm_processes(),
         3,
         "one process per VM: {}",
         String::from_utf8_lossy(
@@ -492,17 +484,5 @@ fn concurrent_ups_of_one_cluster_join_and_reset_waits_its_turn() {
         );
         assert_eq!(json(&out.stdout)["state"], "ready");
     }
-    let out = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            "--",
-            &format!("--run-dir={}", server.data_dir().join("vms").display()),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
-        3,
-        "one process per VM"
-    );
+    assert_eq!(server.vm_processes(), 3, "one process per VM");
 }

@@ -58,30 +58,24 @@ fn require_vm_tools() {
 fn tiny_image() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fcdev-test-images/tiny");
     let snapshot_ready = dir.join("snapshot").is_dir();
-    if !dir.join("image.toml").is_file() || !dir.join("initrd.img").is_file() {
+    let image_cmd = |verb: &str| {
         let out = Command::new(FCDEV)
-            .args(["image", "build", "tiny", "--out"])
+            .args(["image", verb, "tiny", "--out"])
             .arg(&dir)
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "fcdev image build: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    if !snapshot_ready {
-        let out = Command::new(FCDEV)
-            .args(["image", "snapshot", "tiny", "--out"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "fcdev image snapshot: {}",
+            "fcdev image {verb}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    };
+    if !dir.join("image.toml").is_file() || !dir.join("initrd.img").is_file() {
+        image_cmd("build");
+    }
+    if !snapshot_ready {
+        image_cmd("snapshot");
     }
     dir
 }

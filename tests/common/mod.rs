@@ -174,6 +174,19 @@ impl TestServer {
         json(&out)
     }
 
+    /// How many test-VM processes of this server run (to prove none is duplicated).
+    pub fn vm_processes(&self) -> usize {
+        let out = Command::new("pgrep")
+            .args([
+                "-f",
+                "--",
+                &format!("--run-dir={}", self.data_dir().join("vms").display()),
+            ])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
     /// Kill every test-VM process this server started.
     pub fn kill_vms(&self) {
         for pid_file in find_files(&self.data_dir().join("vms"), "vm.pid") {
