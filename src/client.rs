@@ -41,13 +41,6 @@ impl ClientError {
             _ => None,
         }
     }
-
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            ClientError::Api { error, .. } => Some(&error.code),
-            _ => None,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -69,10 +62,6 @@ impl ApiClient {
             token,
             http,
         }
-    }
-
-    pub fn base(&self) -> &str {
-        &self.base
     }
 
     fn url(&self, path: &str) -> String {

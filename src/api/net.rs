@@ -40,10 +40,6 @@ impl Subnet {
     pub fn host(&self, n: u32) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.base).wrapping_add(n))
     }
-
-    pub fn size(&self) -> u64 {
-        1u64 << (32 - u32::from(self.prefix))
-    }
 }
 
 impl fmt::Display for Subnet {

@@ -1,7 +1,5 @@
 //! Command-line definitions (clap) and the shared context of the laptop commands.
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
 
 use crate::client::ApiClient;
@@ -138,10 +136,6 @@ impl Context {
             })?;
         let client = ApiClient::new(&profile.server, Some(token));
         Ok((profile, client))
-    }
-
-    pub fn config_dir(&self) -> PathBuf {
-        self.store.dir.clone()
     }
 }
 

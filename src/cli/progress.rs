@@ -40,7 +40,6 @@ pub async fn follow(
         bars.insert(vm.name.clone(), bar);
     }
     let started = Instant::now();
-    let path = format!("/clusters/{}/events?after={}", start.name, start.event_seq);
     let mut finished = false;
     // The stream may drop (server restart): reconnect and read on from the last event seen.
     let mut after = start.event_seq;
@@ -50,7 +49,6 @@ pub async fn follow(
             break;
         }
         let p = format!("/clusters/{}/events?after={after}", start.name);
-        let _ = &path;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let followed = client.follow_events(&p, |data| {
             let Ok(ev) = serde_json::from_str::<api::ClusterEvent>(data) else {

@@ -478,13 +478,12 @@ async fn cluster_events(
     Path(name): Path<String>,
     QueryParams(q): QueryParams<EventsQuery>,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    let (_ns, row) = find_cluster(&state, &user, &name).await?;
     let mut live = state.orchestrator.subscribe();
     let store = state.store.clone();
     let cid = row.id;
     let past = blocking(move || store.events_after(cid, q.after)).await??;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
-    let ns_name = ns.name.clone();
     let cluster_name = row.name.clone();
     let store = state.store.clone();
     tokio::spawn(async move {
@@ -521,7 +520,6 @@ async fn cluster_events(
                 return;
             }
         }
-        let _ = &ns_name;
         loop {
             match live.recv().await {
                 Ok(e) if e.cluster_id == cid && e.seq > last => {
