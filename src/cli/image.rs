@@ -17,7 +17,8 @@ pub struct ImageArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
-    /// Build an image from Debian packages (recipes: tiny).
+    /// Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the
+    /// same recipe (use --force).
     Build {
         name: String,
         /// Output folder (default: <data dir>/images/NAME).
@@ -29,6 +30,12 @@ pub enum ImageCommand {
         /// Leave dropbear (ssh) out.
         #[arg(long)]
         no_ssh: bool,
+        /// press: a shell script run in the guest's root filesystem after the recipe (operator's extra steps).
+        #[arg(long, env = "FCDEV_PRESS_HOOK")]
+        hook: Option<PathBuf>,
+        /// Build even when the output holds an image of the same recipe.
+        #[arg(long)]
+        force: bool,
     },
     /// Boot the image's VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`.
     Snapshot {
@@ -56,18 +63,31 @@ pub fn run(args: ImageArgs, data_dir: &Path) -> anyhow::Result<()> {
             out,
             kernel_version,
             no_ssh,
+            hook,
+            force,
         } => {
             let dir = image_dir(data_dir, &name, out)?;
             let t0 = Instant::now();
-            build(
-                &name,
-                &dir,
-                &BuildOptions {
-                    kernel_version,
-                    no_ssh,
-                },
-            )
-            .with_context(|| format!("building image `{name}`"))?;
+            let opts = BuildOptions {
+                kernel_version,
+                no_ssh,
+                hook,
+                force,
+                progress: true,
+            };
+            if name == "press" {
+                let built = crate::image::press::build_press(&dir, &opts)
+                    .with_context(|| format!("building image `{name}`"))?;
+                if !built {
+                    println!(
+                        "image {name} in {} is up to date (same recipe; --force rebuilds)",
+                        dir.display()
+                    );
+                    return Ok(());
+                }
+            } else {
+                build(&name, &dir, &opts).with_context(|| format!("building image `{name}`"))?;
+            }
             println!(
                 "built image {name} in {} ({:.1} s)",
                 dir.display(),

@@ -80,12 +80,28 @@ pub struct BuildOptions {
     pub kernel_version: Option<String>,
     /// Leave dropbear out even when it is installed.
     pub no_ssh: bool,
+    /// press: an operator's shell script run in the guest's root filesystem after the recipe (extra packages,
+    /// the real `frappe-bench` where the network allows it). Part of the recipe hash.
+    pub hook: Option<PathBuf>,
+    /// press: build even when the output already holds an image of this recipe.
+    pub force: bool,
+    /// Print one line per build step on stderr.
+    pub progress: bool,
+}
+
+/// The last `n` lines of a log file (for errors).
+pub fn tail_of(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Build the image recipe `name` into `out`.
 pub fn build(name: &str, out: &Path, opts: &BuildOptions) -> BuildResult<()> {
     match name {
         "tiny" => build_tiny(out, opts),
+        "press" => super::press::build_press(out, opts).map(|_| ()),
         other => Err(BuildError::UnknownRecipe(other.to_string())),
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod cpio;
+pub mod press;
 pub mod snapshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,7 +17,13 @@ pub enum BuildError {
         context: String,
         source: std::io::Error,
     },
-    #[error("unknown image recipe `{0}` (known: tiny)")]
+    #[error("build step `{step}` failed (log: {log}):\n{tail}")]
+    Step {
+        step: String,
+        log: std::path::PathBuf,
+        tail: String,
+    },
+    #[error("unknown image recipe `{0}` (known: tiny, press)")]
     UnknownRecipe(String),
     #[error("{0}")]
     Other(String),

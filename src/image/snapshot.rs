@@ -37,6 +37,20 @@ pub fn snapshot_image(image_dir: &Path, backend: &QemuBackend) -> BuildResult<Sn
     }
     std::fs::create_dir_all(&tmp).map_err(super::io_err("creating the snapshot folder"))?;
     let accel = backend.accel();
+    if image.spec.snapshot.as_ref().is_some_and(|s| s.cluster) {
+        let progress = |msg: &str| eprintln!("snapshot {}: {msg}", image.spec.name);
+        let metas = backend
+            .take_cluster_snapshot(&image, &tmp, &progress)
+            .map_err(backend_error)?;
+        let save_ms = metas.first().map(|m| m.save_ms).unwrap_or(0);
+        let key = metas.first().map(|m| m.key.clone()).unwrap_or_default();
+        let vms = metas.iter().flat_map(|m| m.vms.clone()).collect();
+        std::fs::rename(&tmp, &root).map_err(super::io_err("publishing the snapshot"))?;
+        return Ok(SnapshotReport {
+            accel: accel.to_string(),
+            snapshots: vec![(key, vms, save_ms)],
+        });
+    }
     let mut groups: Vec<(String, Vec<String>, usize)> = Vec::new();
     for (i, vm) in image.spec.vms.iter().enumerate() {
         let key = qsnap::key(vm, accel);
@@ -59,17 +73,21 @@ pub fn snapshot_image(image_dir: &Path, backend: &QemuBackend) -> BuildResult<Sn
             .any(|g| image.spec.vms[g.2].disk == *disk);
         let meta = backend
             .take_snapshot(&image, &image.spec.vms[i], &tmp, vms.clone(), !shared)
-            .map_err(|e| match e {
-                crate::server::backend::BackendError::Failed { message, log_tail } => {
-                    BuildError::Other(match log_tail {
-                        Some(t) => format!("{message}\n{t}"),
-                        None => message,
-                    })
-                }
-                other => BuildError::Other(other.to_string()),
-            })?;
+            .map_err(backend_error)?;
         report.snapshots.push((key, vms, meta.save_ms));
     }
     std::fs::rename(&tmp, &root).map_err(super::io_err("publishing the snapshot"))?;
     Ok(report)
+}
+
+fn backend_error(e: crate::server::backend::BackendError) -> BuildError {
+    match e {
+        crate::server::backend::BackendError::Failed { message, log_tail } => {
+            BuildError::Other(match log_tail {
+                Some(t) => format!("{message}\n{t}"),
+                None => message,
+            })
+        }
+        other => BuildError::Other(other.to_string()),
+    }
 }

@@ -10,7 +10,7 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
 
-IP= GW= NAME=vm NS=- ROLE=- MAC= KEYS= SNAPSHOT=
+IP= GW= NAME=vm NS=- ROLE=- MAC= KEYS= SNAPSHOT= HOSTS= TIME=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     fcdev.ip=*) IP=${arg#fcdev.ip=} ;;
@@ -20,6 +20,7 @@ for arg in $(cat /proc/cmdline); do
     fcdev.role=*) ROLE=${arg#fcdev.role=} ;;
     fcdev.mac=*) MAC=${arg#fcdev.mac=} ;;
     fcdev.keys=*) KEYS=${arg#fcdev.keys=} ;;
+    fcdev.hosts=*) HOSTS=${arg#fcdev.hosts=} ;;
     fcdev.snapshot=1) SNAPSHOT=1 ;;
   esac
 done
@@ -66,6 +67,12 @@ configure() {
   ip link set eth0 up
   [ -n "$IP" ] && arping -U -c 1 -I eth0 "${IP%/*}" >/dev/null 2>&1 &
   [ -n "$GW" ] && ip route replace default via "$GW"
+  # Forget the neighbours of the snapshot's network (another gateway MAC than the namespace's).
+  ip neigh flush dev eth0 2>/dev/null
+  if [ -n "$HOSTS" ] && [ "$HOSTS" != - ]; then
+    { echo "127.0.0.1 localhost"; echo "$HOSTS" | base64 -d; } > /etc/hosts
+  fi
+  [ -n "$TIME" ] && date -u -s "@$TIME" >/dev/null 2>&1
 }
 
 configure
@@ -93,6 +100,8 @@ while true; do
             ns=*) NS=${kv#ns=} ;;
             role=*) ROLE=${kv#role=} ;;
             mac=*) MAC=${kv#mac=} ;;
+            hosts=*) HOSTS=${kv#hosts=} ;;
+            time=*) TIME=${kv#time=} ;;
             keys=*) KEYS=${kv#keys=} ;;
             seed=*) echo "${kv#seed=}" > /dev/urandom ;;
           esac

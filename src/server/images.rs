@@ -70,11 +70,19 @@ pub struct VmTemplate {
     pub cmdline: String,
     #[serde(default = "default_probe")]
     pub probe: String,
+    /// A shell command run inside the guest (by the agent) that must succeed before the onboarding snapshot is
+    /// taken: the role's service works, not only its port.
+    #[serde(default)]
+    pub check: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SnapshotSpec {
     pub dir: String,
+    /// One snapshot of the whole cluster (every VM with its own memory, device state and disk layer, all taken
+    /// together on a private network) instead of one per VM shape.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 impl VmTemplate {
@@ -90,6 +98,7 @@ impl VmTemplate {
             disk: None,
             cmdline: String::new(),
             probe: default_probe(),
+            check: None,
         }
     }
 }

@@ -151,7 +151,20 @@ impl Orchestrator {
             .or_else(|| image.spec.vms.get(vm.slot as usize))
             .cloned()
             .unwrap_or_else(|| image.spec.vms[0].clone());
+        let hosts = self
+            .store
+            .vms_of(c.id)
+            .unwrap_or_default()
+            .iter()
+            .map(|v| {
+                (
+                    vec![v.name.clone(), hostname(&v.name, &c.name, &ns.name)],
+                    v.address,
+                )
+            })
+            .collect();
         VmSpec {
+            hosts,
             namespace: namespace_net(ns),
             cluster: c.name.clone(),
             slot: vm.slot,

@@ -63,6 +63,9 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Engineers' ssh public keys to authorize inside the guest (never baked into the shared image).
     pub ssh_keys: Vec<String>,
+    /// The cluster's VMs by name (short name first, then the others such as `n1.alice.fcdev`) and address:
+    /// the guest's /etc/hosts, so services find each other by name after any re-addressing.
+    pub hosts: Vec<(Vec<String>, Ipv4Addr)>,
 }
 
 /// How a VM was started.

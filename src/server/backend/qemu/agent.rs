@@ -4,7 +4,10 @@
 //!
 //! Protocol (one line each way, fields are `key=value` without spaces, binary values in base64):
 //! - `ping` → `pong`
-//! - `config ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 seed=HEX` → `ok N`
+//! - `config ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 hosts=B64 time=UNIX seed=HEX` → `ok N [hostkey=B64]`
+//!   (`hosts`: /etc/hosts lines of the cluster's VMs; the guest also flushes its neighbour table, so the
+//!   snapshot network's MACs are forgotten; `time`: the host's clock, set in the guest; Debian images answer
+//!   with their new ssh host public key)
 //! - `run B64(command)` → `out RC B64(output)`
 
 use std::io::{BufRead, BufReader, Write};
@@ -39,6 +42,19 @@ pub struct GuestConfig {
     pub role: String,
     pub mac: String,
     pub ssh_keys: Vec<String>,
+    /// `/etc/hosts` lines for the cluster's VMs (`ADDRESS NAME…`).
+    pub hosts: Vec<String>,
+}
+
+impl GuestConfig {
+    /// The hosts lines, base64 (`-` when none).
+    pub fn hosts_b64(&self) -> String {
+        if self.hosts.is_empty() {
+            return "-".into();
+        }
+        let text: String = self.hosts.iter().map(|l| format!("{l}\n")).collect();
+        base64::engine::general_purpose::STANDARD.encode(text)
+    }
 }
 
 impl GuestConfig {
@@ -46,8 +62,12 @@ impl GuestConfig {
         let b64 = base64::engine::general_purpose::STANDARD;
         let keys = b64.encode(self.ssh_keys.join("\n"));
         let seed: [u8; 32] = rand::random();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         format!(
-            "config ip={} gw={} name={} ns={} role={} mac={} keys={} seed={}",
+            "config ip={} gw={} name={} ns={} role={} mac={} keys={} hosts={} time={now} seed={}",
             self.ip_cidr,
             self.gateway,
             self.name,
@@ -63,6 +83,7 @@ impl GuestConfig {
             } else {
                 keys
             },
+            self.hosts_b64(),
             hex::encode(seed)
         )
     }

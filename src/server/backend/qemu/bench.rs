@@ -38,7 +38,15 @@ pub fn cluster_specs(
             let slot = i as u32;
             let run_dir = run_root.join(&t.name);
             std::fs::create_dir_all(&run_dir)?;
+            let hosts = image
+                .spec
+                .vms
+                .iter()
+                .enumerate()
+                .map(|(j, t)| (vec![t.name.clone()], ns.subnet.host(10 + j as u32)))
+                .collect();
             Ok(VmSpec {
+                hosts,
                 namespace: ns.clone(),
                 cluster: cluster.to_string(),
                 slot,

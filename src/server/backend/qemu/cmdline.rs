@@ -23,6 +23,9 @@ pub enum Net {
     Tap(String),
     /// A dead-end hub: the NIC exists but reaches nothing (snapshot source VMs).
     Isolated,
+    /// A private L2 switch of the snapshot cluster (a unix socket served by fcdev, see `switch.rs`): the VMs
+    /// of one cluster snapshot reach each other and nothing else.
+    Switch(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +150,13 @@ impl Launch {
             Net::Isolated => {
                 push(os("-netdev"));
                 push(os("hubport,id=net0,hubid=0"));
+            }
+            Net::Switch(sock) => {
+                push(os("-netdev"));
+                push(path_opt(
+                    "stream,id=net0,server=off,addr.type=unix,addr.path=",
+                    sock,
+                ));
             }
         }
         push(os("-device"));

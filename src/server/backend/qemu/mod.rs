@@ -12,6 +12,7 @@ pub mod cmdline;
 pub mod proc;
 pub mod qmp;
 pub mod snapshot;
+pub mod switch;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -190,6 +191,9 @@ pub fn boot_append(template: &VmTemplate, guest: &agent::GuestConfig) -> String 
     if !keys.is_empty() {
         s.push_str(&format!(" fcdev.keys={keys}"));
     }
+    if !guest.hosts.is_empty() {
+        s.push_str(&format!(" fcdev.hosts={}", guest.hosts_b64()));
+    }
     s.trim().to_string()
 }
 
@@ -202,12 +206,25 @@ fn guest_config(vm: &VmSpec) -> agent::GuestConfig {
         role: vm.template.role.clone(),
         mac: vm.mac.clone(),
         ssh_keys: vm.ssh_keys.clone(),
+        hosts: vm
+            .hosts
+            .iter()
+            .map(|(names, addr)| format!("{addr} {}", names.join(" ")))
+            .collect(),
     }
 }
 
-/// Probe `tcp:PORT` or `http:PORT` on an address, ~1 s at most.
+/// Probe a VM's service on `addr`, ~1 s at most:
+/// - `tcp:PORT`: the port accepts a connection;
+/// - `http:PORT[/PATH]`: `GET PATH` answers 200 (default `/`);
+/// - `mysql:PORT`: a MySQL/MariaDB server accepts a login of the probe user `fcdev_probe` (no password, no
+///   rights) and answers a `COM_PING`: the database works, not only its port.
 pub fn probe_addr(probe: &str, addr: std::net::Ipv4Addr) -> bool {
-    let (kind, port) = probe.split_once(':').unwrap_or(("tcp", probe));
+    let (kind, rest) = probe.split_once(':').unwrap_or(("tcp", probe));
+    let (port, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
     let Ok(port) = port.parse::<u16>() else {
         return false;
     };
@@ -215,11 +232,17 @@ pub fn probe_addr(probe: &str, addr: std::net::Ipv4Addr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&sa, Duration::from_millis(500)) else {
         return false;
     };
-    if kind != "http" {
-        return true;
+    let _ = s.set_read_timeout(Some(Duration::from_millis(900)));
+    let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+    match kind {
+        "http" => probe_http(&mut s, &addr.to_string(), path),
+        "mysql" => probe_mysql(&mut s).is_some(),
+        _ => true,
     }
-    let _ = s.set_read_timeout(Some(Duration::from_millis(700)));
-    if s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+}
+
+fn probe_http(s: &mut TcpStream, host: &str, path: &str) -> bool {
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .is_err()
     {
         return false;
@@ -232,6 +255,53 @@ pub fn probe_addr(probe: &str, addr: std::net::Ipv4Addr) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// One MySQL protocol packet: (sequence id, payload).
+fn mysql_read(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).ok()?;
+    let len = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
+    if len > 1 << 16 {
+        return None;
+    }
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).ok()?;
+    Some((head[3], payload))
+}
+
+fn mysql_write(s: &mut TcpStream, seq: u8, payload: &[u8]) -> Option<()> {
+    let len = payload.len();
+    let mut p = vec![len as u8, (len >> 8) as u8, (len >> 16) as u8, seq];
+    p.extend_from_slice(payload);
+    s.write_all(&p).ok()
+}
+
+/// Greeting → login as `fcdev_probe` with an empty password → OK → COM_PING → OK.
+fn probe_mysql(s: &mut TcpStream) -> Option<()> {
+    let (_, greeting) = mysql_read(s)?;
+    if greeting.first() != Some(&10) {
+        return None; // not protocol 10 (or an error packet: too many connections, host blocked)
+    }
+    const LONG_PASSWORD: u32 = 1;
+    const PROTOCOL_41: u32 = 0x200;
+    const SECURE_CONNECTION: u32 = 0x8000;
+    let caps = LONG_PASSWORD | PROTOCOL_41 | SECURE_CONNECTION;
+    let mut login = Vec::new();
+    login.extend_from_slice(&caps.to_le_bytes());
+    login.extend_from_slice(&(1u32 << 24).to_le_bytes()); // max packet
+    login.push(33); // utf8
+    login.extend_from_slice(&[0u8; 23]);
+    login.extend_from_slice(b"fcdev_probe\0");
+    login.push(0); // empty auth response
+    mysql_write(s, 1, &login)?;
+    let (_, ok) = mysql_read(s)?;
+    if ok.first() != Some(&0) {
+        return None;
+    }
+    mysql_write(s, 0, &[0x0e])?; // COM_PING
+    let (_, pong) = mysql_read(s)?;
+    (pong.first() == Some(&0)).then_some(())
 }
 
 impl QemuBackend {
@@ -681,13 +751,6 @@ impl Backend for QemuBackend {
         }
         let generation = self.bump_generation(run);
         let tap = self.tap_for(vm)?;
-        if let Some(disk) = &vm.template.disk {
-            let overlay = run.join(files::DISK);
-            if !overlay.exists() {
-                self.create_overlay(&vm.image.path(disk), &overlay)?;
-            }
-        }
-        let boot = self.boot_launch(vm, tap.clone())?;
         let sup = Supervisor {
             binary: self.binary.clone(),
             generations: self.generations.clone(),
@@ -695,7 +758,26 @@ impl Backend for QemuBackend {
             boot_deadline: self.boot_deadline,
             accel: self.accel,
         };
-        let snap = snapshot::find(&vm.image, &vm.template, self.accel);
+        let mut snap = snapshot::find(&vm.image, &vm.template, self.accel);
+        if let Some(disk) = &vm.template.disk {
+            let overlay = run.join(files::DISK);
+            // A snapshot with a disk layer expects exactly that disk: its overlay must be new. A VM whose disk
+            // is already in use (repaired after its qemu died) keeps its data and boots from it.
+            if let (Some(found), true) = (&snap, overlay.exists()) {
+                if found.disk().is_some() {
+                    note(run, "the disk already holds this VM's data: booting it instead of restoring");
+                    snap = None;
+                }
+            }
+            if !overlay.exists() {
+                let base = match snap.as_ref().and_then(|f| f.disk()) {
+                    Some(layer) => layer,
+                    None => vm.image.path(disk),
+                };
+                self.create_overlay(&base, &overlay)?;
+            }
+        }
+        let boot = self.boot_launch(vm, tap.clone())?;
         if let Some(snap) = snap {
             match self.launch_restore(vm, tap, &snap) {
                 Ok(()) => {

@@ -50,7 +50,17 @@ pub struct Found {
     pub meta: Meta,
 }
 
+/// A cluster snapshot's disk layer of one VM (its boot-time writes, on the image's base disk).
+pub const DISK: &str = "disk.qcow2";
+
 impl Found {
+    /// The disk the snapshot's memory expects, when the snapshot has its own layer (cluster snapshots): a
+    /// restored VM's overlay must sit on exactly this, fresh.
+    pub fn disk(&self) -> Option<PathBuf> {
+        let p = self.dir.join(DISK);
+        p.is_file().then_some(p)
+    }
+
     pub fn mem_path(&self) -> PathBuf {
         self.dir.join(MEM)
     }
@@ -102,9 +112,31 @@ pub fn key(template: &VmTemplate, accel: Accel) -> String {
     hex::encode(&h.finalize()[..6])
 }
 
+/// The key of a cluster snapshot: every VM's shape, role and check, and the accelerator.
+pub fn cluster_key(image: &Image, accel: Accel) -> String {
+    let mut h = Sha256::new();
+    h.update(b"cluster\0");
+    for t in &image.spec.vms {
+        h.update(key(t, accel).as_bytes());
+        for part in [&t.name, &t.role, t.check.as_deref().unwrap_or("")] {
+            h.update(part.as_bytes());
+            h.update([0u8]);
+        }
+    }
+    hex::encode(&h.finalize()[..6])
+}
+
 /// The snapshot to restore `template` from, when the image has a usable one.
 pub fn find(image: &Image, template: &VmTemplate, accel: Accel) -> Option<Found> {
-    let dir = image.snapshot_dir()?.join(key(template, accel));
+    let cluster = image.spec.snapshot.as_ref().is_some_and(|s| s.cluster);
+    let dir = if cluster {
+        image
+            .snapshot_dir()?
+            .join(cluster_key(image, accel))
+            .join(&template.name)
+    } else {
+        image.snapshot_dir()?.join(key(template, accel))
+    };
     let text = std::fs::read_to_string(dir.join(META)).ok()?;
     let meta: Meta = toml::from_str(&text).ok()?;
     (dir.join(STATE).is_file() && dir.join(MEM).is_file()).then_some(Found { dir, meta })
@@ -117,6 +149,36 @@ fn snapshot_append(template: &VmTemplate) -> String {
     )
     .trim()
     .to_string()
+}
+
+/// Save the device state of a paused guest (`x-ignore-shared`: its RAM is already in the memory file) to
+/// `state`, and wait until the migration completed.
+fn save_paused(q: &mut qmp::Qmp, state: &Path) -> Result<(), qmp::QmpError> {
+    let t0 = Instant::now();
+    q.set_capability("x-ignore-shared", true)?;
+    let uri = format!("exec:cat > {}", super::cmdline::shell_quote(state));
+    q.execute("migrate", json!({ "uri": uri }))?;
+    loop {
+        let (status, err) = q.migrate_status()?;
+        match status.as_str() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(qmp::QmpError::Protocol(format!(
+                    "migration {status}: {}",
+                    err.unwrap_or_default()
+                )))
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(qmp::QmpError::Protocol("migration did not finish".into()));
+        }
+    }
+}
+
+/// The placeholder address of VM `slot` in a cluster snapshot (TEST-NET-1, never routed).
+fn cluster_ip(slot: usize) -> String {
+    format!("192.0.2.{}", 10 + slot)
 }
 
 impl QemuBackend {
@@ -221,32 +283,11 @@ impl QemuBackend {
         // Let the guest go idle (late boot work, first timers) before freezing it.
         std::thread::sleep(Duration::from_millis(500));
         let t0 = Instant::now();
-        let result = (|| -> Result<(), qmp::QmpError> {
-            let mut q = qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5))?;
-            q.execute("stop", json!({}))?;
-            q.set_capability("x-ignore-shared", true)?;
-            let uri = format!(
-                "exec:cat > {}",
-                super::cmdline::shell_quote(&dir.join(STATE))
-            );
-            q.execute("migrate", json!({ "uri": uri }))?;
-            loop {
-                let (status, err) = q.migrate_status()?;
-                match status.as_str() {
-                    "completed" => return Ok(()),
-                    "failed" | "cancelled" => {
-                        return Err(qmp::QmpError::Protocol(format!(
-                            "migration {status}: {}",
-                            err.unwrap_or_default()
-                        )))
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(10)),
-                }
-                if t0.elapsed() > Duration::from_secs(60) {
-                    return Err(qmp::QmpError::Protocol("migration did not finish".into()));
-                }
-            }
-        })();
+        let result = qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5))
+            .and_then(|mut q| {
+                q.execute("stop", json!({}))?;
+                save_paused(&mut q, &dir.join(STATE))
+            });
         // SIGKILL right away, also on failure.
         proc::kill9(pid);
         proc::wait_gone(pid, &run, Duration::from_secs(5));
@@ -294,6 +335,221 @@ impl QemuBackend {
     }
 }
 
+
+/// One VM of a cluster snapshot while it is taken.
+struct Member {
+    name: String,
+    dir: PathBuf,
+    run: PathBuf,
+    pid: i32,
+}
+
+impl QemuBackend {
+    /// The onboarding snapshot of a whole cluster (`[snapshot] cluster = true`): boot every VM of the template
+    /// on a private switch with placeholder addresses (192.0.2.10 + slot) and the cluster's name map, wait until
+    /// each agent answers and each VM's `check` passes (the services work together), pause **every** VM, then
+    /// save each one's device state, and SIGKILL them. Each VM keeps its own memory file and its own disk layer
+    /// (`disk.qcow2` on the image's base disk, with a relative backing path), under `out_root/<cluster key>/<vm>/`.
+    pub fn take_cluster_snapshot(
+        &self,
+        image: &Image,
+        out_root: &Path,
+        progress: &dyn Fn(&str),
+    ) -> BackendResult<Vec<Meta>> {
+        use base64::Engine;
+        let key = cluster_key(image, self.accel());
+        let dir = out_root.join(&key);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let dir = dir.canonicalize()?;
+        let switch = super::switch::Switch::start(&dir.join("switch.sock"))?;
+        let hosts: String = image
+            .spec
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("{} {}\n", cluster_ip(i), t.name))
+            .collect();
+        let hosts_b64 = base64::engine::general_purpose::STANDARD.encode(hosts);
+        let mut members: Vec<Member> = Vec::new();
+        let kill_all = |members: &[Member]| {
+            for m in members {
+                proc::kill9(m.pid);
+            }
+            for m in members {
+                proc::wait_gone(m.pid, &m.run, Duration::from_secs(5));
+            }
+        };
+        let started = Instant::now();
+        for (i, template) in image.spec.vms.iter().enumerate() {
+            let vm_dir = dir.join(&template.name);
+            let run = vm_dir.join("run");
+            std::fs::create_dir_all(&run)?;
+            let (kernel, initrd) = Self::kernel_paths(image, template)?;
+            let disk = match &template.disk {
+                Some(d) => {
+                    let layer = vm_dir.join(DISK);
+                    self.create_overlay(&image.path(d), &layer)?;
+                    Some(layer)
+                }
+                None => None,
+            };
+            let append = format!(
+                "{} fcdev.snapshot=1 fcdev.ip={}/24 fcdev.gw={SNAPSHOT_GW} fcdev.name={} fcdev.ns=snapshot fcdev.role={} fcdev.hosts={hosts_b64}",
+                template.cmdline.trim(),
+                cluster_ip(i),
+                template.name,
+                if template.role.is_empty() { "-" } else { &template.role },
+            );
+            let launch = Launch {
+                accel: self.accel(),
+                name: format!("snapshot-{key}-{}", template.name),
+                vcpus: template.vcpus,
+                memory_mb: template.memory_mb,
+                kernel,
+                initrd,
+                append,
+                disk,
+                net: Net::Switch(dir.join("switch.sock")),
+                mac: format!("52:54:00:fc:fe:{:02x}", 10 + i),
+                memory: Memory::File {
+                    path: vm_dir.join(MEM),
+                    share: true,
+                },
+                incoming: false,
+                run_dir: run.clone(),
+            };
+            match self.launch(&launch) {
+                Ok(pid) => members.push(Member {
+                    name: template.name.clone(),
+                    dir: vm_dir,
+                    run,
+                    pid,
+                }),
+                Err(e) => {
+                    kill_all(&members);
+                    return Err(e);
+                }
+            }
+            std::fs::write(
+                members[members.len() - 1].dir.join("append"),
+                &launch.append,
+            )?;
+            if !write_kernel_stub(&launch.kernel, &members[members.len() - 1].dir.join(KERNEL_STUB))? {
+                tracing::info!("kernel is not a bzImage: restores load the full kernel");
+            }
+        }
+        progress(&format!("booting {} VMs", members.len()));
+        // Boot under TCG on a small host is slow: several systemd guests share the cores.
+        let deadline = Duration::from_secs(300);
+        let failed = |members: &[Member], m: &Member, why: String| {
+            let tail = super::log_tail_of(&m.run);
+            kill_all(members);
+            BackendError::Failed {
+                message: format!("snapshot VM {}: {why}", m.name),
+                log_tail: tail,
+            }
+        };
+        for m in &members {
+            let left = deadline.saturating_sub(started.elapsed());
+            if let Err(e) = agent::ping(&m.run.join(files::AGENT), left) {
+                return Err(failed(&members, m, format!("agent never answered ({e})")));
+            }
+        }
+        progress(&format!(
+            "agents up after {:.0} s; checking services",
+            started.elapsed().as_secs_f64()
+        ));
+        for (m, template) in members.iter().zip(&image.spec.vms) {
+            let Some(check) = &template.check else {
+                continue;
+            };
+            let mut last;
+            loop {
+                match agent::run(&m.run.join(files::AGENT), check, Duration::from_secs(30)) {
+                    Ok((0, _)) => break,
+                    Ok((rc, out)) => last = format!("exit {rc}: {}", out.trim()),
+                    Err(e) => last = e.to_string(),
+                }
+                if started.elapsed() > deadline {
+                    return Err(failed(
+                        &members,
+                        m,
+                        format!("check `{check}` did not pass: {last}"),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        progress(&format!(
+            "every check passed after {:.0} s; saving",
+            started.elapsed().as_secs_f64()
+        ));
+        // Let late boot work settle, then freeze every VM before saving any.
+        std::thread::sleep(Duration::from_secs(2));
+        let t0 = Instant::now();
+        let mut qmps = Vec::new();
+        for m in &members {
+            match qmp::Qmp::connect(&m.run.join(files::QMP), Duration::from_secs(5))
+                .and_then(|mut q| q.execute("stop", json!({})).map(|_| q))
+            {
+                Ok(q) => qmps.push(q),
+                Err(e) => return Err(failed(&members, m, format!("pause: {e}"))),
+            }
+        }
+        for (m, q) in members.iter().zip(qmps.iter_mut()) {
+            if let Err(e) = save_paused(q, &m.dir.join(STATE)) {
+                return Err(failed(&members, m, format!("save: {e}")));
+            }
+        }
+        let save_ms = t0.elapsed().as_millis() as u64;
+        kill_all(&members);
+        drop(switch);
+        let mut metas = Vec::new();
+        for (m, template) in members.iter().zip(&image.spec.vms) {
+            if let Ok(f) = std::fs::File::open(m.dir.join(MEM)) {
+                let _ = f.sync_all();
+            }
+            if let Some(d) = &template.disk {
+                // A relative backing path: the image folder can move.
+                let base = image.path(d).canonicalize()?;
+                let rel = PathBuf::from("../../..").join(base.file_name().unwrap_or_default());
+                let out = std::process::Command::new(self.qemu_img())
+                    .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+                    .arg(&rel)
+                    .arg(m.dir.join(DISK))
+                    .output()?;
+                if !out.status.success() {
+                    return Err(BackendError::msg(format!(
+                        "qemu-img rebase of {}'s snapshot disk: {}",
+                        m.name,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+            let append = std::fs::read_to_string(m.dir.join("append"))?;
+            std::fs::remove_file(m.dir.join("append"))?;
+            let meta = Meta {
+                key: key.clone(),
+                vms: vec![m.name.clone()],
+                accel: self.accel().to_string(),
+                vcpus: template.vcpus,
+                memory_mb: template.memory_mb,
+                append,
+                save_ms,
+            };
+            let text = toml::to_string(&meta)
+                .map_err(|e| BackendError::msg(format!("snapshot meta: {e}")))?;
+            std::fs::write(m.dir.join(META), text)?;
+            std::fs::remove_dir_all(&m.run)?;
+            metas.push(meta);
+        }
+        Ok(metas)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +565,7 @@ mod tests {
             disk: Some("root.qcow2".into()),
             cmdline: "console=ttyS0".into(),
             probe: "tcp:80".into(),
+            check: None,
         }
     }
 
