@@ -48,7 +48,15 @@ fn main() -> anyhow::Result<()> {
     let ns = namespace("bench", 9);
     backend.ensure_namespace(&ns)?;
     let root = tempfile::tempdir()?;
-    let deadline = backend.ready_deadline();
+    let deadline = image
+        .spec
+        .vms
+        .iter()
+        .map(|t| backend.boot_deadline_of(t))
+        .max()
+        .unwrap_or_default()
+        * 2
+        + Duration::from_secs(20);
     let mut boot = Vec::new();
     let mut restore = Vec::new();
     let mut pss = Vec::new();

@@ -113,7 +113,7 @@ fn boot_three_vms_and_fetch_their_pages() {
         backend: &b,
         vms: vms.clone(),
     };
-    let result = up(&b, &vms, b.ready_deadline());
+    let result = up(&b, &vms, b.ready_deadline(&vms[0]));
     let (modes, took) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -373,7 +373,7 @@ fn ssh_with_keys_given_at_restore_and_boot() {
         backend: &b,
         vms: vms.clone(),
     };
-    let (modes, _) = up(&b, &vms, b.ready_deadline()).expect("up");
+    let (modes, _) = up(&b, &vms, b.ready_deadline(&vms[0])).expect("up");
     assert_eq!(modes, vec![StartMode::Restore, StartMode::Boot]);
     for vm in &vms {
         let out = std::process::Command::new("timeout")

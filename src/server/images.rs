@@ -74,6 +74,10 @@ pub struct VmTemplate {
     /// taken: the role's service works, not only its port.
     #[serde(default)]
     pub check: Option<String>,
+    /// How long one cold boot of this VM may take before it is killed and booted once more (default: the
+    /// backend's, 45 s). Images of several systemd guests need more under TCG.
+    #[serde(default)]
+    pub boot_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -99,6 +103,7 @@ impl VmTemplate {
             cmdline: String::new(),
             probe: default_probe(),
             check: None,
+            boot_secs: None,
         }
     }
 }

@@ -385,7 +385,7 @@ impl Orchestrator {
         vm: &VmRow,
         spec: VmSpec,
     ) -> Result<StartMode, String> {
-        let deadline = self.backend.ready_deadline();
+        let deadline = self.backend.ready_deadline(&spec);
         let mut last_reason = String::new();
         for attempt in 1..=2 {
             let backend = self.backend.clone();

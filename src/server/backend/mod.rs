@@ -95,8 +95,8 @@ pub trait Backend: Send + Sync {
         "none".to_string()
     }
 
-    /// How long a VM may take to become ready after `start` (longer under TCG).
-    fn ready_deadline(&self) -> std::time::Duration {
+    /// How long a VM may take to become ready after `start` (longer under TCG, and per image).
+    fn ready_deadline(&self, _vm: &VmSpec) -> std::time::Duration {
         std::time::Duration::from_secs(60)
     }
 

@@ -344,6 +344,14 @@ impl QemuBackend {
         self
     }
 
+    /// One boot attempt's deadline for a VM of this template: the image's `boot_secs`, else the backend's.
+    pub fn boot_deadline_of(&self, template: &VmTemplate) -> Duration {
+        template
+            .boot_secs
+            .map(Duration::from_secs)
+            .unwrap_or(self.boot_deadline)
+    }
+
     /// The resolved accelerator (never `Auto`).
     pub fn accel(&self) -> Accel {
         self.accel
@@ -704,8 +712,8 @@ impl Backend for QemuBackend {
         self.accel.to_string()
     }
 
-    fn ready_deadline(&self) -> Duration {
-        self.boot_deadline * 2 + Duration::from_secs(20)
+    fn ready_deadline(&self, vm: &VmSpec) -> Duration {
+        self.boot_deadline_of(&vm.template) * 2 + Duration::from_secs(20)
     }
 
     fn ensure_namespace(&self, ns: &NamespaceNet) -> BackendResult<()> {
@@ -755,7 +763,7 @@ impl Backend for QemuBackend {
             binary: self.binary.clone(),
             generations: self.generations.clone(),
             generation,
-            boot_deadline: self.boot_deadline,
+            boot_deadline: self.boot_deadline_of(&vm.template),
             accel: self.accel,
         };
         let mut snap = snapshot::find(&vm.image, &vm.template, self.accel);

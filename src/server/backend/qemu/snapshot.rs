@@ -566,6 +566,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             probe: "tcp:80".into(),
             check: None,
+            boot_secs: None,
         }
     }
 
