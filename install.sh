@@ -15,21 +15,10 @@ if [ "$(id -u)" != 0 ]; then
   SUDO="sudo"
 fi
 
-# Host packages: QEMU and a guest kernel for the VMs, busybox/dropbear for the tiny image, iproute2/nftables for
-# the VM network. --no-install-recommends: wireguard-tools would otherwise pull in a whole kernel.
-PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static dropbear-bin iproute2 nftables procps
-          curl ca-certificates openssh-client xz-utils zstd gcc)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "==> installing ${missing[*]}"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-else
-  echo "==> host packages already installed"
-fi
+# Host packages (QEMU and a guest kernel for the VMs, busybox/dropbear for the tiny image, iproute2/nftables for
+# the VM network, debootstrap/e2fsprogs for image builds): the whole list in one apt call, then every program is
+# checked. See scripts/install-packages.sh.
+scripts/install-packages.sh
 
 if ! command -v cargo >/dev/null; then
   echo "error: cargo not found; install a Rust toolchain (https://rustup.rs) and run this again" >&2

@@ -21,11 +21,35 @@ if [ ! -d "$IMG/snapshot" ]; then "$BIN" image snapshot tiny --out "$IMG" >/dev/
 T=$(mktemp -d /tmp/fcdev-bench-XXXX)
 NS=fcdevb-$$
 SERVER_PID=
+# Every process of the run has $T in its command line (the server's --data-dir, qemu's run dirs).
+leftovers() { pgrep -f -- "$T/" || true; }
 cleanup() {
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
-  pkill -9 -f "qemu-system.*$T/data/vms" 2>/dev/null || true
+  local rc=$?
+  if [ -n "$SERVER_PID" ]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$SERVER_PID" 2>/dev/null || true
+  fi
+  # The VMs run detached from the server (they survive it by design): stop each through its pid file.
+  for pidfile in $(find "$T/data" -name qemu.pid 2>/dev/null); do
+    kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+  done
+  for _ in $(seq 50); do [ -z "$(leftovers)" ] && break; sleep 0.1; done
   ip netns del "$NS" 2>/dev/null || true
+  local left
+  left=$(leftovers)
+  if [ -n "$left" ]; then
+    echo "error: bench/up.sh left processes behind:" >&2
+    ps -o pid,args -p "$(echo "$left" | tr '\n' ',' | sed 's/,$//')" >&2 || true
+    rc=1
+  elif ip netns list | grep -qw "$NS"; then
+    echo "error: bench/up.sh left network namespace $NS behind" >&2
+    rc=1
+  else
+    echo "clean: no server, no qemu, no namespace of this run left"
+  fi
   [ -n "${KEEP:-}" ] || rm -rf "$T"
+  exit "$rc"
 }
 trap cleanup EXIT
 
@@ -41,7 +65,9 @@ ip netns add "$NS"
 ip -n "$NS" link set lo up
 in_ns() { ip netns exec "$NS" "$@"; }
 export FCDEV_CONFIG_DIR=$T/cfg
-in_ns "$BIN" server --dev --netns none --listen 127.0.0.1:7171 --hub-listen 127.0.0.1:0 --hub-tun none \
+# Started as a simple command, not through in_ns: `ip netns exec` execs the server, so $! is the server's pid
+# (through a shell function it would be a subshell's, and killing that leaves the server running).
+ip netns exec "$NS" "$BIN" server --dev --netns none --listen 127.0.0.1:7171 --hub-listen 127.0.0.1:0 --hub-tun none \
   --data-dir "$T/data" --images "$T/images" --user bench > "$T/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 100); do grep -q 'fcd_' "$T/server.log" 2>/dev/null && break; sleep 0.1; done
@@ -87,6 +113,6 @@ done | median)
 
 printf '%-44s %8s s\n' "fcdev up, from the onboarding snapshot" "$RESTORE"
 printf '%-44s %8s s\n' "fcdev up, cold boot" "$COLD"
-printf '%-44s %8s x\n' "snapshot speed-up (cold / snapshot)" "$(python3 -c "print(f'{$COLD/$RESTORE:.1f}')")"
+printf '%-44s %8s x\n' "snapshot speed-up (cold / snapshot)" "$(awk -v c="$COLD" -v r="$RESTORE" 'BEGIN {printf "%.1f", c / r}')"
 printf '%-44s %8s s\n' "fcdev reset" "$RESETS"
 printf '%-44s %8s MB\n' "idle PSS per VM (restored)" "$((PSS / 3 / 1024))"
