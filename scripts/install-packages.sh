@@ -16,7 +16,7 @@ set -euo pipefail
 
 HOST_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static dropbear-bin iproute2 nftables
                procps curl ca-certificates openssh-client xz-utils zstd gcc debootstrap e2fsprogs)
-CI_PACKAGES=(socat iperf3 wireguard-tools wireguard-go)
+CI_PACKAGES=(socat iperf3 wireguard-tools wireguard-go mariadb-client-core)
 
 # Program -> the package that ships it (the programs fcdev, the image builds, the tests and the benches run).
 declare -A HOST_PROGRAMS=(
@@ -25,7 +25,7 @@ declare -A HOST_PROGRAMS=(
   [xz]=xz-utils [zstd]=zstd [gcc]=gcc [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs
 )
 declare -A CI_PROGRAMS=(
-  [dbclient]=dropbear-bin [socat]=socat [iperf3]=iperf3 [wg]=wireguard-tools [wireguard-go]=wireguard-go
+  [mariadb]=mariadb-client-core [dbclient]=dropbear-bin [socat]=socat [iperf3]=iperf3 [wg]=wireguard-tools [wireguard-go]=wireguard-go
 )
 
 SUDO=()

@@ -37,7 +37,13 @@ const HOST_PACKAGES: &[&str] = &[
     "e2fsprogs",
 ];
 
-const CI_PACKAGES: &[&str] = &["socat", "iperf3", "wireguard-tools", "wireguard-go"];
+const CI_PACKAGES: &[&str] = &[
+    "socat",
+    "iperf3",
+    "wireguard-tools",
+    "wireguard-go",
+    "mariadb-client-core",
+];
 
 /// A fresh machine of this image, as the stubs see it.
 struct FakeHost {
@@ -254,7 +260,14 @@ fn ci_run_on_a_fresh_image_installs_the_test_packages_too() {
     assert_one_install_of(&host, &every);
     let programs: Vec<&str> = HOST_PROGRAMS
         .iter()
-        .chain(&["wg", "wireguard-go", "iperf3", "socat", "dbclient"])
+        .chain(&[
+            "wg",
+            "wireguard-go",
+            "iperf3",
+            "socat",
+            "dbclient",
+            "mariadb",
+        ])
         .copied()
         .collect();
     assert_packages_and_programs(&host, &every, &programs);

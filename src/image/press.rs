@@ -24,22 +24,70 @@ pub const IMAGE_TOML: &str = include_str!("../../images/recipes/press/image.toml
 
 /// The recipe files copied into the guest, by name (see `images/recipes/press/files/`).
 pub const FILES: &[(&str, &str)] = &[
-    ("packages", include_str!("../../images/recipes/press/files/packages")),
-    ("setup.sh", include_str!("../../images/recipes/press/files/setup.sh")),
-    ("fcdev-boot", include_str!("../../images/recipes/press/files/fcdev-boot")),
-    ("fcdev-configure", include_str!("../../images/recipes/press/files/fcdev-configure")),
-    ("fcdev-agent", include_str!("../../images/recipes/press/files/fcdev-agent")),
-    ("fcdev-boot.service", include_str!("../../images/recipes/press/files/fcdev-boot.service")),
-    ("fcdev-agent.service", include_str!("../../images/recipes/press/files/fcdev-agent.service")),
-    ("app.py", include_str!("../../images/recipes/press/files/app.py")),
-    ("press-app.service", include_str!("../../images/recipes/press/files/press-app.service")),
-    ("press-seed.service", include_str!("../../images/recipes/press/files/press-seed.service")),
-    ("seed.sql", include_str!("../../images/recipes/press/files/seed.sql")),
-    ("mariadb.cnf", include_str!("../../images/recipes/press/files/mariadb.cnf")),
-    ("nginx-site", include_str!("../../images/recipes/press/files/nginx-site")),
-    ("prometheus.yml", include_str!("../../images/recipes/press/files/prometheus.yml")),
-    ("rsyslog-server.conf", include_str!("../../images/recipes/press/files/rsyslog-server.conf")),
-    ("rsyslog-forward.conf", include_str!("../../images/recipes/press/files/rsyslog-forward.conf")),
+    (
+        "packages",
+        include_str!("../../images/recipes/press/files/packages"),
+    ),
+    (
+        "setup.sh",
+        include_str!("../../images/recipes/press/files/setup.sh"),
+    ),
+    (
+        "fcdev-boot",
+        include_str!("../../images/recipes/press/files/fcdev-boot"),
+    ),
+    (
+        "fcdev-configure",
+        include_str!("../../images/recipes/press/files/fcdev-configure"),
+    ),
+    (
+        "fcdev-agent",
+        include_str!("../../images/recipes/press/files/fcdev-agent"),
+    ),
+    (
+        "fcdev-boot.service",
+        include_str!("../../images/recipes/press/files/fcdev-boot.service"),
+    ),
+    (
+        "fcdev-agent.service",
+        include_str!("../../images/recipes/press/files/fcdev-agent.service"),
+    ),
+    (
+        "app.py",
+        include_str!("../../images/recipes/press/files/app.py"),
+    ),
+    (
+        "press-app.service",
+        include_str!("../../images/recipes/press/files/press-app.service"),
+    ),
+    (
+        "press-seed.service",
+        include_str!("../../images/recipes/press/files/press-seed.service"),
+    ),
+    (
+        "seed.sql",
+        include_str!("../../images/recipes/press/files/seed.sql"),
+    ),
+    (
+        "mariadb.cnf",
+        include_str!("../../images/recipes/press/files/mariadb.cnf"),
+    ),
+    (
+        "nginx-site",
+        include_str!("../../images/recipes/press/files/nginx-site"),
+    ),
+    (
+        "prometheus.yml",
+        include_str!("../../images/recipes/press/files/prometheus.yml"),
+    ),
+    (
+        "rsyslog-server.conf",
+        include_str!("../../images/recipes/press/files/rsyslog-server.conf"),
+    ),
+    (
+        "rsyslog-forward.conf",
+        include_str!("../../images/recipes/press/files/rsyslog-forward.conf"),
+    ),
 ];
 
 /// The Debian packages of the base disk.
@@ -56,14 +104,14 @@ pub fn packages() -> Vec<&'static str> {
         .unwrap_or_default()
 }
 
-/// A hash of everything that makes the press image: the recipe files, image.toml, the suite, the operator's
-/// hook (when there is one) and the kernel version. A built image with another hash is stale.
+/// A hash of everything that makes the press base disk: the recipe files, the suite, the operator's hook (when
+/// there is one) and the kernel version. A built image with another hash is stale. image.toml is not part of
+/// it: the template (sizes, probes) is rewritten without a rebuild, and the snapshot's key covers it.
 pub fn recipe_hash(kernel_version: &str, hook: Option<&[u8]>) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"press\0");
     h.update(SUITE.as_bytes());
-    h.update(IMAGE_TOML.as_bytes());
     for (name, text) in FILES {
         h.update(name.as_bytes());
         h.update([0u8]);
@@ -144,6 +192,10 @@ pub fn build_press(out: &Path, opts: &BuildOptions) -> BuildResult<bool> {
     };
     let hash = recipe_hash(&kver, hook.as_deref());
     if !opts.force && is_current(out, &hash) {
+        let toml = out.join("image.toml");
+        if std::fs::read_to_string(&toml).ok().as_deref() != Some(IMAGE_TOML) {
+            std::fs::write(&toml, IMAGE_TOML).map_err(io_err("image.toml"))?;
+        }
         return Ok(false);
     }
     for tool in ["debootstrap", "mkfs.ext4", "chroot"] {
@@ -170,7 +222,11 @@ pub fn build_press(out: &Path, opts: &BuildOptions) -> BuildResult<bool> {
     let tmp = parent.join(format!(".{name}.building"));
     if tmp.exists() {
         // A build that was interrupted: nothing of it is used.
-        let _ = Command::new("umount").arg("-R").arg("-l").arg(tmp.join("root/proc")).status();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg("-l")
+            .arg(tmp.join("root/proc"))
+            .status();
         std::fs::remove_dir_all(&tmp).map_err(io_err("removing an interrupted build"))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io_err("creating the build folder"))?;
@@ -210,7 +266,10 @@ pub fn build_press(out: &Path, opts: &BuildOptions) -> BuildResult<bool> {
             let target = root.join(fs);
             steps.run(
                 &format!("mount /{fs}"),
-                Command::new("mount").arg("--bind").arg(format!("/{fs}")).arg(&target),
+                Command::new("mount")
+                    .arg("--bind")
+                    .arg(format!("/{fs}"))
+                    .arg(&target),
             )?;
             mounts.0.push(target);
         }
@@ -264,7 +323,8 @@ pub fn build_press(out: &Path, opts: &BuildOptions) -> BuildResult<bool> {
     std::fs::write(tmp.join("image.toml"), IMAGE_TOML).map_err(io_err("image.toml"))?;
     std::fs::write(tmp.join(RECIPE_FILE), format!("{hash}\n")).map_err(io_err("recipe"))?;
     if out.exists() {
-        std::fs::remove_dir_all(out).map_err(io_err(format!("removing the old {}", out.display())))?;
+        std::fs::remove_dir_all(out)
+            .map_err(io_err(format!("removing the old {}", out.display())))?;
     }
     std::fs::rename(&tmp, out).map_err(io_err(format!("publishing {}", out.display())))?;
     Ok(true)

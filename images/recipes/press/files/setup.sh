@@ -13,6 +13,7 @@ install -m 0644 "$R/app.py" /opt/press/app.py
 install -m 0644 "$R/mariadb.cnf" /etc/mysql/mariadb.conf.d/60-fcdev.cnf
 install -m 0644 "$R/nginx-site" /etc/nginx/sites-available/default
 install -m 0644 "$R/prometheus.yml" /etc/prometheus/prometheus.yml
+install -m 0644 "$R/registry.yml" /etc/docker/registry/config.yml
 echo 'ARGS="--storage.tsdb.retention.time=2d --web.enable-lifecycle"' > /etc/default/prometheus
 echo 'ARGS="--collector.disable-defaults --collector.cpu --collector.meminfo --collector.loadavg --collector.filesystem --collector.netdev --collector.time --collector.uname"' \
   > /etc/default/prometheus-node-exporter

@@ -773,7 +773,10 @@ impl Backend for QemuBackend {
             // is already in use (repaired after its qemu died) keeps its data and boots from it.
             if let (Some(found), true) = (&snap, overlay.exists()) {
                 if found.disk().is_some() {
-                    note(run, "the disk already holds this VM's data: booting it instead of restoring");
+                    note(
+                        run,
+                        "the disk already holds this VM's data: booting it instead of restoring",
+                    );
                     snap = None;
                 }
             }

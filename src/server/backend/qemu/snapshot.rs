@@ -283,8 +283,8 @@ impl QemuBackend {
         // Let the guest go idle (late boot work, first timers) before freezing it.
         std::thread::sleep(Duration::from_millis(500));
         let t0 = Instant::now();
-        let result = qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5))
-            .and_then(|mut q| {
+        let result =
+            qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5)).and_then(|mut q| {
                 q.execute("stop", json!({}))?;
                 save_paused(&mut q, &dir.join(STATE))
             });
@@ -334,7 +334,6 @@ impl QemuBackend {
         Ok(meta)
     }
 }
-
 
 /// One VM of a cluster snapshot while it is taken.
 struct Member {
@@ -437,7 +436,10 @@ impl QemuBackend {
                 members[members.len() - 1].dir.join("append"),
                 &launch.append,
             )?;
-            if !write_kernel_stub(&launch.kernel, &members[members.len() - 1].dir.join(KERNEL_STUB))? {
+            if !write_kernel_stub(
+                &launch.kernel,
+                &members[members.len() - 1].dir.join(KERNEL_STUB),
+            )? {
                 tracing::info!("kernel is not a bzImage: restores load the full kernel");
             }
         }

@@ -1,0 +1,218 @@
+//! What the end-to-end tests share: a process killed on drop, a laptop (its own network namespace and config
+//! dir) driving the real `fcdev` CLI, `fcdev server --dev` in a host namespace, VM process counts.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::netns::*;
+
+pub const FCDEV: &str = env!("CARGO_BIN_EXE_fcdev");
+
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn require_vm_tools() {
+    for (tool, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("qemu-img", "qemu-utils"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+    ] {
+        let ok = run(&format!("command -v {tool}")).status.success();
+        assert!(
+            ok,
+            "the end-to-end test needs `{tool}` (Debian package {package})"
+        );
+    }
+    assert!(
+        run("ls /boot/vmlinuz-*").status.success(),
+        "the end-to-end test needs a guest kernel: apt-get install --no-install-recommends linux-image-cloud-amd64"
+    );
+}
+
+/// The tiny image with its onboarding snapshot, built once with the real CLI into target/fcdev-test-images.
+pub fn tiny_image() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fcdev-test-images/tiny");
+    let snapshot_ready = dir.join("snapshot").is_dir();
+    let image_cmd = |verb: &str| {
+        let out = Command::new(FCDEV)
+            .args(["image", verb, "tiny", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fcdev image {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    };
+    if !dir.join("image.toml").is_file() || !dir.join("initrd.img").is_file() {
+        image_cmd("build");
+    }
+    if !snapshot_ready {
+        image_cmd("snapshot");
+    }
+    dir
+}
+
+pub struct Laptop<'a> {
+    pub ns: String,
+    pub cfg: PathBuf,
+    pub nss: &'a Namespaces,
+    pub role: &'static str,
+}
+
+impl Laptop<'_> {
+    pub fn fcdev(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, FCDEV])
+            .args(args)
+            .env("FCDEV_CONFIG_DIR", &self.cfg);
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.fcdev(args).stdin(Stdio::null()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "fcdev {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn login(&self, url: &str, token: &str) {
+        let mut c = self
+            .fcdev(&["login", "--server", url, "--token-stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success(), "fcdev login");
+    }
+
+    pub fn tunnel(&self, args: &[&str]) -> Proc {
+        let mut full = vec!["tunnel"];
+        full.extend_from_slice(args);
+        Proc(
+            self.fcdev(&full)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// curl inside the laptop namespace, retried until it answers (the handshake takes a moment).
+    pub fn curl(&self, args: &str) -> Option<String> {
+        eventually(Duration::from_secs(15), || {
+            let o = self
+                .nss
+                .sh(self.role, &format!("curl -s --fail --max-time 3 {args}"));
+            o.status
+                .success()
+                .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+        })
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON")
+    }
+}
+
+/// `fcdev server --dev` in the host namespace; returns it and the login token it printed.
+pub fn spawn_server(host: &str, data_dir: &Path, images: &Path) -> (Proc, Option<String>) {
+    spawn_server_at(host, data_dir, images, "192.168.81.1")
+}
+
+/// `fcdev server --dev` in the host namespace listening on `ip` (API :7070, hub :51820).
+pub fn spawn_server_at(
+    host: &str,
+    data_dir: &Path,
+    images: &Path,
+    ip: &str,
+) -> (Proc, Option<String>) {
+    let mut server = Proc(
+        Command::new("ip")
+            .args([
+                "netns", "exec", host, FCDEV, "server", "--dev", "--netns", "none",
+            ])
+            .args(["--user", "alice", "--listen", &format!("{ip}:7070")])
+            .args([
+                "--hub-listen",
+                &format!("{ip}:51820"),
+                "--hub-tun",
+                "fcdevhub",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--images")
+            .arg(images)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fcdev server"),
+    );
+    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
+    let mut token = None;
+    for line in lines.by_ref() {
+        let line = line.expect("server output");
+        eprintln!("server: {line}");
+        if let Some(t) = line.split_whitespace().find(|w| w.starts_with("fcd_")) {
+            token = Some(t.to_string());
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (server, token)
+}
+
+pub fn qemu_pids(data_dir: &Path) -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args([
+            "-f",
+            "--",
+            &format!("qemu-system.*{}/vms/", data_dir.display()),
+        ])
+        .output()
+        .unwrap();
+    let mut pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    pids.sort();
+    pids
+}
+
+pub fn qemu_count(data_dir: &Path) -> usize {
+    let out = Command::new("pgrep")
+        .args([
+            "-f",
+            "--",
+            &format!("qemu-system.*{}/vms/", data_dir.display()),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
