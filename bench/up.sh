@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# bench/up.sh [RUNS]  (root; default 5 runs)
+# bench/up.sh [RUNS]  (root; default 5 runs)          IMAGE=press bench/up.sh [RUNS]  (the Press cluster)
 #
 # Median wall time, in one run on this machine, of:
-#   - `fcdev up` of the 3-VM tiny cluster from the onboarding snapshot, until every VM answers HTTP
-#   - the same from a cold boot (the same image without its snapshot)
-#   - `fcdev reset` of the cluster (until every VM answers HTTP again)
-# plus the idle memory (PSS) per VM. The server, the client and every request run inside a network namespace
+#   - `fcdev up` of the cluster from the onboarding snapshot, until every VM passed its readiness probe (up
+#     returns then) and the cluster answers HTTP (tiny: every VM's page; press: n1's page of sites read from m1)
+#   - the same from a cold boot (the same image without its snapshot; COLD_RUNS, default RUNS)
+#   - `fcdev reset` of the cluster (until it answers again)
+# plus the idle memory (PSS) per restored VM, with one cluster and with three. The server, the client and every request run inside a network namespace
 # this script creates (and deletes): nothing leaves the machine, nothing is sent from the root namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-5}
 [ "$(id -u)" = 0 ] || { echo "bench/up.sh needs root (network namespace, taps, qemu)" >&2; exit 1; }
 
+IMAGE=${IMAGE:-tiny}
+COLD_RUNS=${COLD_RUNS:-$RUNS}
 cargo build --release --quiet
 BIN=$PWD/target/release/fcdev
-IMG=$PWD/target/fcdev-test-images/tiny
-if [ ! -f "$IMG/image.toml" ] || [ ! -f "$IMG/initrd.img" ]; then "$BIN" image build tiny --out "$IMG" >/dev/null; fi
-if [ ! -d "$IMG/snapshot" ]; then "$BIN" image snapshot tiny --out "$IMG" >/dev/null; fi
+case "$IMAGE" in
+  tiny)
+    IMG=$PWD/target/fcdev-test-images/tiny
+    if [ ! -f "$IMG/image.toml" ] || [ ! -f "$IMG/initrd.img" ]; then "$BIN" image build tiny --out "$IMG" >/dev/null; fi
+    if [ ! -d "$IMG/snapshot" ]; then "$BIN" image snapshot tiny --out "$IMG" >/dev/null; fi ;;
+  press)
+    # The cache tests/press.rs uses; the build is skipped when the recipe is unchanged.
+    IMG=${FCDEV_PRESS_CACHE:-/var/cache/fcdev/test-images/press}
+    T_BUILD0=$(date +%s%N)
+    "$BIN" image build press --out "$IMG" >&2
+    BUILD_S=$(( ($(date +%s%N) - T_BUILD0) / 1000000 ))
+    if [ ! -d "$IMG/snapshot" ]; then "$BIN" image snapshot press --out "$IMG" >&2; fi ;;
+  *) echo "IMAGE must be tiny or press" >&2; exit 2 ;;
+esac
 
 T=$(mktemp -d /tmp/fcdev-bench-XXXX)
 NS=fcdevb-$$
@@ -55,11 +69,11 @@ trap cleanup EXIT
 
 # Two images over the same files: `tiny` (with the onboarding snapshot) and `cold` (without: VMs boot).
 mkdir -p "$T/images/cold"
-ln -s "$IMG" "$T/images/tiny"
+ln -s "$IMG" "$T/images/$IMAGE"
 for f in "$IMG"/*; do
   case "$(basename "$f")" in image.toml|snapshot) ;; *) ln -s "$f" "$T/images/cold/";; esac
 done
-sed -e 's/^name = "tiny"/name = "cold"/' -e '/^\[snapshot\]/,$d' "$IMG/image.toml" > "$T/images/cold/image.toml"
+sed -e "s/^name = \"$IMAGE\"/name = \"cold\"/" -e '/^\[snapshot\]/,$d' "$IMG/image.toml" > "$T/images/cold/image.toml"
 
 ip netns add "$NS"
 ip -n "$NS" link set lo up
@@ -75,19 +89,23 @@ ACCEL=$(sed -n 's/.*accelerator \([a-z]*\).*/\1/p' "$T/server.log" | head -1)
 grep -o 'fcd_[0-9a-f]*' "$T/server.log" | in_ns "$BIN" login --server http://127.0.0.1:7171 --token-stdin >/dev/null
 
 now() { date +%s%N; }
-all_answer() {  # every VM in the `fcdev up/reset --json` output on stdin serves its page
+all_answer() {  # the cluster in the `fcdev up/reset --json` output on stdin answers HTTP
   local ips
   ips=$(grep -o '"address": "[0-9.]*"' | grep -o '[0-9.]*[0-9]')
   [ -n "$ips" ] || return 1
+  if [ "$IMAGE" = press ]; then  # n1 -> f1 -> m1: the seeded sites
+    in_ns curl -s --fail --max-time 5 "http://$(echo "$ips" | head -1)/" | grep -q alpha.fcdev.local || return 1
+    return 0
+  fi
   for ip in $ips; do
     in_ns curl -s --fail --max-time 5 "http://$ip/" >/dev/null || return 1
   done
 }
 median() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.3f", m/1e9}'; }
 
-measure_up() {  # image -> nanoseconds per run, one per line
+measure_up() {  # image runs -> nanoseconds per run, one per line
   local image=$1
-  for i in $(seq "$RUNS"); do
+  for i in $(seq "$2"); do
     local t0 t1
     t0=$(now)
     in_ns "$BIN" up --image "$image" --name "b$i" --json | all_answer
@@ -97,16 +115,27 @@ measure_up() {  # image -> nanoseconds per run, one per line
   done
 }
 
-echo "fcdev up/reset benchmark: $RUNS runs each, 3-VM tiny cluster, accelerator $ACCEL ($(nproc) cores)"
-RESTORE=$(measure_up tiny | median)
-COLD=$(measure_up cold | median)
+NVMS=$(grep -c '^\[\[vm\]\]' "$IMG/image.toml")
+echo "fcdev up/reset benchmark: $RUNS runs ($COLD_RUNS cold), $NVMS-VM $IMAGE cluster, accelerator $ACCEL ($(nproc) cores)"
+RESTORE=$(measure_up "$IMAGE" "$RUNS" | median)
+COLD=$(measure_up cold "$COLD_RUNS" | median)
 
-in_ns "$BIN" up --image tiny --name bench --json >/dev/null
-sleep 2
-PSS=0
-for pid in $(pgrep -f "qemu-system.*$T/data/vms/bench/bench/"); do
-  PSS=$((PSS + $(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")))
-done
+pss_of() {  # cluster name -> total PSS in KiB of its qemu processes
+  local total=0 pid
+  for pid in $(pgrep -f "qemu-system.*$T/data/vms/bench/$1/"); do
+    total=$((total + $(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")))
+  done
+  echo "$total"
+}
+in_ns "$BIN" up --image "$IMAGE" --name bench --json >/dev/null
+sleep 5
+PSS=$(pss_of bench)
+in_ns "$BIN" up --image "$IMAGE" --name bench2 --json >/dev/null
+in_ns "$BIN" up --image "$IMAGE" --name bench3 --json >/dev/null
+sleep 5
+PSS3=$(( $(pss_of bench) + $(pss_of bench2) + $(pss_of bench3) ))
+in_ns "$BIN" down --name bench2 --yes >/dev/null
+in_ns "$BIN" down --name bench3 --yes >/dev/null
 RESETS=$(for i in $(seq "$RUNS"); do
   t0=$(now); in_ns "$BIN" reset --name bench --yes --json | all_answer; t1=$(now); echo $((t1 - t0))
 done | median)
@@ -115,4 +144,6 @@ printf '%-44s %8s s\n' "fcdev up, from the onboarding snapshot" "$RESTORE"
 printf '%-44s %8s s\n' "fcdev up, cold boot" "$COLD"
 printf '%-44s %8s x\n' "snapshot speed-up (cold / snapshot)" "$(awk -v c="$COLD" -v r="$RESTORE" 'BEGIN {printf "%.1f", c / r}')"
 printf '%-44s %8s s\n' "fcdev reset" "$RESETS"
-printf '%-44s %8s MB\n' "idle PSS per VM (restored)" "$((PSS / 3 / 1024))"
+printf '%-44s %8s MB\n' "idle PSS per VM (restored, one cluster)" "$((PSS / NVMS / 1024))"
+printf '%-44s %8s MB\n' "idle PSS per VM (restored, three clusters)" "$((PSS3 / NVMS / 3 / 1024))"
+[ -z "${BUILD_S:-}" ] || printf '%-44s %8s s\n' "fcdev image build press (cached: same recipe)" "$(awk -v m="$BUILD_S" 'BEGIN {printf "%.1f", m / 1000}')"

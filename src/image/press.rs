@@ -81,6 +81,10 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../images/recipes/press/files/prometheus.yml"),
     ),
     (
+        "registry.yml",
+        include_str!("../../images/recipes/press/files/registry.yml"),
+    ),
+    (
         "rsyslog-server.conf",
         include_str!("../../images/recipes/press/files/rsyslog-server.conf"),
     ),
@@ -328,4 +332,31 @@ pub fn build_press(out: &Path, opts: &BuildOptions) -> BuildResult<bool> {
     }
     std::fs::rename(&tmp, out).map_err(io_err(format!("publishing {}", out.display())))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_recipe_file_is_compiled_in() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/recipes/press/files");
+        for entry in std::fs::read_dir(&dir).expect("recipe folder") {
+            let name = entry.expect("entry").file_name();
+            let name = name.to_string_lossy();
+            assert!(
+                FILES.iter().any(|(n, _)| *n == name),
+                "{name} is in images/recipes/press/files but not in press::FILES"
+            );
+        }
+    }
+
+    #[test]
+    fn packages_skip_comments_and_the_hash_follows_the_hook() {
+        let p = packages();
+        assert!(p.contains(&"mariadb-server") && p.contains(&"docker-registry"));
+        assert!(p.iter().all(|p| !p.contains('#') && !p.is_empty()));
+        assert_ne!(recipe_hash("k", None), recipe_hash("k", Some(b"echo hi")));
+        assert_ne!(recipe_hash("k1", None), recipe_hash("k2", None));
+    }
 }

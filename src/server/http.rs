@@ -95,7 +95,13 @@ impl From<OrchestratorError> for ApiErr {
                     "unknown_image",
                     format!("image `{name}` not found"),
                 )
-                .hint("`fcdev images` lists the images this server has")
+                .hint(if matches!(name.as_str(), "tiny" | "press") {
+                    format!(
+                        "the server's operator builds it: `sudo fcdev image build {name} && sudo fcdev image snapshot {name}` (`fcdev images` lists what this server has)"
+                    )
+                } else {
+                    "`fcdev images` lists the images this server has".to_string()
+                })
             }
             OrchestratorError::Image(e) => ApiErr::internal(e),
             e @ OrchestratorError::ImageMismatch { .. } => {

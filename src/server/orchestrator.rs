@@ -52,6 +52,11 @@ pub struct Orchestrator {
     locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
     /// Serializes health checks, so a request never reads a cluster while the watchdog is half-way marking it.
     refresh_lock: Mutex<()>,
+    /// Admission control: VMs starting at once (a restore until its guest is configured, a boot until it is
+    /// ready). Fair (FIFO), so a morning rush is served in order instead of starving every VM at once.
+    start_slots: Arc<tokio::sync::Semaphore>,
+    /// VMs waiting for a start slot (for "queued (n ahead)").
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 /// The backend's view of a namespace row.
@@ -79,8 +84,14 @@ impl Orchestrator {
         backend: Arc<dyn Backend>,
         catalog: Catalog,
         vms_dir: PathBuf,
+        max_starts: usize,
     ) -> Arc<Orchestrator> {
         let (events, _) = broadcast::channel(1024);
+        let max_starts = if max_starts == 0 {
+            2 * std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            max_starts
+        };
         Arc::new(Orchestrator {
             store,
             backend,
@@ -89,6 +100,8 @@ impl Orchestrator {
             events,
             locks: Mutex::new(HashMap::new()),
             refresh_lock: Mutex::new(()),
+            start_slots: Arc::new(tokio::sync::Semaphore::new(max_starts)),
+            queued: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -377,15 +390,42 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Start one VM (unless it already runs) and wait for its probe; one retry when it misses its deadline
-    /// (boots under TCG occasionally hang early).
+    /// Wait for a start slot; says "queued (n ahead)" when the host is busy starting other VMs.
+    async fn admit(&self, cluster: &ClusterRow, vm: &VmRow) -> tokio::sync::OwnedSemaphorePermit {
+        use std::sync::atomic::Ordering;
+        if let Ok(permit) = self.start_slots.clone().try_acquire_owned() {
+            return permit;
+        }
+        let ahead = self.queued.fetch_add(1, Ordering::SeqCst);
+        self.set_vm(
+            cluster,
+            vm,
+            VmState::Pending,
+            Some(&format!("queued ({ahead} ahead)")),
+        );
+        let permit = self.start_slots.clone().acquire_owned().await;
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        match permit {
+            Ok(p) => p,
+            // Never closed; a closed semaphore would only mean no admission control.
+            Err(_) => Arc::new(tokio::sync::Semaphore::new(1))
+                .try_acquire_owned()
+                .expect("a fresh semaphore has a permit"),
+        }
+    }
+
+    /// Start one VM (unless it already runs) and wait for its probe. The one owner of readiness and retries:
+    /// the backend starts (a restore until the guest is configured, a boot until qemu runs), this waits for the
+    /// probe with the deadline of that start mode, counted from when the VM runs (not from when it was
+    /// queued), and retries once. A VM that failed is stopped, never left running. A retried restore starts
+    /// from a fresh disk (its disk held only seconds of writes since the snapshot); a slow restore is never
+    /// turned into a boot.
     async fn bring_up_vm(
         &self,
         cluster: &ClusterRow,
         vm: &VmRow,
         spec: VmSpec,
     ) -> Result<StartMode, String> {
-        let deadline = self.backend.ready_deadline(&spec);
         let mut last_reason = String::new();
         for attempt in 1..=2 {
             let backend = self.backend.clone();
@@ -393,36 +433,51 @@ impl Orchestrator {
             let running = tokio::task::spawn_blocking(move || backend.is_running(&s))
                 .await
                 .unwrap_or(false);
-            let mode = if running {
+            let (mode, slot) = if running {
                 self.set_vm(
                     cluster,
                     vm,
                     VmState::Starting,
                     Some("already running, waiting for it"),
                 );
-                StartMode::Boot
+                (StartMode::Boot, None)
             } else {
+                let slot = self.admit(cluster, vm).await;
                 let backend = self.backend.clone();
                 let s = spec.clone();
                 self.set_vm(cluster, vm, VmState::Starting, Some("starting"));
                 match tokio::task::spawn_blocking(move || backend.start(&s)).await {
                     Ok(Ok(mode)) => {
                         let what = match mode {
-                            StartMode::Restore => "restoring the onboarding snapshot",
+                            StartMode::Restore => "restored, waiting for its services",
                             StartMode::Boot => "booting",
                         };
                         self.set_vm(cluster, vm, VmState::Starting, Some(what));
-                        mode
+                        // A restored guest costs no more than an idle one: free its slot now. A booting one
+                        // keeps it until it is ready (a boot is several seconds of CPU).
+                        (mode, (mode == StartMode::Boot).then_some(slot))
                     }
                     Ok(Err(e)) => {
                         last_reason = describe_backend_error(&vm.name, &e);
+                        drop(slot);
                         self.stop_quietly(&spec).await;
+                        if attempt == 1 {
+                            self.set_vm(
+                                cluster,
+                                vm,
+                                VmState::Starting,
+                                Some("start failed, retrying"),
+                            );
+                        }
                         continue;
                     }
                     Err(e) => return Err(format!("{}: internal error: {e}", vm.name)),
                 }
             };
-            match self.wait_ready(&spec, deadline).await {
+            let deadline = self.backend.ready_deadline(&spec, mode);
+            let ready = self.wait_ready(&spec, deadline).await;
+            drop(slot);
+            match ready {
                 Ok(()) => {
                     self.set_vm(cluster, vm, VmState::Ready, Some("ready"));
                     return Ok(mode);
@@ -447,6 +502,11 @@ impl Orchestrator {
                         );
                     }
                     self.stop_quietly(&spec).await;
+                    if mode == StartMode::Restore {
+                        let backend = self.backend.clone();
+                        let s = spec.clone();
+                        let _ = tokio::task::spawn_blocking(move || backend.discard_disk(&s)).await;
+                    }
                 }
             }
         }

@@ -36,6 +36,8 @@ pub struct ServerOptions {
     pub images_dir: PathBuf,
     pub backend: BackendChoice,
     pub accel: String,
+    /// VMs starting at once (admission control); 0: twice the host's cores.
+    pub max_starts: usize,
     pub netns: Option<String>,
     pub dev_user: String,
 }
@@ -120,6 +122,7 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
             backend.clone(),
             Catalog::new(opts.images_dir.clone()),
             opts.data_dir.join("vms"),
+            opts.max_starts,
         );
         orchestrator.recover()?;
         orchestrator.spawn_watchdog(Duration::from_secs(2));

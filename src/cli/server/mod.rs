@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg.
     #[arg(long, default_value = "auto", env = "FCDEV_ACCEL")]
     pub accel: String,
+    /// How many VMs may be starting at once (restoring until configured, booting until ready); the others
+    /// wait in a queue and `fcdev up` shows "queued (n ahead)". 0: twice the host's cores.
+    #[arg(long, default_value_t = 0)]
+    pub max_starts: usize,
     /// Run VMs, bridges and the hub's TUN inside this network namespace (created if missing); the API and hub
     /// sockets stay in the namespace the server was started in. `none` keeps everything where it is.
     /// Default: `fcdev-dev` with --dev, else none.
@@ -171,6 +175,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 data_dir,
                 backend: r.backend,
                 accel: r.accel,
+                max_starts: r.max_starts,
                 netns,
                 dev_user: r.user.unwrap_or_else(default_user_name),
             };

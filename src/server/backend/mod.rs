@@ -95,8 +95,9 @@ pub trait Backend: Send + Sync {
         "none".to_string()
     }
 
-    /// How long a VM may take to become ready after `start` (longer under TCG, and per image).
-    fn ready_deadline(&self, _vm: &VmSpec) -> std::time::Duration {
+    /// How long a VM may take to pass its probe once `start` returned (per image and start mode; a boot is
+    /// slower under TCG).
+    fn ready_deadline(&self, _vm: &VmSpec, _mode: StartMode) -> std::time::Duration {
         std::time::Duration::from_secs(60)
     }
 
@@ -107,7 +108,10 @@ pub trait Backend: Send + Sync {
     fn remove_namespace(&self, ns: &NamespaceNet) -> BackendResult<()>;
 
     /// Start one VM: create its disk overlay if missing, then restore the onboarding snapshot when the image has
-    /// one, else boot. Returns without waiting for readiness.
+    /// one, else boot. A restore returns once the guest runs and its agent confirmed its identity; a boot once
+    /// qemu runs. It boots instead of restoring only when the snapshot cannot be used at all (none for this
+    /// accelerator, a disk already in use, qemu refusing the state); a slow restore is an error, never a boot.
+    /// Never waits for the probe and never retries: readiness, deadlines and retries belong to the orchestrator.
     fn start(&self, vm: &VmSpec) -> BackendResult<StartMode>;
 
     /// Whether the VM answers its readiness probe right now (must return quickly, ~1 s at most).

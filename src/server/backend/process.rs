@@ -108,7 +108,7 @@ impl Backend for ProcessBackend {
         "process"
     }
 
-    fn ready_deadline(&self, _vm: &VmSpec) -> Duration {
+    fn ready_deadline(&self, _vm: &VmSpec, _mode: StartMode) -> Duration {
         // Generous: a loaded 2-core CI machine can take seconds to start a process.
         Duration::from_secs(8)
     }

@@ -14,13 +14,12 @@ pub mod qmp;
 pub mod snapshot;
 pub mod switch;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -108,9 +107,6 @@ pub struct QemuBackend {
     qemu_img: PathBuf,
     accel: Accel,
     boot_deadline: Duration,
-    /// Per run dir: a generation number bumped by start/stop so a background supervisor of an older start stops
-    /// acting on the VM.
-    generations: Arc<Mutex<HashMap<PathBuf, u64>>>,
 }
 
 /// The server's constructor: `accel` is `auto`, `kvm` or `tcg` (from `fcdev server --accel`).
@@ -334,7 +330,6 @@ impl QemuBackend {
             qemu_img,
             accel,
             boot_deadline: Duration::from_secs(45),
-            generations: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -363,24 +358,6 @@ impl QemuBackend {
 
     pub fn qemu_img(&self) -> &Path {
         &self.qemu_img
-    }
-
-    fn bump_generation(&self, run_dir: &Path) -> u64 {
-        let key = run_dir
-            .canonicalize()
-            .unwrap_or_else(|_| run_dir.to_path_buf());
-        let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
-        let e = g.entry(key).or_insert(0);
-        *e += 1;
-        *e
-    }
-
-    fn current_generation(gens: &Mutex<HashMap<PathBuf, u64>>, run_dir: &Path) -> u64 {
-        let key = run_dir
-            .canonicalize()
-            .unwrap_or_else(|_| run_dir.to_path_buf());
-        let g = gens.lock().unwrap_or_else(|e| e.into_inner());
-        g.get(&key).copied().unwrap_or(0)
     }
 
     /// Create `overlay` as a qcow2 on `base` (never a copy).
@@ -572,134 +549,68 @@ impl QemuBackend {
     }
 }
 
-/// What a background supervisor needs (cloned out of the backend).
-struct Supervisor {
-    binary: PathBuf,
-    generations: Arc<Mutex<HashMap<PathBuf, u64>>>,
-    generation: u64,
-    boot_deadline: Duration,
-    accel: Accel,
+/// Why a restore did not finish.
+enum RestoreError {
+    /// qemu refused the snapshot (its state does not load): the snapshot cannot be used, boot instead.
+    Unusable(String),
+    /// The guest runs but did not confirm its new identity in time: slow, not broken (never a reason to boot).
+    Slow(String),
 }
 
-impl Supervisor {
-    fn current(&self, run_dir: &Path) -> bool {
-        QemuBackend::current_generation(&self.generations, run_dir) == self.generation
-    }
+/// How long a restored guest may take to confirm its identity before the start counts as failed.
+const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(60);
 
-    /// After a restore: wait for the guest to run, then tell it who it is. On failure, boot instead.
-    fn after_restore(&self, vm: &VmSpec, launch_boot: Launch) {
+impl QemuBackend {
+    /// After `migrate-incoming`: wait until the guest runs (resume it: the snapshot was taken paused), then tell
+    /// it who it is and wait for its agent's confirmation.
+    fn finish_restore(&self, vm: &VmSpec) -> Result<(), RestoreError> {
         let run = &vm.run_dir;
         let t0 = Instant::now();
-        let result = (|| -> Result<(), String> {
-            let mut q = qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5))
-                .map_err(|e| e.to_string())?;
-            loop {
-                if !self.current(run) {
-                    return Ok(());
-                }
-                let status = q.status().map_err(|e| e.to_string())?;
-                if status == "running" {
-                    break;
-                }
-                if status == "paused" {
-                    // The snapshot was saved from a paused guest, so the restored one stays paused: resume it.
-                    q.execute("cont", json!({})).map_err(|e| e.to_string())?;
+        let mut q = qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5))
+            .map_err(|e| RestoreError::Unusable(e.to_string()))?;
+        loop {
+            let status = q
+                .status()
+                .map_err(|e| RestoreError::Unusable(e.to_string()))?;
+            match status.as_str() {
+                "running" => break,
+                "paused" => {
+                    q.execute("cont", json!({}))
+                        .map_err(|e| RestoreError::Unusable(e.to_string()))?;
                     continue;
                 }
-                if status != "inmigrate" && status != "prelaunch" && status != "restore-vm" {
+                "inmigrate" | "prelaunch" | "restore-vm" => {}
+                other => {
                     let (_, err) = q.migrate_status().unwrap_or(("?".into(), None));
-                    return Err(format!(
-                        "restore ended in state {status}: {}",
+                    return Err(RestoreError::Unusable(format!(
+                        "restore ended in state {other}: {}",
                         err.unwrap_or_default()
-                    ));
+                    )));
                 }
-                if t0.elapsed() > Duration::from_secs(30) {
-                    return Err("restore did not finish within 30 s".into());
-                }
-                std::thread::sleep(Duration::from_millis(10));
             }
-            let resumed = t0.elapsed();
-            agent::configure(
-                &run.join(files::AGENT),
-                &guest_config(vm),
-                Duration::from_secs(15),
-            )
-            .map_err(|e| e.to_string())?;
-            note(
-                run,
-                &format!(
-                    "restored: running after {:.0} ms, guest configured after {:.0} ms",
-                    resumed.as_secs_f64() * 1000.0,
-                    t0.elapsed().as_secs_f64() * 1000.0
-                ),
-            );
-            Ok(())
-        })();
-        if let Err(e) = result {
-            if !self.current(run) {
-                return;
+            if t0.elapsed() > Duration::from_secs(60) {
+                return Err(RestoreError::Slow(
+                    "the snapshot's state did not load within 60 s".into(),
+                ));
             }
-            note(run, &format!("restore failed ({e}); booting instead"));
-            QemuBackend::kill_vm(run, false);
-            let _ = std::fs::write(run.join(files::MODE), "boot");
-            self.boot_and_watch(vm, launch_boot);
+            std::thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    /// Boot, and when the VM is not ready within the deadline (or dies), kill it and boot once more.
-    fn boot_and_watch(&self, vm: &VmSpec, launch: Launch) {
-        let run = &vm.run_dir;
-        for attempt in 1..=2 {
-            if !self.current(run) {
-                return;
-            }
-            if attempt > 1 || proc::read_pid(run).is_none_or(|p| !proc::alive(p, run)) {
-                for f in [files::QMP, files::AGENT, files::PID] {
-                    let _ = std::fs::remove_file(run.join(f));
-                }
-                note(
-                    run,
-                    &format!("booting (attempt {attempt}, accel {})", self.accel),
-                );
-                if let Err(e) = proc::spawn_detached(&self.binary, &launch.args(), run) {
-                    note(run, &format!("qemu did not start: {e}"));
-                    continue;
-                }
-            }
-            let t0 = Instant::now();
-            while t0.elapsed() < self.boot_deadline {
-                if !self.current(run) {
-                    return;
-                }
-                if probe_addr(&vm.template.probe, vm.address) {
-                    note(
-                        run,
-                        &format!("ready after {:.1} s (boot)", t0.elapsed().as_secs_f64()),
-                    );
-                    return;
-                }
-                let alive = proc::read_pid(run).is_some_and(|p| proc::alive(p, run));
-                if !alive {
-                    note(run, &format!("qemu exited during boot (attempt {attempt})"));
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            if !self.current(run) {
-                return;
-            }
-            if t0.elapsed() < self.boot_deadline {
-                continue;
-            }
-            note(
-                run,
-                &format!(
-                    "not ready within {} s (attempt {attempt}); killing qemu",
-                    self.boot_deadline.as_secs()
-                ),
-            );
-            QemuBackend::kill_vm(run, false);
-        }
+        let resumed = t0.elapsed();
+        agent::configure(
+            &run.join(files::AGENT),
+            &guest_config(vm),
+            CONFIGURE_TIMEOUT,
+        )
+        .map_err(|e| RestoreError::Slow(e.to_string()))?;
+        note(
+            run,
+            &format!(
+                "restored: running after {:.0} ms, guest configured after {:.0} ms",
+                resumed.as_secs_f64() * 1000.0,
+                t0.elapsed().as_secs_f64() * 1000.0
+            ),
+        );
+        Ok(())
     }
 }
 
@@ -712,8 +623,12 @@ impl Backend for QemuBackend {
         self.accel.to_string()
     }
 
-    fn ready_deadline(&self, vm: &VmSpec) -> Duration {
-        self.boot_deadline_of(&vm.template) * 2 + Duration::from_secs(20)
+    fn ready_deadline(&self, vm: &VmSpec, mode: StartMode) -> Duration {
+        match mode {
+            // The guest already runs as itself: its services were running in the snapshot.
+            StartMode::Restore => Duration::from_secs(30),
+            StartMode::Boot => self.boot_deadline_of(&vm.template),
+        }
     }
 
     fn ensure_namespace(&self, ns: &NamespaceNet) -> BackendResult<()> {
@@ -745,30 +660,18 @@ impl Backend for QemuBackend {
             // A restore whose supervisor died with the previous server may not have told the guest who it is
             // yet: say it again (idempotent).
             if !self.probe(vm) {
-                let vm = vm.clone();
-                std::thread::spawn(move || {
-                    let sock = vm.run_dir.join(files::AGENT);
-                    if let Err(e) =
-                        agent::configure(&sock, &guest_config(&vm), Duration::from_secs(15))
-                    {
-                        note(&vm.run_dir, &format!("re-adopted VM not configured: {e}"));
-                    }
-                });
+                let sock = run.join(files::AGENT);
+                if let Err(e) = agent::configure(&sock, &guest_config(vm), CONFIGURE_TIMEOUT) {
+                    note(run, &format!("re-adopted VM not configured: {e}"));
+                }
             }
             return Ok(StartMode::Restore);
         }
-        let generation = self.bump_generation(run);
         let tap = self.tap_for(vm)?;
-        let sup = Supervisor {
-            binary: self.binary.clone(),
-            generations: self.generations.clone(),
-            generation,
-            boot_deadline: self.boot_deadline_of(&vm.template),
-            accel: self.accel,
-        };
         let mut snap = snapshot::find(&vm.image, &vm.template, self.accel);
+        let overlay = run.join(files::DISK);
+        let mut fresh_overlay = false;
         if let Some(disk) = &vm.template.disk {
-            let overlay = run.join(files::DISK);
             // A snapshot with a disk layer expects exactly that disk: its overlay must be new. A VM whose disk
             // is already in use (repaired after its qemu died) keeps its data and boots from it.
             if let (Some(found), true) = (&snap, overlay.exists()) {
@@ -786,21 +689,34 @@ impl Backend for QemuBackend {
                     None => vm.image.path(disk),
                 };
                 self.create_overlay(&base, &overlay)?;
+                fresh_overlay = true;
             }
         }
         let boot = self.boot_launch(vm, tap.clone())?;
         if let Some(snap) = snap {
-            match self.launch_restore(vm, tap, &snap) {
-                Ok(()) => {
-                    std::fs::write(run.join(files::MODE), "restore")?;
-                    let vm = vm.clone();
-                    std::thread::spawn(move || sup.after_restore(&vm, boot));
-                    return Ok(StartMode::Restore);
+            let restored = self
+                .launch_restore(vm, tap, &snap)
+                .map_err(|e| RestoreError::Unusable(e.to_string()))
+                .and_then(|()| {
+                    std::fs::write(run.join(files::MODE), "restore")
+                        .map_err(|e| RestoreError::Unusable(e.to_string()))?;
+                    self.finish_restore(vm)
+                });
+            match restored {
+                Ok(()) => return Ok(StartMode::Restore),
+                Err(RestoreError::Slow(e)) => {
+                    // Never a boot: the caller retries the restore (on a new overlay) or gives up.
+                    note(run, &format!("restore too slow ({e}); stopping it"));
+                    Self::kill_vm(run, false);
+                    if fresh_overlay {
+                        let _ = std::fs::remove_file(&overlay);
+                    }
+                    return Err(err_with_log(format!("restore too slow: {e}"), run));
                 }
-                Err(e) => {
+                Err(RestoreError::Unusable(e)) => {
                     note(
                         run,
-                        &format!("restore could not start ({e}); booting instead"),
+                        &format!("the snapshot cannot be restored ({e}); booting instead"),
                     );
                     Self::kill_vm(run, false);
                 }
@@ -808,8 +724,6 @@ impl Backend for QemuBackend {
         }
         std::fs::write(run.join(files::MODE), "boot")?;
         self.launch(&boot)?;
-        let vm = vm.clone();
-        std::thread::spawn(move || sup.boot_and_watch(&vm, boot));
         Ok(StartMode::Boot)
     }
 
@@ -823,7 +737,6 @@ impl Backend for QemuBackend {
 
     fn stop(&self, vm: &VmSpec) -> BackendResult<()> {
         let run = &vm.run_dir;
-        self.bump_generation(run);
         Self::kill_vm(run, true);
         if let Some(pid) = proc::read_pid(run) {
             if proc::alive(pid, run) {
