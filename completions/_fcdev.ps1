@@ -155,7 +155,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
-            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny)')
+            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)')
             [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -163,8 +163,10 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;image;build' {
             [CompletionResult]::new('--out', '--out', [CompletionResultType]::ParameterName, 'Output folder (default: <data dir>/images/NAME)')
             [CompletionResult]::new('--kernel-version', '--kernel-version', [CompletionResultType]::ParameterName, 'Guest kernel version under /boot (default: the newest *-cloud-amd64)')
+            [CompletionResult]::new('--hook', '--hook', [CompletionResultType]::ParameterName, 'press: a shell script run in the guest''s root filesystem after the recipe (operator''s extra steps)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('--no-ssh', '--no-ssh', [CompletionResultType]::ParameterName, 'Leave dropbear (ssh) out')
+            [CompletionResult]::new('--force', '--force', [CompletionResultType]::ParameterName, 'Build even when the output holds an image of the same recipe')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -182,7 +184,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;image;help' {
-            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny)')
+            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)')
             [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -205,6 +207,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--images', '--images', [CompletionResultType]::ParameterName, 'The image catalog (default: DATA_DIR/images)')
             [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)')
             [CompletionResult]::new('--accel', '--accel', [CompletionResultType]::ParameterName, 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg')
+            [CompletionResult]::new('--max-starts', '--max-starts', [CompletionResultType]::ParameterName, 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: twice the host''s cores')
             [CompletionResult]::new('--netns', '--netns', [CompletionResultType]::ParameterName, 'Run VMs, bridges and the hub''s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none')
             [CompletionResult]::new('--user', '--user', [CompletionResultType]::ParameterName, 'With --dev: the first engineer''s name (default: your login name)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
@@ -389,7 +392,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;help;image' {
-            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny)')
+            [CompletionResult]::new('build', 'build', [CompletionResultType]::ParameterValue, 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)')
             [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`')
             break
         }

@@ -670,7 +670,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__image__subcmd__build)
-            opts="-v -h --out --kernel-version --no-ssh --profile --verbose --help"
+            opts="-v -h --out --kernel-version --no-ssh --hook --force --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -681,6 +681,10 @@ _fcdev() {
                     return 0
                     ;;
                 --kernel-version)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --hook)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -840,7 +844,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server)
-            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --netns --user --profile --verbose --help user help"
+            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --netns --user --profile --verbose --help user help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -875,6 +879,10 @@ _fcdev() {
                     return 0
                     ;;
                 --accel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-starts)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

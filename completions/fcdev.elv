@@ -142,15 +142,17 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
             cand --help 'Print help'
-            cand build 'Build an image from Debian packages (recipes: tiny)'
+            cand build 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
             cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'fcdev;image;build'= {
             cand --out 'Output folder (default: <data dir>/images/NAME)'
             cand --kernel-version 'Guest kernel version under /boot (default: the newest *-cloud-amd64)'
+            cand --hook 'press: a shell script run in the guest''s root filesystem after the recipe (operator''s extra steps)'
             cand --profile 'The profile (server + token) to use'
             cand --no-ssh 'Leave dropbear (ssh) out'
+            cand --force 'Build even when the output holds an image of the same recipe'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -166,7 +168,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --help 'Print help'
         }
         &'fcdev;image;help'= {
-            cand build 'Build an image from Debian packages (recipes: tiny)'
+            cand build 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
             cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -185,6 +187,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --images 'The image catalog (default: DATA_DIR/images)'
             cand --backend 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)'
             cand --accel 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
+            cand --max-starts 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: twice the host''s cores'
             cand --netns 'Run VMs, bridges and the hub''s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none'
             cand --user 'With --dev: the first engineer''s name (default: your login name)'
             cand --profile 'The profile (server + token) to use'
@@ -337,7 +340,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;ssh'= {
         }
         &'fcdev;help;image'= {
-            cand build 'Build an image from Debian packages (recipes: tiny)'
+            cand build 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
             cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
         }
         &'fcdev;help;image;build'= {

@@ -101,13 +101,15 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand ssh" -s h -l help -d 'Print 
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -s h -l help -d 'Print help'
-complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and not __fish_seen_subcommand_from build snapshot help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l out -d 'Output folder (default: <data dir>/images/NAME)' -r -F
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l kernel-version -d 'Guest kernel version under /boot (default: the newest *-cloud-amd64)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l hook -d 'press: a shell script run in the guest\'s root filesystem after the recipe (operator\'s extra steps)' -r -F
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l no-ssh -d 'Leave dropbear (ssh) out'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l force -d 'Build even when the output holds an image of the same recipe'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l out -d 'Image folder (default: <data dir>/images/NAME)' -r -F
@@ -115,7 +117,7 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subco
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -s h -l help -d 'Print help'
-complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l listen -d 'Where the API listens' -r
@@ -127,6 +129,7 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l backend -d 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)' -r -f -a "qemu\t'Real VMs with qemu-system-x86_64'
 process\t'Test backend: local processes serving HTTP on loopback. For tests only'"
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l accel -d 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l max-starts -d 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: twice the host\'s cores' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l netns -d 'Run VMs, bridges and the hub\'s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l user -d 'With --dev: the first engineer\'s name (default: your login name)' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l profile -d 'The profile (server + token) to use' -r
@@ -172,6 +175,6 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_su
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "__socks-connect" -d 'Internal: ssh\'s ProxyCommand through the rootless tunnel\'s SOCKS5 proxy'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from server" -f -a "user" -d 'Manage engineers and their tokens'
