@@ -230,6 +230,7 @@ pub fn build_press(out: &Path, opts: &BuildOptions) -> BuildResult<bool> {
             .arg("-R")
             .arg("-l")
             .arg(tmp.join("root/proc"))
+            .stderr(Stdio::null())
             .status();
         std::fs::remove_dir_all(&tmp).map_err(io_err("removing an interrupted build"))?;
     }

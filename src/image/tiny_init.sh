@@ -85,11 +85,22 @@ echo "fcdev: $NAME ready" > /dev/console
 # The guest agent on ttyS1 (see src/server/backend/qemu/agent.rs).
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
 exec 3>/dev/ttyS1
+# Requests may end with `id=HEX`: the host re-sends a request until it gets the reply (a line can be lost or
+# cut on the serial port under load); a request whose id was the last one handled gets that reply again, never
+# a second run.
+LAST_ID= LAST_REPLY=
 while true; do
   while IFS= read -r line; do
     set -- $line
+    id=
+    for w in "$@"; do case "$w" in id=*) id=${w#id=} ;; esac; done
+    if [ -n "$id" ] && [ "$id" = "$LAST_ID" ]; then
+      echo "$LAST_REPLY" >&3
+      continue
+    fi
+    reply=
     case "$1" in
-      ping) echo pong >&3 ;;
+      ping) reply=pong ;;
       config)
         shift
         for kv in "$@"; do
@@ -108,15 +119,18 @@ while true; do
         done
         SNAPSHOT=
         configure
-        echo "ok $NAME" >&3
+        reply="ok $NAME"
         ;;
       run)
         cmd=$(echo "$2" | base64 -d)
         out=$(sh -c "$cmd" 2>&1 </dev/null)
         rc=$?
-        echo "out $rc $(printf '%s' "$out" | base64 -w 0)" >&3
+        reply="out $rc $(printf '%s' "$out" | base64 -w 0) id=$id"
         ;;
     esac
+    [ -n "$reply" ] || continue
+    [ -n "$id" ] && LAST_ID=$id && LAST_REPLY=$reply
+    echo "$reply" >&3
   done < /dev/ttyS1
   sleep 0.1
 done

@@ -67,7 +67,7 @@ impl GuestConfig {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         format!(
-            "config ip={} gw={} name={} ns={} role={} mac={} keys={} hosts={} time={now} seed={}",
+            "config ip={} gw={} name={} ns={} role={} mac={} keys={} hosts={} time={now} seed={} id={}",
             self.ip_cidr,
             self.gateway,
             self.name,
@@ -84,17 +84,23 @@ impl GuestConfig {
                 keys
             },
             self.hosts_b64(),
-            hex::encode(seed)
+            hex::encode(seed),
+            request_id()
         )
     }
 }
 
-/// Send `line` and wait for a reply line starting with `expect`; when `resend` is set, the line is sent again
+/// A fresh request id: the agent handles a request once and answers a re-sent copy (same id) from its cache.
+fn request_id() -> String {
+    hex::encode(rand::random::<[u8; 6]>())
+}
+
+/// Send `line` and wait for a reply line that `expect` accepts; when `resend` is set, the line is sent again
 /// at that interval until a reply comes (for idempotent commands sent while the guest may still be booting).
 pub fn request(
     socket: &Path,
     line: &str,
-    expect: &str,
+    expect: &dyn Fn(&str) -> bool,
     timeout: Duration,
     resend: Option<Duration>,
 ) -> Result<String, AgentError> {
@@ -139,7 +145,7 @@ pub fn request(
             Ok(_) if buf.ends_with(b"\n") => {
                 let text = String::from_utf8_lossy(&buf).trim().to_string();
                 buf.clear();
-                if text.starts_with(expect) {
+                if expect(&text) {
                     return Ok(text);
                 }
             }
@@ -163,7 +169,7 @@ pub fn ping(socket: &Path, timeout: Duration) -> Result<(), AgentError> {
     request(
         socket,
         "ping",
-        "pong",
+        &|l: &str| l.starts_with("pong"),
         timeout,
         Some(Duration::from_millis(500)),
     )
@@ -176,27 +182,62 @@ pub fn configure(socket: &Path, cfg: &GuestConfig, timeout: Duration) -> Result<
     request(
         socket,
         &cfg.to_line(),
-        &expect,
+        &|l: &str| l.starts_with(&expect),
         timeout,
         Some(Duration::from_millis(1500)),
     )
     .map(|_| ())
 }
 
-/// Run a shell command in the guest; returns (exit code, combined output).
+/// Run a shell command in the guest; returns (exit code, combined output). The request is re-sent every 2 s
+/// until its reply comes (a line lost or cut on the serial port under load); the agent runs it once.
 pub fn run(socket: &Path, command: &str, timeout: Duration) -> Result<(i32, String), AgentError> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let line = format!("run {}", b64.encode(command));
-    let reply = request(socket, &line, "out ", timeout, None)?;
-    let mut parts = reply.splitn(3, ' ');
-    let _ = parts.next();
-    let rc: i32 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| AgentError::BadReply(reply.clone()))?;
-    let out = parts.next().unwrap_or("");
-    let bytes = b64
-        .decode(out.trim())
-        .map_err(|_| AgentError::BadReply(reply.clone()))?;
+    let id = request_id();
+    let line = format!("run {} id={id}", b64.encode(command));
+    let reply = request(
+        socket,
+        &line,
+        &|l: &str| l.starts_with("out ") && l.ends_with(&format!(" id={id}")),
+        timeout,
+        Some(Duration::from_secs(2)),
+    )?;
+    parse_run_reply(&reply, &id)
+}
+
+/// `out RC [B64] id=ID` → (RC, output); a reply to another request is an error.
+fn parse_run_reply(reply: &str, id: &str) -> Result<(i32, String), AgentError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bad = || AgentError::BadReply(reply.to_string());
+    let words: Vec<&str> = reply.split_whitespace().collect();
+    let rc: i32 = words.get(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let (out, reply_id) = match words.len() {
+        3 => ("", words[2]),
+        4 => (words[2], words[3]),
+        _ => return Err(bad()),
+    };
+    if reply_id != format!("id={id}") {
+        return Err(bad());
+    }
+    let bytes = b64.decode(out).map_err(|_| bad())?;
     Ok((rc, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_replies_are_matched_by_id() {
+        assert_eq!(
+            parse_run_reply("out 3 aGk= id=ab12", "ab12").expect("reply"),
+            (3, "hi".to_string())
+        );
+        assert_eq!(
+            parse_run_reply("out 0 id=ab12", "ab12").expect("empty output"),
+            (0, String::new())
+        );
+        assert!(parse_run_reply("out 0 aGk= id=ffff", "ab12").is_err());
+        assert!(parse_run_reply("out x aGk= id=ab12", "ab12").is_err());
+    }
 }
