@@ -100,6 +100,25 @@ fn event_streams_are_limited_per_engineer_and_freed_when_clients_leave() {
     let server = TestServer::start(&[("tiny", &stuck)]);
     server.login();
     server.fcdev().args(["up", "--no-wait"]).assert().success();
+    // Wait for quiet: n1 and m1 ready, f1 waiting out its deadline (8 s), so no event wakes a stream's task and
+    // only a client going away can free it.
+    let start = Instant::now();
+    loop {
+        let status = server.status_json();
+        let vms = status["clusters"][0]["vms"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ready = vms.iter().filter(|v| v["state"] == "ready").count();
+        if ready == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "n1 and m1 never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let path = "/v1/clusters/dev/events?after=0";
     let mut open: Vec<_> = (0..16)
         .map(|i| {
