@@ -965,6 +965,61 @@ mod tests {
     }
 
     #[test]
+    fn events_of_an_old_database_keep_their_numbers_and_new_clusters_start_at_one() {
+        let (dir, store) = store();
+        let (a, _) = store.add_user("a").unwrap();
+        let ns = store.ensure_namespace(&a).unwrap();
+        let vms = [NewVm {
+            name: "n1",
+            role: "proxy",
+        }];
+        let kept = store.create_cluster(&ns, "kept", "tiny", &vms).unwrap();
+        let gone = store.create_cluster(&ns, "gone", "tiny", &vms).unwrap();
+        drop(store);
+        // The layout of earlier versions: one sequence across all clusters.
+        let path = dir.path().join("state.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "DROP TABLE events;
+             CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, cluster_id INTEGER NOT NULL, vm TEXT,
+                 state TEXT NOT NULL, message TEXT NOT NULL,
+                 at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')));
+             CREATE INDEX events_cluster ON events(cluster_id, seq);
+             INSERT INTO events (cluster_id, state, message) VALUES
+                 ({k}, 'requested', 'a'), ({g}, 'requested', 'b'), ({k}, 'ready', 'c'), (999, 'deleted', 'd');",
+            k = kept.id,
+            g = gone.id
+        ))
+        .unwrap();
+        drop(conn);
+
+        let store = Store::open(&path).unwrap();
+        let seqs = |id| -> Vec<i64> {
+            store
+                .events_after(id, 0)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        assert_eq!(seqs(kept.id), [1, 3], "old numbers kept");
+        assert_eq!(store.add_event(kept.id, None, "x", "y").unwrap().seq, 4);
+        assert_eq!(store.events_after(kept.id, 3).unwrap().len(), 1);
+        assert_eq!(
+            seqs(999),
+            Vec::<i64>::new(),
+            "events of deleted clusters dropped"
+        );
+        let fresh = store.create_cluster(&ns, "fresh", "tiny", &vms).unwrap();
+        assert_eq!(store.add_event(fresh.id, None, "x", "y").unwrap().seq, 1);
+        assert_eq!(store.delete_cluster(gone.id).unwrap().seq, 3);
+        drop(store);
+        // Opening again changes nothing.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.last_event_seq(kept.id).unwrap(), 4);
+    }
+
+    #[test]
     fn peer_addresses_run_out_cleanly() {
         let (_dir, store) = store();
         let (a, _) = store.add_user("a").unwrap();
