@@ -150,6 +150,16 @@ pub fn write_private(path: &Path, contents: &str, mode: u32) -> Result<(), Confi
     Ok(())
 }
 
+/// Make `dir` (and missing parents) a directory only its owner can enter (0700), tightening an existing one.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Both files of one config dir.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -169,9 +179,24 @@ impl Store {
         self.dir.join(CREDENTIALS_FILE)
     }
 
+    /// The folder of this machine's private keys (WireGuard, ssh).
+    pub fn keys_dir(&self) -> PathBuf {
+        self.dir.join("keys")
+    }
+
+    /// The keys folder, created (or tightened, when an earlier version left it 0755) private to its owner (0700).
+    pub fn ensure_keys_dir(&self) -> Result<PathBuf, ConfigError> {
+        let dir = self.keys_dir();
+        create_private_dir(&dir).map_err(|source| ConfigError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(dir)
+    }
+
     /// The WireGuard private key of a profile (0600; generated on this machine, never sent anywhere).
     pub fn key_path(&self, profile: &str) -> PathBuf {
-        self.dir.join("keys").join(format!("{profile}.key"))
+        self.keys_dir().join(format!("{profile}.key"))
     }
 
     pub fn load_config(&self) -> Result<Config, ConfigError> {

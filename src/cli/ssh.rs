@@ -33,13 +33,14 @@ pub struct SshArgs {
 
 fn key_path(ctx: &Context) -> PathBuf {
     ctx.store
-        .dir
-        .join("keys")
+        .keys_dir()
         .join(format!("{}_ssh", ctx.profile_name))
 }
 
 /// This laptop's fcdev ssh public key, created with ssh-keygen when missing. None when ssh-keygen is not installed.
 pub fn ensure_key(ctx: &Context) -> Option<String> {
+    // Also tightens a keys folder an earlier version created 0755.
+    let _ = ctx.store.ensure_keys_dir();
     let path = key_path(ctx);
     let public = path.with_extension("pub");
     let read = || {
@@ -53,7 +54,7 @@ pub fn ensure_key(ctx: &Context) -> Option<String> {
     }
     // One `fcdev up` generates, concurrent ones wait for it (a lock file; a stale one is ignored after 5 s), so
     // nobody reads half a key or pairs the wrong halves.
-    std::fs::create_dir_all(path.parent()?).ok()?;
+    ctx.store.ensure_keys_dir().ok()?;
     let lock = path.with_extension("lock");
     for _ in 0..100 {
         let created = std::fs::OpenOptions::new()

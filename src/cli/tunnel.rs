@@ -86,6 +86,7 @@ pub async fn register(
     name: Option<&str>,
 ) -> Result<(PrivateKey, PeerConfig), CliError> {
     let (_, client) = ctx.client()?;
+    ctx.store.ensure_keys_dir()?;
     let key = PrivateKey::load_or_generate(&ctx.store.key_path(&ctx.profile_name))?;
     let name = name.map(str::to_string).unwrap_or_else(default_peer_name);
     let config: PeerConfig = client.post("/peers", &peer_request(&name, &key)).await?;

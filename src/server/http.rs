@@ -80,6 +80,7 @@ impl From<StoreError> for ApiErr {
                 ApiErr::new(StatusCode::INSUFFICIENT_STORAGE, "exhausted", what)
                     .hint("free some (`fcdev down`, delete peers) or ask the operator")
             }
+            e @ StoreError::File { .. } => ApiErr::internal(e),
             StoreError::Sql(e) => ApiErr::internal(e),
         }
     }
@@ -167,7 +168,36 @@ where
     }
 }
 
+/// A path parameter, with a 400 JSON error when it does not decode (e.g. `%ff`, not UTF-8).
+pub struct PathParam<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for PathParam<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(PathParam(v)),
+            Err(r) => Err(
+                ApiErr::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
+                    .hint("cluster names are DNS labels and peer ids numbers; see docs/api.md"),
+            ),
+        }
+    }
+}
+
 fn json_rejection(r: JsonRejection) -> ApiErr {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiErr::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "the request body is too large",
+        )
+        .hint("request bodies are small JSON objects (at most 2 MB); see docs/api.md");
+    }
     let status = match &r {
         JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         JsonRejection::JsonDataError(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -196,11 +226,15 @@ impl FromRequestParts<AppState> for AuthUser {
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| unauthorized("missing bearer token"))?;
+        // The scheme is case-insensitive (RFC 7235): `bearer TOKEN` is as good as `Bearer TOKEN`.
         let token = header
-            .strip_prefix("Bearer ")
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .filter(|token| !token.is_empty())
             .ok_or_else(|| unauthorized("the Authorization header must be `Bearer TOKEN`"))?;
         let store = state.store.clone();
-        let token = token.trim().to_string();
+        let token = token.to_string();
         let user = tokio::task::spawn_blocking(move || store.user_by_token(&token))
             .await
             .map_err(ApiErr::internal)??;
@@ -226,7 +260,8 @@ pub fn router(state: AppState) -> Router {
         .route("/clusters/{name}/events", get(cluster_events))
         .route("/clusters/{name}/reset", post(reset_cluster))
         .route("/peers", post(create_peer).get(list_peers))
-        .route("/peers/{id}", delete(delete_peer));
+        .route("/peers/{id}", delete(delete_peer))
+        .layer(axum::Extension(Arc::new(StreamLimits::default())));
     Router::new()
         .nest(api::API_PREFIX, v1)
         .fallback(|| async {
@@ -355,7 +390,8 @@ async fn create_cluster(
             blocking(move || orch.refresh(&e)).await??;
             state.store.last_event_seq(existing.id)?
         }
-        None => state.store.last_event_seq_overall()?,
+        // A new cluster's events are numbered from 1.
+        None => 0,
     };
     // `up` spawns background work on this runtime; its own blocking parts are short store reads.
     let (row, outcome) = state.orchestrator.up(&ns, &req.name, &req.image)?;
@@ -409,7 +445,7 @@ async fn find_cluster(
 async fn get_cluster(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    Path(name): Path<String>,
+    PathParam(name): PathParam<String>,
 ) -> ApiResult<Json<api::Cluster>> {
     let (ns, row) = find_cluster(&state, &user, &name).await?;
     let orch = state.orchestrator.clone();
@@ -425,7 +461,7 @@ async fn get_cluster(
 async fn reset_cluster(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    Path(name): Path<String>,
+    PathParam(name): PathParam<String>,
 ) -> ApiResult<Response> {
     let (ns, row) = find_cluster(&state, &user, &name).await?;
     if matches!(row.state, ClusterState::Deleting) {
@@ -449,7 +485,7 @@ async fn reset_cluster(
 async fn delete_cluster(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    Path(name): Path<String>,
+    PathParam(name): PathParam<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let (_ns, row) = find_cluster(&state, &user, &name).await?;
     state
@@ -476,23 +512,86 @@ struct EventsQuery {
     after: i64,
 }
 
-/// Server-sent events: every stored event after `?after=SEQ`, then live ones; the stream ends once the cluster is
-/// ready, failed or deleted.
+/// Event streams one engineer may have open at once; one more is answered 429.
+pub const MAX_STREAMS_PER_USER: usize = 16;
+
+/// Open event streams per engineer.
+#[derive(Default)]
+pub struct StreamLimits {
+    open: std::sync::Mutex<std::collections::HashMap<i64, usize>>,
+}
+
+/// One open stream, counted until it is dropped (the stream's task ends).
+pub struct StreamPermit {
+    limits: Arc<StreamLimits>,
+    user_id: i64,
+}
+
+impl StreamLimits {
+    fn acquire(self: &Arc<Self>, user_id: i64) -> Option<StreamPermit> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(user_id).or_default();
+        if *n >= MAX_STREAMS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(StreamPermit {
+            limits: self.clone(),
+            user_id,
+        })
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.user_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+/// A cluster in a final state (or gone) produces no more events until someone acts on it.
+fn is_final(cluster: &Option<crate::server::store::ClusterRow>) -> bool {
+    cluster.as_ref().is_none_or(|c| !c.state.is_transient())
+}
+
+/// Server-sent events: every stored event after `?after=SEQ`, then live ones. The stream ends once the cluster is
+/// ready, failed or deleted, at once when it already is; a client that goes away ends it at once too.
 async fn cluster_events(
     State(state): State<AppState>,
+    axum::Extension(limits): axum::Extension<Arc<StreamLimits>>,
     AuthUser(user): AuthUser,
-    Path(name): Path<String>,
+    PathParam(name): PathParam<String>,
     QueryParams(q): QueryParams<EventsQuery>,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
     let (_ns, row) = find_cluster(&state, &user, &name).await?;
+    let permit = limits.acquire(user.id).ok_or_else(|| {
+        ApiErr::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!("at most {MAX_STREAMS_PER_USER} event streams may be open at once"),
+        )
+        .hint("close other streams (`fcdev up` in other terminals) and try again")
+    })?;
+    // Subscribe before reading the store, so no event falls between the two.
     let mut live = state.orchestrator.subscribe();
     let store = state.store.clone();
     let cid = row.id;
-    let past = blocking(move || store.events_after(cid, q.after)).await??;
+    // The state is read before the events: a final state's event is stored with it, so it is among `past`.
+    let (current, past) = blocking(move || -> Result<_, StoreError> {
+        let current = store.cluster_by_id(cid)?;
+        Ok((current, store.events_after(cid, q.after)?))
+    })
+    .await??;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     let cluster_name = row.name.clone();
     let store = state.store.clone();
     tokio::spawn(async move {
+        let _permit = permit;
         let to_event = |e: &crate::server::store::EventRow| {
             let ev = api::ClusterEvent {
                 seq: e.seq,
@@ -510,6 +609,12 @@ async fn cluster_events(
         let is_end = |e: &crate::server::store::EventRow| {
             e.vm.is_none() && matches!(e.state.as_str(), "ready" | "failed" | "deleted")
         };
+        let reread = |store: Arc<Store>| async move {
+            tokio::task::spawn_blocking(move || store.cluster_by_id(cid).ok().flatten())
+                .await
+                .ok()
+                .flatten()
+        };
         let mut last = q.after;
         let mut ended = false;
         for e in &past {
@@ -519,33 +624,39 @@ async fn cluster_events(
             }
             ended = is_end(e);
         }
+        if is_final(&current) {
+            return;
+        }
         // A stored terminal event ends the stream unless the cluster moved on since (a retry after failure).
-        if ended {
-            let current = store.cluster_by_id(cid).ok().flatten();
-            if current.map(|c| !c.state.is_transient()).unwrap_or(true) {
-                return;
-            }
+        if ended && is_final(&reread(store.clone()).await) {
+            return;
         }
         loop {
-            match live.recv().await {
+            let received = tokio::select! {
+                // The client went away: end now, not at the next write.
+                _ = tx.closed() => return,
+                received = live.recv() => received,
+            };
+            match received {
                 Ok(e) if e.cluster_id == cid && e.seq > last => {
                     last = e.seq;
-                    if tx.send(Ok(to_event(&e))).await.is_err() {
-                        return;
-                    }
-                    if is_end(&e) {
+                    if tx.send(Ok(to_event(&e))).await.is_err() || is_end(&e) {
                         return;
                     }
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     // Catch up from the store.
-                    if let Ok(missed) = store.events_after(cid, last) {
-                        for e in missed {
-                            last = e.seq;
-                            if tx.send(Ok(to_event(&e))).await.is_err() || is_end(&e) {
-                                return;
-                            }
+                    let s = store.clone();
+                    let missed = tokio::task::spawn_blocking(move || s.events_after(cid, last))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_default();
+                    for e in missed {
+                        last = e.seq;
+                        if tx.send(Ok(to_event(&e))).await.is_err() || is_end(&e) {
+                            return;
                         }
                     }
                 }
@@ -678,7 +789,7 @@ async fn list_peers(
 async fn delete_peer(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let id: i64 = id.parse().map_err(|_| {
         ApiErr::new(

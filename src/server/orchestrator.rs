@@ -132,15 +132,21 @@ impl Orchestrator {
     }
 
     fn set_cluster(&self, c: &ClusterRow, state: ClusterState, reason: Option<&str>) {
-        if let Err(e) = self.store.set_cluster_state(c.id, state, reason) {
-            tracing::error!("cannot record state of cluster {}: {e}", c.name);
-        }
         let message = match (state, reason) {
             (_, Some(reason)) => reason.to_string(),
             (ClusterState::Ready, None) => "every VM is ready".to_string(),
             (state, None) => format!("cluster is {}", state.as_str()),
         };
-        self.emit(c.id, None, state.as_str(), &message);
+        // State and event in one transaction: an event stream that reads a final state finds its event stored.
+        match self
+            .store
+            .set_cluster_state_event(c.id, state, reason, &message)
+        {
+            Ok(event) => {
+                let _ = self.events.send(event);
+            }
+            Err(e) => tracing::error!("cannot record state of cluster {}: {e}", c.name),
+        }
     }
 
     fn set_vm(&self, c: &ClusterRow, vm: &VmRow, state: VmState, detail: Option<&str>) {
@@ -224,6 +230,11 @@ impl Orchestrator {
             // A transient cluster with an operation holding it will be brought up by that operation; anything
             // else (failed, a dead VM) gets a drive, which waits for the lock if a health check holds it.
             if !(busy && cluster.state.is_transient()) {
+                if !cluster.state.is_transient() {
+                    // Recorded before the 202: an event stream opened after it must not take the old final state
+                    // (failed) for the outcome of this request.
+                    self.set_cluster(&cluster, ClusterState::Requested, None);
+                }
                 self.spawn_drive(cluster.id, false);
             }
             return Ok((cluster, UpOutcome::Resumed));
@@ -598,8 +609,8 @@ impl Orchestrator {
             return Ok(());
         }
         let _ = std::fs::remove_dir_all(self.vms_dir.join(&ns.name).join(&cluster.name));
-        self.store.delete_cluster(cluster.id)?;
-        self.emit(cluster.id, None, "deleted", "cluster deleted");
+        let deleted = self.store.delete_cluster(cluster.id)?;
+        let _ = self.events.send(deleted);
         if self.store.clusters_in(ns.id)?.is_empty() {
             let backend = self.backend.clone();
             let net = namespace_net(&ns);

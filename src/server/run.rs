@@ -55,7 +55,13 @@ fn make_backend(opts: &ServerOptions) -> anyhow::Result<Arc<dyn Backend>> {
 }
 
 pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&opts.data_dir)
+    // Everything the server and its children (qemu, qemu-img, test VMs) create is private to the owner: VM folders,
+    // overlays, console logs, sockets, the state database. The umask is per process and inherited.
+    // SAFETY: umask only swaps the process's file mode mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
+    crate::config::create_private_dir(&opts.data_dir)
         .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
     let store = Arc::new(
         Store::open(&opts.data_dir.join(STATE_FILE))

@@ -23,6 +23,11 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     Exhausted(String),
+    #[error("cannot set up {path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -155,20 +160,93 @@ CREATE TABLE IF NOT EXISTS peers (
     UNIQUE (namespace_id, address)
 );
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
     vm TEXT,
     state TEXT NOT NULL,
     message TEXT NOT NULL,
-    at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+    at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+    PRIMARY KEY (cluster_id, seq)
 );
 CREATE TABLE IF NOT EXISTS ssh_keys (
     namespace_id INTEGER NOT NULL REFERENCES namespaces(id) ON DELETE CASCADE,
     key TEXT NOT NULL,
     UNIQUE (namespace_id, key)
 );
-CREATE INDEX IF NOT EXISTS events_cluster ON events(cluster_id, seq);
 ";
+
+/// Events are numbered per cluster (1, 2, …), so a number says nothing about other clusters. Databases of
+/// earlier versions numbered them across all clusters (`seq` the table's own key): their events keep their numbers
+/// (still increasing within each cluster, so a client's `after=N` stays right) and the next event of a cluster
+/// follows its highest; events of deleted clusters are dropped.
+const MIGRATE_EVENTS: &str = "
+CREATE TABLE events_per_cluster (
+    cluster_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    vm TEXT,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL,
+    at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+    PRIMARY KEY (cluster_id, seq)
+);
+INSERT INTO events_per_cluster (cluster_id, seq, vm, state, message, at)
+    SELECT cluster_id, seq, vm, state, message, at FROM events
+    WHERE cluster_id IN (SELECT id FROM clusters);
+DROP TABLE events;
+ALTER TABLE events_per_cluster RENAME TO events;
+";
+
+/// Store an event as the next one of its cluster.
+fn insert_event(
+    conn: &Connection,
+    cluster_id: i64,
+    vm: Option<&str>,
+    state: &str,
+    message: &str,
+) -> rusqlite::Result<EventRow> {
+    conn.query_row(
+        &format!(
+            "INSERT INTO events (cluster_id, seq, vm, state, message)
+             VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE cluster_id = ?1), ?2, ?3, ?4)
+             RETURNING {EVENT_COLS}"
+        ),
+        params![cluster_id, vm, state, message],
+        row_event,
+    )
+}
+
+/// Whether `events` still has the layout of earlier versions (one sequence across all clusters).
+fn events_numbered_globally(conn: &Connection) -> rusqlite::Result<bool> {
+    let key_part: Option<i64> = conn
+        .query_row(
+            "SELECT pk FROM pragma_table_info('events') WHERE name = 'cluster_id'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(key_part == Some(0))
+}
+
+/// Create the state file private to its owner (0600) before SQLite opens it, and tighten an existing one; SQLite
+/// gives its `-wal` and `-shm` files the mode of the database file.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
 /// A token as handed to a user: `fcd_` + 32 random bytes in hex. Only its SHA-256 is stored.
 pub fn new_token() -> String {
@@ -284,12 +362,23 @@ pub fn mac_for(addr: Ipv4Addr) -> String {
 
 impl Store {
     pub fn open(path: &Path) -> StoreResult<Store> {
-        let conn = Connection::open(path)?;
+        make_private(path).map_err(|e| StoreError::File {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
+        {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if events_numbered_globally(&tx)? {
+                tx.execute_batch(MIGRATE_EVENTS)?;
+            }
+            tx.execute_batch(SCHEMA)?;
+            tx.commit()?;
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -558,18 +647,24 @@ impl Store {
         )
     }
 
-    pub fn set_cluster_state(
+    /// Set a cluster's state and record its event in one transaction: whoever reads the new state finds the event.
+    pub fn set_cluster_state_event(
         &self,
         id: i64,
         state: ClusterState,
         reason: Option<&str>,
-    ) -> StoreResult<()> {
-        self.conn().execute(
+        message: &str,
+    ) -> StoreResult<EventRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
             "UPDATE clusters SET state = ?2, reason = ?3,
              updated_at = strftime('%Y-%m-%dT%H:%M:%SZ','now') WHERE id = ?1",
             params![id, state.as_str(), reason],
         )?;
-        Ok(())
+        let event = insert_event(&tx, id, None, state.as_str(), message)?;
+        tx.commit()?;
+        Ok(event)
     }
 
     pub fn set_start_mode(&self, id: i64, mode: &str) -> StoreResult<()> {
@@ -580,14 +675,31 @@ impl Store {
         Ok(())
     }
 
-    pub fn delete_cluster(&self, id: i64) -> StoreResult<()> {
+    /// Forget a cluster with its VMs and events. Returns its last event, `deleted`, numbered after the others for
+    /// the streams that follow it, and not stored (nothing of the cluster is).
+    pub fn delete_cluster(&self, id: i64) -> StoreResult<EventRow> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let last: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE cluster_id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        let at: String = tx.query_row("SELECT strftime('%Y-%m-%dT%H:%M:%fZ','now')", [], |r| {
+            r.get(0)
+        })?;
         tx.execute("DELETE FROM vms WHERE cluster_id = ?1", [id])?;
         tx.execute("DELETE FROM events WHERE cluster_id = ?1", [id])?;
         tx.execute("DELETE FROM clusters WHERE id = ?1", [id])?;
         tx.commit()?;
-        Ok(())
+        Ok(EventRow {
+            seq: last + 1,
+            cluster_id: id,
+            vm: None,
+            state: "deleted".into(),
+            message: "cluster deleted".into(),
+            at,
+        })
     }
 
     pub fn vms_of(&self, cluster_id: i64) -> StoreResult<Vec<VmRow>> {
@@ -744,17 +856,7 @@ impl Store {
         state: &str,
         message: &str,
     ) -> StoreResult<EventRow> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO events (cluster_id, vm, state, message) VALUES (?1, ?2, ?3, ?4)",
-            params![cluster_id, vm, state, message],
-        )?;
-        let seq = conn.last_insert_rowid();
-        Ok(conn.query_row(
-            &format!("SELECT {EVENT_COLS} FROM events WHERE seq = ?1"),
-            [seq],
-            row_event,
-        )?)
+        Ok(insert_event(&self.conn(), cluster_id, vm, state, message)?)
     }
 
     pub fn events_after(&self, cluster_id: i64, after: i64) -> StoreResult<Vec<EventRow>> {
@@ -765,12 +867,6 @@ impl Store {
             params![cluster_id, after],
             row_event,
         )
-    }
-
-    /// The newest event sequence number of all (0 when none).
-    pub fn last_event_seq_overall(&self) -> StoreResult<i64> {
-        let conn = self.conn();
-        Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?)
     }
 
     /// The newest event sequence number of a cluster (0 when none).
@@ -866,6 +962,61 @@ mod tests {
         let store = Store::open(&dir.path().join("state.db")).unwrap();
         assert_eq!(store.namespace_of(b.id).unwrap(), Some(nb));
         assert_eq!(store.peers_in(na.id).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn events_of_an_old_database_keep_their_numbers_and_new_clusters_start_at_one() {
+        let (dir, store) = store();
+        let (a, _) = store.add_user("a").unwrap();
+        let ns = store.ensure_namespace(&a).unwrap();
+        let vms = [NewVm {
+            name: "n1",
+            role: "proxy",
+        }];
+        let kept = store.create_cluster(&ns, "kept", "tiny", &vms).unwrap();
+        let gone = store.create_cluster(&ns, "gone", "tiny", &vms).unwrap();
+        drop(store);
+        // The layout of earlier versions: one sequence across all clusters.
+        let path = dir.path().join("state.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "DROP TABLE events;
+             CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, cluster_id INTEGER NOT NULL, vm TEXT,
+                 state TEXT NOT NULL, message TEXT NOT NULL,
+                 at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')));
+             CREATE INDEX events_cluster ON events(cluster_id, seq);
+             INSERT INTO events (cluster_id, state, message) VALUES
+                 ({k}, 'requested', 'a'), ({g}, 'requested', 'b'), ({k}, 'ready', 'c'), (999, 'deleted', 'd');",
+            k = kept.id,
+            g = gone.id
+        ))
+        .unwrap();
+        drop(conn);
+
+        let store = Store::open(&path).unwrap();
+        let seqs = |id| -> Vec<i64> {
+            store
+                .events_after(id, 0)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        assert_eq!(seqs(kept.id), [1, 3], "old numbers kept");
+        assert_eq!(store.add_event(kept.id, None, "x", "y").unwrap().seq, 4);
+        assert_eq!(store.events_after(kept.id, 3).unwrap().len(), 1);
+        assert_eq!(
+            seqs(999),
+            Vec::<i64>::new(),
+            "events of deleted clusters dropped"
+        );
+        let fresh = store.create_cluster(&ns, "fresh", "tiny", &vms).unwrap();
+        assert_eq!(store.add_event(fresh.id, None, "x", "y").unwrap().seq, 1);
+        assert_eq!(store.delete_cluster(gone.id).unwrap().seq, 3);
+        drop(store);
+        // Opening again changes nothing.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.last_event_seq(kept.id).unwrap(), 4);
     }
 
     #[test]

@@ -224,3 +224,164 @@ pub fn json(out: &[u8]) -> serde_json::Value {
     serde_json::from_slice(out)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(out)))
 }
+
+/// A raw HTTP/1.1 response: status, head (status line and headers) and body as sent (chunked bodies unparsed).
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl RawResponse {
+    /// A header's value (name case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// The `code` of the documented JSON error body, checking the content type and the message on the way.
+    pub fn error_code(&self) -> String {
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "an error that is not JSON: {}\n{}",
+            self.head,
+            self.body
+        );
+        let v: serde_json::Value = serde_json::from_str(&self.body)
+            .unwrap_or_else(|_| panic!("not a JSON error body: {}", self.body));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.body
+        );
+        v["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// Send one request (`Connection: close`) with extra header lines and a body of any size (written from another
+/// thread while the response is read, so a server that answers before reading it all is seen answering).
+pub fn raw_request(
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Vec<u8>,
+) -> RawResponse {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        // The server may close before taking the whole body; that is its right.
+        let _ = writer.write_all(head.as_bytes());
+        let _ = writer.write_all(&body);
+    });
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => resp.extend_from_slice(&buf[..n]),
+            // A reset after the answer (the body was not read) ends it too.
+            Err(e) if !resp.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("reading the response to {method} {path}: {e}"),
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = sender.join();
+    let resp = String::from_utf8_lossy(&resp).to_string();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    RawResponse {
+        status: head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {head:?}")),
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// Open `GET path` and read only the response head; the connection stays open (an event stream).
+pub fn open_stream(url: &str, path: &str, token: &str) -> (u16, std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!("no response head for {path}: {other:?}"),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, s)
+}
+
+/// Add an engineer with `fcdev server user add` and return their token.
+pub fn add_engineer(server: &TestServer, name: &str) -> String {
+    let out = server
+        .fcdev()
+        .args(["server", "user", "add", name])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    String::from_utf8(out).unwrap().trim().to_string()
+}
+
+/// Read an open stream until the server ends it; None when it is still open after `within`.
+pub fn read_until_closed(mut s: std::net::TcpStream, within: Duration) -> Option<String> {
+    use std::io::Read;
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&out).to_string()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading a stream: {e}"),
+        }
+    }
+    None
+}
+
+/// The `id:` numbers of the server-sent events in a stream's text, in order.
+pub fn event_ids(stream_text: &str) -> Vec<i64> {
+    stream_text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ")?.trim().parse().ok())
+        .collect()
+}

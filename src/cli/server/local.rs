@@ -59,7 +59,7 @@ pub async fn ensure(mut ctx: Context, port: u16, talk: bool) -> Result<Context, 
 }
 
 async fn start_server(data_dir: &std::path::Path, port: u16, talk: bool) -> Result<(), CliError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| {
+    crate::config::create_private_dir(data_dir).map_err(|e| {
         CliError::new(
             ExitKind::Failure,
             format!("cannot create {}: {e}", data_dir.display()),
@@ -74,6 +74,12 @@ async fn start_server(data_dir: &std::path::Path, port: u16, talk: bool) -> Resu
         .truncate(true)
         .mode(0o600)
         .open(&log_path)
+        .and_then(|log| {
+            // A log left by an earlier version may be readable by others.
+            use std::os::unix::fs::PermissionsExt;
+            log.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            Ok(log)
+        })
         .map_err(|e| {
             CliError::new(
                 ExitKind::Failure,

@@ -121,7 +121,7 @@ fn data_dir(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 pub fn open_store(data_dir: &std::path::Path) -> anyhow::Result<Store> {
-    std::fs::create_dir_all(data_dir)
+    crate::config::create_private_dir(data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
     let path = data_dir.join(crate::server::run::STATE_FILE);
     Store::open(&path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))
