@@ -204,7 +204,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --help 'Print help'
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
             cand token 'Print a fresh extra token for an engineer'
-            cand revoke 'Revoke every token of an engineer'
+            cand revoke 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)'
+            cand remove 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens'
             cand list 'List engineers'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -232,6 +233,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'fcdev;server;user;remove'= {
+            cand --data-dir 'data-dir'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;server;user;list'= {
             cand --data-dir 'data-dir'
             cand --profile 'The profile (server + token) to use'
@@ -243,7 +252,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;user;help'= {
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
             cand token 'Print a fresh extra token for an engineer'
-            cand revoke 'Revoke every token of an engineer'
+            cand revoke 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)'
+            cand remove 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens'
             cand list 'List engineers'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -252,6 +262,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;user;help;token'= {
         }
         &'fcdev;server;user;help;revoke'= {
+        }
+        &'fcdev;server;user;help;remove'= {
         }
         &'fcdev;server;user;help;list'= {
         }
@@ -264,7 +276,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;help;user'= {
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
             cand token 'Print a fresh extra token for an engineer'
-            cand revoke 'Revoke every token of an engineer'
+            cand revoke 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)'
+            cand remove 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens'
             cand list 'List engineers'
         }
         &'fcdev;server;help;user;add'= {
@@ -272,6 +285,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;help;user;token'= {
         }
         &'fcdev;server;help;user;revoke'= {
+        }
+        &'fcdev;server;help;user;remove'= {
         }
         &'fcdev;server;help;user;list'= {
         }
@@ -350,7 +365,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;user'= {
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
             cand token 'Print a fresh extra token for an engineer'
-            cand revoke 'Revoke every token of an engineer'
+            cand revoke 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)'
+            cand remove 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens'
             cand list 'List engineers'
         }
         &'fcdev;help;server;user;add'= {
@@ -358,6 +374,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;user;token'= {
         }
         &'fcdev;help;server;user;revoke'= {
+        }
+        &'fcdev;help;server;user;remove'= {
         }
         &'fcdev;help;server;user;list'= {
         }
