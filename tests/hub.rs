@@ -151,7 +151,8 @@ impl Initiator {
                 continue;
             };
             let response = self.buf[0] == 2;
-            if let Outcome::Network(d) = self.peer.decapsulate(from, &self.buf[..n], &mut self.out) {
+            if let Outcome::Network(d) = self.peer.decapsulate(from, &self.buf[..n], &mut self.out)
+            {
                 self.sock.send_to(d, self.hub).unwrap();
             }
             if response {
@@ -251,10 +252,7 @@ fn stored_small_order_key_is_disabled_when_the_server_starts() {
     let changed = db
         .execute(
             "UPDATE peers SET public_key = ?1 WHERE public_key = ?2",
-            [
-                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-                bad.as_str(),
-            ],
+            ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", bad.as_str()],
         )
         .unwrap();
     assert_eq!(changed, 1);
@@ -299,7 +297,7 @@ fn first_session_long_after_registration_carries_traffic_for_three_minutes() {
         tunnel.send(&packet);
         sent += packet.len() as u64;
         tunnel.pump(Duration::from_secs(1));
-        if sent % 3000 == 0 {
+        if sent.is_multiple_of(3000) {
             let p = &peers(&server)[0];
             assert_eq!(
                 p["rx_bytes"].as_u64(),
@@ -393,7 +391,9 @@ fn user_remove_stops_clusters_and_frees_peers_and_namespace() {
         .args(["server", "user", "remove", "alice"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("Removed `alice`: 1 cluster(s), 1 WireGuard peer(s)"));
+        .stdout(predicate::str::contains(
+            "Removed `alice`: 1 cluster(s), 1 WireGuard peer(s)",
+        ));
     assert_eq!(server.vm_processes(), 0, "alice's VMs still run");
     assert!(!server.data_dir().join("vms/alice").join("dev").exists());
     let users = server
@@ -449,4 +449,3 @@ fn namespace_exhaustion_hints_at_user_remove() {
         .stderr(predicate::str::contains("fcdev server user remove NAME"))
         .stderr(predicate::str::contains("fcdev down`").not());
 }
-

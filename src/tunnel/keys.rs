@@ -242,7 +242,11 @@ mod tests {
             let mut with_top_bit = bad;
             with_top_bit[31] |= 0x80;
             for bytes in [bad, with_top_bit] {
-                assert!(PublicKey(bytes).is_low_order(), "{}", STANDARD.encode(bytes));
+                assert!(
+                    PublicKey(bytes).is_low_order(),
+                    "{}",
+                    STANDARD.encode(bytes)
+                );
                 assert!(PublicKey::from_base64(&STANDARD.encode(bytes)).is_err());
             }
         }

@@ -193,9 +193,9 @@ fn remove_user(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
     use crate::server::follow::server_running;
     let store = open_store(data_dir)?;
     let r = match store.begin_user_removal(name) {
-        Err(StoreError::NotFound(_)) => anyhow::bail!(
-            "no engineer `{name}`; `fcdev server user list` shows them"
-        ),
+        Err(StoreError::NotFound(_)) => {
+            anyhow::bail!("no engineer `{name}`; `fcdev server user list` shows them")
+        }
         r => r?,
     };
     if r.clusters > 0 {
