@@ -396,17 +396,6 @@ impl Store {
         Ok(token)
     }
 
-    /// Revoke every token of a user.
-    pub fn revoke_tokens(&self, name: &str) -> StoreResult<usize> {
-        let conn = self.conn();
-        let n = conn.execute(
-            "UPDATE tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ','now')
-             WHERE revoked_at IS NULL AND user_id = (SELECT id FROM users WHERE name = ?1)",
-            [name],
-        )?;
-        Ok(n)
-    }
-
     /// Revoke every token of a user and delete their WireGuard peers, in one transaction: a running server
     /// drops the peers from its hub when it sees the change (see `server::follow`). Returns (tokens, peers).
     pub fn revoke_user(&self, name: &str) -> StoreResult<(usize, usize)> {
@@ -868,14 +857,6 @@ impl Store {
         )
     }
 
-    pub fn all_peers(&self) -> StoreResult<Vec<PeerRow>> {
-        self.query_all(
-            &format!("SELECT {PEER_COLS} FROM peers ORDER BY id"),
-            [],
-            row_peer,
-        )
-    }
-
     /// Every peer with its namespace's subnet: what the hub should accept.
     pub fn hub_peers(&self) -> StoreResult<Vec<HubPeerRow>> {
         self.query_all(
@@ -988,7 +969,7 @@ mod tests {
             !raw.windows(token.len()).any(|w| w == token.as_bytes()),
             "token stored in clear"
         );
-        assert_eq!(store.revoke_tokens("alice").unwrap(), 1);
+        assert_eq!(store.revoke_user("alice").unwrap(), (1, 0));
         assert_eq!(store.user_by_token(&token).unwrap(), None);
     }
 
