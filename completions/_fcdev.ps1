@@ -228,7 +228,8 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add an engineer and print their token (shown once; the server keeps only its hash)')
             [CompletionResult]::new('token', 'token', [CompletionResultType]::ParameterValue, 'Print a fresh extra token for an engineer')
-            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke every token of an engineer')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List engineers')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -260,6 +261,15 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
         }
+        'fcdev;server;user;remove' {
+            [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'fcdev;server;user;list' {
             [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
@@ -272,7 +282,8 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;server;user;help' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add an engineer and print their token (shown once; the server keeps only its hash)')
             [CompletionResult]::new('token', 'token', [CompletionResultType]::ParameterValue, 'Print a fresh extra token for an engineer')
-            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke every token of an engineer')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List engineers')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -284,6 +295,9 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;server;user;help;revoke' {
+            break
+        }
+        'fcdev;server;user;help;remove' {
             break
         }
         'fcdev;server;user;help;list' {
@@ -300,7 +314,8 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;server;help;user' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add an engineer and print their token (shown once; the server keeps only its hash)')
             [CompletionResult]::new('token', 'token', [CompletionResultType]::ParameterValue, 'Print a fresh extra token for an engineer')
-            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke every token of an engineer')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List engineers')
             break
         }
@@ -311,6 +326,9 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;server;help;user;revoke' {
+            break
+        }
+        'fcdev;server;help;user;remove' {
             break
         }
         'fcdev;server;help;user;list' {
@@ -409,7 +427,8 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;help;server;user' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add an engineer and print their token (shown once; the server keeps only its hash)')
             [CompletionResult]::new('token', 'token', [CompletionResultType]::ParameterValue, 'Print a fresh extra token for an engineer')
-            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke every token of an engineer')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)')
+            [CompletionResult]::new('remove', 'remove', [CompletionResultType]::ParameterValue, 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List engineers')
             break
         }
@@ -420,6 +439,9 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;help;server;user;revoke' {
+            break
+        }
+        'fcdev;help;server;user;remove' {
             break
         }
         'fcdev;help;server;user;list' {

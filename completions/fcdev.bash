@@ -121,6 +121,9 @@ _fcdev() {
             fcdev__subcmd__help__subcmd__server__subcmd__user,list)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user__subcmd__list"
                 ;;
+            fcdev__subcmd__help__subcmd__server__subcmd__user,remove)
+                cmd="fcdev__subcmd__help__subcmd__server__subcmd__user__subcmd__remove"
+                ;;
             fcdev__subcmd__help__subcmd__server__subcmd__user,revoke)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user__subcmd__revoke"
                 ;;
@@ -163,6 +166,9 @@ _fcdev() {
             fcdev__subcmd__server__subcmd__help__subcmd__user,list)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__user__subcmd__list"
                 ;;
+            fcdev__subcmd__server__subcmd__help__subcmd__user,remove)
+                cmd="fcdev__subcmd__server__subcmd__help__subcmd__user__subcmd__remove"
+                ;;
             fcdev__subcmd__server__subcmd__help__subcmd__user,revoke)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__user__subcmd__revoke"
                 ;;
@@ -178,6 +184,9 @@ _fcdev() {
             fcdev__subcmd__server__subcmd__user,list)
                 cmd="fcdev__subcmd__server__subcmd__user__subcmd__list"
                 ;;
+            fcdev__subcmd__server__subcmd__user,remove)
+                cmd="fcdev__subcmd__server__subcmd__user__subcmd__remove"
+                ;;
             fcdev__subcmd__server__subcmd__user,revoke)
                 cmd="fcdev__subcmd__server__subcmd__user__subcmd__revoke"
                 ;;
@@ -192,6 +201,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__server__subcmd__user__subcmd__help,list)
                 cmd="fcdev__subcmd__server__subcmd__user__subcmd__help__subcmd__list"
+                ;;
+            fcdev__subcmd__server__subcmd__user__subcmd__help,remove)
+                cmd="fcdev__subcmd__server__subcmd__user__subcmd__help__subcmd__remove"
                 ;;
             fcdev__subcmd__server__subcmd__user__subcmd__help,revoke)
                 cmd="fcdev__subcmd__server__subcmd__user__subcmd__help__subcmd__revoke"
@@ -508,7 +520,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__server__subcmd__user)
-            opts="add token revoke list"
+            opts="add token revoke remove list"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -536,6 +548,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__server__subcmd__user__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__server__subcmd__user__subcmd__remove)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -934,7 +960,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__help__subcmd__user)
-            opts="add token revoke list"
+            opts="add token revoke remove list"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -962,6 +988,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__help__subcmd__user__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__help__subcmd__user__subcmd__remove)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1004,7 +1044,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user)
-            opts="-v -h --profile --verbose --help add token revoke list help"
+            opts="-v -h --profile --verbose --help add token revoke remove list help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1044,7 +1084,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__help)
-            opts="add token revoke list help"
+            opts="add token revoke remove list help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1099,6 +1139,20 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__server__subcmd__user__subcmd__help__subcmd__remove)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__server__subcmd__user__subcmd__help__subcmd__revoke)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
@@ -1128,6 +1182,28 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__list)
+            opts="-v -h --data-dir --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__user__subcmd__remove)
             opts="-v -h --data-dir --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

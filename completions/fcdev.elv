@@ -207,7 +207,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --help 'Print help'
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
             cand token 'Print a fresh extra token for an engineer'
-            cand revoke 'Revoke every token of an engineer'
+            cand revoke 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)'
+            cand remove 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens'
             cand list 'List engineers'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -235,6 +236,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'fcdev;server;user;remove'= {
+            cand --data-dir 'data-dir'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;server;user;list'= {
             cand --data-dir 'data-dir'
             cand --profile 'The profile (server + token) to use'
@@ -246,7 +255,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;user;help'= {
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
             cand token 'Print a fresh extra token for an engineer'
-            cand revoke 'Revoke every token of an engineer'
+            cand revoke 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)'
+            cand remove 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens'
             cand list 'List engineers'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -255,6 +265,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;user;help;token'= {
         }
         &'fcdev;server;user;help;revoke'= {
+        }
+        &'fcdev;server;user;help;remove'= {
         }
         &'fcdev;server;user;help;list'= {
         }
@@ -267,7 +279,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;help;user'= {
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
             cand token 'Print a fresh extra token for an engineer'
-            cand revoke 'Revoke every token of an engineer'
+            cand revoke 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)'
+            cand remove 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens'
             cand list 'List engineers'
         }
         &'fcdev;server;help;user;add'= {
@@ -275,6 +288,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;help;user;token'= {
         }
         &'fcdev;server;help;user;revoke'= {
+        }
+        &'fcdev;server;help;user;remove'= {
         }
         &'fcdev;server;help;user;list'= {
         }
@@ -353,7 +368,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;user'= {
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
             cand token 'Print a fresh extra token for an engineer'
-            cand revoke 'Revoke every token of an engineer'
+            cand revoke 'Revoke every token of an engineer and drop their WireGuard peers (a running server''s hub drops them within a second)'
+            cand remove 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens'
             cand list 'List engineers'
         }
         &'fcdev;help;server;user;add'= {
@@ -361,6 +377,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;user;token'= {
         }
         &'fcdev;help;server;user;revoke'= {
+        }
+        &'fcdev;help;server;user;remove'= {
         }
         &'fcdev;help;server;user;list'= {
         }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::api::{self, ClusterState};
 use crate::names;
-use crate::server::hub_control::{HubControl, HubPeerEntry};
+use crate::server::hub_control::{HubControl, HubPeerEntry, HubPeerError};
 use crate::server::orchestrator::{hostname, Orchestrator, OrchestratorError, UpOutcome};
 use crate::server::store::{NamespaceRow, Store, StoreError, User};
 
@@ -75,6 +75,15 @@ impl From<StoreError> for ApiErr {
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("{what} not found"),
+            ),
+            StoreError::NamespacesExhausted => ApiErr::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "exhausted",
+                "no free namespace left on this server",
+            )
+            .hint(
+                "ask the operator to remove an engineer who left: `fcdev server user remove NAME` \
+                 frees their namespace (deleting clusters does not)",
             ),
             StoreError::Exhausted(what) => {
                 ApiErr::new(StatusCode::INSUFFICIENT_STORAGE, "exhausted", what)
@@ -692,12 +701,18 @@ fn valid_ssh_public_key(key: &str) -> bool {
             .is_ok()
 }
 
+/// 32 bytes of base64 and not a point of small order (with such a key anyone completes a handshake).
 fn valid_public_key(key: &str) -> bool {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(key.trim())
-        .map(|b| b.len() == 32)
-        .unwrap_or(false)
+    crate::tunnel::PublicKey::from_base64(key).is_ok()
+}
+
+fn invalid_public_key() -> ApiErr {
+    ApiErr::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_public_key",
+        "public_key must be a base64 x25519 public key (32 bytes, not a point of small order)",
+    )
+    .hint("`fcdev tunnel` generates the key pair for you; never send a private key")
 }
 
 async fn create_peer(
@@ -707,12 +722,7 @@ async fn create_peer(
 ) -> ApiResult<Response> {
     check_name("peer", &req.name)?;
     if !valid_public_key(&req.public_key) {
-        return Err(ApiErr::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_public_key",
-            "public_key must be a base64 x25519 public key (32 bytes)",
-        )
-        .hint("`fcdev tunnel` generates the key pair for you; never send a private key"));
+        return Err(invalid_public_key());
     }
     let ns = my_namespace(&state, user).await?;
     let store = state.store.clone();
@@ -728,7 +738,15 @@ async fn create_peer(
         address: peer.address,
         subnet: ns.subnet,
     }) {
-        return Err(ApiErr::internal(format!("the hub refused the peer: {e}")));
+        return Err(match e {
+            HubPeerError::InvalidKey(_) => {
+                let store = state.store.clone();
+                let id = peer.id;
+                blocking(move || store.remove_peer(id)).await??;
+                invalid_public_key()
+            }
+            HubPeerError::Refused(e) => ApiErr::internal(format!("the hub refused the peer: {e}")),
+        });
     }
     let store = state.store.clone();
     let nsid = ns.id;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use boringtun::x25519::StaticSecret;
 
-use crate::server::hub_control::{HubControl, HubPeerCounters, HubPeerEntry};
-use crate::tunnel::{Hub, HubConfig, HubPeer, PrivateKey, PublicKey};
+use crate::server::hub_control::{HubControl, HubPeerCounters, HubPeerEntry, HubPeerError};
+use crate::tunnel::{Hub, HubConfig, HubPeer, PrivateKey, PublicKey, TunnelError};
 
 /// Persistent keepalive the hub sends to peers (seconds).
 pub const HUB_KEEPALIVE: u16 = 25;
@@ -47,8 +47,12 @@ impl HubControl for TunnelHub {
     fn endpoint(&self) -> String {
         self.endpoint.clone()
     }
-    fn add_peer(&self, peer: HubPeerEntry) -> Result<(), String> {
-        let public_key = PublicKey::from_base64(&peer.public_key).map_err(|e| e.to_string())?;
+    fn add_peer(&self, peer: HubPeerEntry) -> Result<(), HubPeerError> {
+        let error = |e: TunnelError| match e {
+            TunnelError::InvalidKey(m) => HubPeerError::InvalidKey(m),
+            e => HubPeerError::Refused(e.to_string()),
+        };
+        let public_key = PublicKey::from_base64(&peer.public_key).map_err(error)?;
         self.hub
             .add_peer(HubPeer {
                 id: peer.id,
@@ -56,10 +60,13 @@ impl HubControl for TunnelHub {
                 address: peer.address,
                 subnet: peer.subnet,
             })
-            .map_err(|e| e.to_string())
+            .map_err(error)
     }
     fn remove_peer(&self, id: i64) {
         self.hub.remove_peer(id);
+    }
+    fn peer_ids(&self) -> Vec<i64> {
+        self.hub.peer_ids()
     }
     fn counters(&self, id: i64) -> Option<HubPeerCounters> {
         self.hub

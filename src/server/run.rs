@@ -67,6 +67,8 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
         Store::open(&opts.data_dir.join(STATE_FILE))
             .with_context(|| format!("cannot open {}", opts.data_dir.join(STATE_FILE).display()))?,
     );
+    let _lock = crate::server::follow::hold_server_lock(&opts.data_dir)
+        .with_context(|| format!("cannot lock {}", opts.data_dir.display()))?;
     let login_token = if opts.dev {
         Some(match store.add_user(&opts.dev_user) {
             Ok((_, token)) => token,
@@ -112,17 +114,6 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
             .unwrap_or_else(|| hub_addr.to_string());
         let hub: Arc<dyn HubControl> =
             crate::server::hub::start(hub_socket, hub_key, endpoint, opts.hub_tun.clone()).await?;
-        for peer in store.all_peers()? {
-            let ns = store.namespace_by_id(peer.namespace_id)?;
-            if let Err(e) = hub.add_peer(crate::server::hub_control::HubPeerEntry {
-                id: peer.id,
-                public_key: peer.public_key.clone(),
-                address: peer.address,
-                subnet: ns.subnet,
-            }) {
-                tracing::warn!("peer {} not restored in the hub: {e}", peer.id);
-            }
-        }
         let orchestrator = Orchestrator::new(
             store.clone(),
             backend.clone(),
@@ -132,6 +123,8 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
         );
         orchestrator.recover()?;
         orchestrator.spawn_watchdog(Duration::from_secs(2));
+        // The hub gets the stored peers now; admin changes made by other processes reach it later.
+        crate::server::follow::start(store.clone(), hub.clone(), orchestrator.clone()).await?;
         let state = crate::server::http::AppState {
             store: store.clone(),
             orchestrator,

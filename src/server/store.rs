@@ -28,6 +28,9 @@ pub enum StoreError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// Every namespace subnet is taken: only removing an engineer frees one.
+    #[error("no free namespace subnet left")]
+    NamespacesExhausted,
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -108,7 +111,8 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
-    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now'))
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now')),
+    removing_at TEXT
 );
 CREATE TABLE IF NOT EXISTS tokens (
     id INTEGER PRIMARY KEY,
@@ -354,10 +358,44 @@ const CLUSTER_COLS: &str =
 const VM_COLS: &str = "id, cluster_id, slot, name, role, address, mac, state, detail";
 const PEER_COLS: &str = "id, namespace_id, name, public_key, address";
 
+fn user_id(conn: &Connection, name: &str) -> StoreResult<i64> {
+    conn.query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("user `{name}`")))
+}
+
 /// The MAC of a VM, derived from its address so it is unique wherever the address is.
 pub fn mac_for(addr: Ipv4Addr) -> String {
     let o = addr.octets();
     format!("52:54:00:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3])
+}
+
+/// Columns added after the first release, for state files created before them.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_removing: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('users') WHERE name = 'removing_at'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_removing {
+        conn.execute_batch("ALTER TABLE users ADD COLUMN removing_at TEXT")?;
+    }
+    Ok(())
+}
+
+/// A peer as the hub needs it: with its namespace's subnet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubPeerRow {
+    pub peer: PeerRow,
+    pub subnet: Subnet,
+}
+
+/// What `begin_user_removal` found and did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removal {
+    pub user: User,
+    pub clusters: usize,
+    pub peers: usize,
 }
 
 impl Store {
@@ -379,6 +417,7 @@ impl Store {
             tx.execute_batch(SCHEMA)?;
             tx.commit()?;
         }
+        migrate(&conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -446,15 +485,114 @@ impl Store {
         Ok(token)
     }
 
-    /// Revoke every token of a user.
-    pub fn revoke_tokens(&self, name: &str) -> StoreResult<usize> {
-        let conn = self.conn();
-        let n = conn.execute(
+    /// Revoke every token of a user and delete their WireGuard peers, in one transaction: a running server
+    /// drops the peers from its hub when it sees the change (see `server::follow`). Returns (tokens, peers).
+    pub fn revoke_user(&self, name: &str) -> StoreResult<(usize, usize)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id = user_id(&tx, name)?;
+        let tokens = tx.execute(
             "UPDATE tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ','now')
-             WHERE revoked_at IS NULL AND user_id = (SELECT id FROM users WHERE name = ?1)",
-            [name],
+             WHERE revoked_at IS NULL AND user_id = ?1",
+            [id],
         )?;
-        Ok(n)
+        let peers = tx.execute(
+            "DELETE FROM peers WHERE namespace_id IN (SELECT id FROM namespaces WHERE user_id = ?1)",
+            [id],
+        )?;
+        tx.commit()?;
+        Ok((tokens, peers))
+    }
+
+    /// First step of removing an engineer: revoke their tokens, delete their peers and mark them as being
+    /// removed. A user without clusters is deleted at once (with their namespace); otherwise the running
+    /// server stops the clusters and then deletes the user (`users_being_removed`, `delete_user`).
+    pub fn begin_user_removal(&self, name: &str) -> StoreResult<Removal> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id = user_id(&tx, name)?;
+        tx.execute(
+            "UPDATE tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ','now')
+             WHERE revoked_at IS NULL AND user_id = ?1",
+            [id],
+        )?;
+        let peers = tx.execute(
+            "DELETE FROM peers WHERE namespace_id IN (SELECT id FROM namespaces WHERE user_id = ?1)",
+            [id],
+        )?;
+        let clusters: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM clusters c JOIN namespaces n ON n.id = c.namespace_id
+             WHERE n.user_id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        if clusters == 0 {
+            tx.execute("DELETE FROM users WHERE id = ?1", [id])?;
+        } else {
+            tx.execute(
+                "UPDATE users SET removing_at = strftime('%Y-%m-%dT%H:%M:%SZ','now')
+                 WHERE id = ?1 AND removing_at IS NULL",
+                [id],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Removal {
+            user: User {
+                id,
+                name: name.to_string(),
+            },
+            clusters: clusters as usize,
+            peers,
+        })
+    }
+
+    /// Users marked by `begin_user_removal` whose clusters are still to be stopped.
+    pub fn users_being_removed(&self) -> StoreResult<Vec<User>> {
+        self.query_all(
+            "SELECT id, name FROM users WHERE removing_at IS NOT NULL ORDER BY id",
+            [],
+            |r| {
+                Ok(User {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                })
+            },
+        )
+    }
+
+    /// Whether a user of this name exists (removed users do not).
+    pub fn user_exists(&self, name: &str) -> StoreResult<bool> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row("SELECT 1 FROM users WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Delete a user with their tokens, namespace, peers and SSH keys, when they have no cluster left.
+    /// False when a cluster remains.
+    pub fn delete_user(&self, id: i64) -> StoreResult<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let clusters: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM clusters c JOIN namespaces n ON n.id = c.namespace_id
+             WHERE n.user_id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        if clusters > 0 {
+            return Ok(false);
+        }
+        tx.execute("DELETE FROM users WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Changes on every commit made by another connection (another process: `fcdev server user …`), never
+    /// on our own: a cheap way for the server to notice admin changes.
+    pub fn data_version(&self) -> StoreResult<i64> {
+        let conn = self.conn();
+        Ok(conn.query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
     pub fn list_users(&self) -> StoreResult<Vec<User>> {
@@ -530,7 +668,7 @@ impl Store {
             rows.collect::<Result<_, _>>()?
         };
         let index = alloc::lowest_free(&used, alloc::NAMESPACE_COUNT)
-            .ok_or_else(|| StoreError::Exhausted("no free namespace subnet left".into()))?;
+            .ok_or(StoreError::NamespacesExhausted)?;
         let subnet = alloc::namespace_subnet(index);
         tx.execute(
             "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES (?1, ?2, ?3, ?4)",
@@ -831,12 +969,34 @@ impl Store {
         )
     }
 
-    pub fn all_peers(&self) -> StoreResult<Vec<PeerRow>> {
+    /// Every peer with its namespace's subnet: what the hub should accept.
+    pub fn hub_peers(&self) -> StoreResult<Vec<HubPeerRow>> {
         self.query_all(
-            &format!("SELECT {PEER_COLS} FROM peers ORDER BY id"),
+            "SELECT p.id, p.namespace_id, p.name, p.public_key, p.address, n.subnet
+             FROM peers p JOIN namespaces n ON n.id = p.namespace_id ORDER BY p.id",
             [],
-            row_peer,
+            |r| {
+                let subnet: String = r.get(5)?;
+                Ok(HubPeerRow {
+                    peer: row_peer(r)?,
+                    subnet: subnet.parse().map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            5,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })?,
+                })
+            },
         )
+    }
+
+    /// Delete a peer whatever its namespace (the server disabling a peer the hub must not accept).
+    pub fn remove_peer(&self, id: i64) -> StoreResult<bool> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM peers WHERE id = ?1", [id])?;
+        Ok(n > 0)
     }
 
     pub fn delete_peer(&self, ns_id: i64, id: i64) -> StoreResult<bool> {
@@ -905,7 +1065,7 @@ mod tests {
             !raw.windows(token.len()).any(|w| w == token.as_bytes()),
             "token stored in clear"
         );
-        assert_eq!(store.revoke_tokens("alice").unwrap(), 1);
+        assert_eq!(store.revoke_user("alice").unwrap(), (1, 0));
         assert_eq!(store.user_by_token(&token).unwrap(), None);
     }
 

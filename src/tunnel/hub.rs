@@ -197,8 +197,11 @@ impl Hub {
         self.shared.tun.as_ref().map(|t| t.name())
     }
 
-    /// Accepts a peer (or replaces the peer with the same id) and routes its /32 to the TUN device.
+    /// Accepts a peer (or replaces the peer with the same id) and routes its /32 to the TUN device. A peer
+    /// that is already there unchanged keeps its session. A public key of small order is refused: anyone
+    /// could complete a handshake with it.
     pub fn add_peer(&self, p: HubPeer) -> Result<(), TunnelError> {
+        p.public_key.check_not_low_order()?;
         if !p.subnet.contains(p.address) {
             return Err(TunnelError::PeerConflict(
                 p.id,
@@ -218,6 +221,14 @@ impl Hub {
                     p.id,
                     format!("public key belongs to peer {}", other.id),
                 ));
+            }
+            if let Some(same) = table.by_id.get(&p.id) {
+                if same.public_key == p.public_key
+                    && same.address == p.address
+                    && same.subnet == p.subnet
+                {
+                    return Ok(());
+                }
             }
             table.remove(p.id);
             let index = loop {
@@ -259,6 +270,14 @@ impl Hub {
                 tracing::debug!("removing route for peer {id}: {e}");
             }
         }
+    }
+
+    /// The ids of the peers the hub accepts.
+    pub fn peer_ids(&self) -> Vec<i64> {
+        let table = self.shared.table.read().unwrap_or_else(|e| e.into_inner());
+        let mut ids: Vec<i64> = table.by_id.keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     pub fn stats(&self) -> Vec<HubPeerStats> {

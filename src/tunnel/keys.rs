@@ -137,9 +137,72 @@ impl fmt::Debug for PrivateKey {
     }
 }
 
+/// The well-known blacklist of Curve25519 points of small order (libsodium, WireGuard): 0, 1, the two points
+/// of order 8, p-1, p, p+1, the order-8 points + p, 2p-1, 2p, 2p+1 (little-endian, as sent on the wire).
+const LOW_ORDER: [[u8; 32]; 12] = [
+    hex32("0000000000000000000000000000000000000000000000000000000000000000"),
+    hex32("0100000000000000000000000000000000000000000000000000000000000000"),
+    hex32("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    hex32("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("cdeb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b880"),
+    hex32("4c9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f11d7"),
+    hex32("d9ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff"),
+    hex32("daffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff"),
+    hex32("dbffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff"),
+];
+
+const fn hex32(s: &str) -> [u8; 32] {
+    const fn nibble(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => panic!("not hex"),
+        }
+    }
+    let b = s.as_bytes();
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = nibble(b[2 * i]) << 4 | nibble(b[2 * i + 1]);
+        i += 1;
+    }
+    out
+}
+
 impl PublicKey {
+    /// A key the hub may accept: 32 bytes of base64 that are not a point of small order.
     pub fn from_base64(s: &str) -> Result<Self, TunnelError> {
-        Ok(PublicKey(decode32(s)?))
+        let key = PublicKey(decode32(s)?);
+        key.check_not_low_order()?;
+        Ok(key)
+    }
+
+    /// True for a point of small order in any encoding. Diffie-Hellman with such a point gives a fixed,
+    /// publicly known result (all zeros), so a handshake "authenticated" by it needs no private key: the
+    /// hub must never accept one. Besides the blacklist, every encoding x25519 decodes to a small-order
+    /// point (the top bit is ignored, values are reduced mod p) is caught by the Diffie-Hellman itself:
+    /// with a clamped scalar (a multiple of the cofactor 8) the result is all zeros exactly then.
+    pub fn is_low_order(&self) -> bool {
+        if LOW_ORDER.contains(&self.0) {
+            return true;
+        }
+        let probe = x25519::StaticSecret::from([0x5a; 32]);
+        !probe
+            .diffie_hellman(&x25519::PublicKey::from(self.0))
+            .was_contributory()
+    }
+
+    pub fn check_not_low_order(&self) -> Result<(), TunnelError> {
+        if self.is_low_order() {
+            Err(TunnelError::InvalidKey(
+                "a point of small order (no private key needed to handshake with it)".into(),
+            ))
+        } else {
+            Ok(())
+        }
     }
 
     pub fn to_base64(&self) -> String {
@@ -171,6 +234,28 @@ mod tests {
         assert_eq!(k.to_base64().len(), 44);
         assert!(PrivateKey::from_base64("abc").is_err());
         assert!(!format!("{k:?}").contains(&k.to_base64()));
+    }
+
+    #[test]
+    fn small_order_points_are_refused_in_every_encoding() {
+        for bad in LOW_ORDER {
+            let mut with_top_bit = bad;
+            with_top_bit[31] |= 0x80;
+            for bytes in [bad, with_top_bit] {
+                assert!(
+                    PublicKey(bytes).is_low_order(),
+                    "{}",
+                    STANDARD.encode(bytes)
+                );
+                assert!(PublicKey::from_base64(&STANDARD.encode(bytes)).is_err());
+            }
+        }
+        assert!(PublicKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").is_err());
+        for _ in 0..100 {
+            let k = PrivateKey::generate().public_key();
+            assert!(!k.is_low_order());
+            assert_eq!(PublicKey::from_base64(&k.to_base64()).unwrap(), k);
+        }
     }
 
     #[test]

@@ -46,6 +46,13 @@ pub struct PeerStats {
 
 pub struct Peer {
     tunn: Tunn,
+    /// What `tunn` was made from, to make it again (see [`Peer::decapsulate`]).
+    private: PrivateKey,
+    remote: PublicKey,
+    index: u32,
+    limiter: Option<HandshakeLimiter>,
+    /// When the last handshake completed (our own clock, not boringtun's).
+    last_handshake: Option<Instant>,
     endpoint: Option<SocketAddr>,
     keepalive: Option<u16>,
     last_rx: Instant,
@@ -53,6 +60,27 @@ pub struct Peer {
     last_nudge: Option<Instant>,
     recover: bool,
 }
+
+fn make_tunn(
+    private: &PrivateKey,
+    remote: PublicKey,
+    keepalive: Option<u16>,
+    index: u32,
+    limiter: Option<&HandshakeLimiter>,
+) -> Tunn {
+    Tunn::new(
+        private.secret().clone(),
+        x25519::PublicKey::from(remote.0),
+        None,
+        keepalive.filter(|k| *k > 0),
+        index,
+        limiter.map(|l| l.0.clone()),
+    )
+}
+
+/// Message types of the WireGuard wire format.
+const HANDSHAKE_INIT: u8 = 1;
+const HANDSHAKE_RESPONSE: u8 = 2;
 
 fn outcome(r: TunnResult<'_>) -> Outcome<'_> {
     match r {
@@ -73,17 +101,17 @@ impl Peer {
         index: u32,
         limiter: Option<&HandshakeLimiter>,
     ) -> Peer {
-        let tunn = Tunn::new(
-            private.secret().clone(),
-            x25519::PublicKey::from(remote.0),
-            None,
-            keepalive.filter(|k| *k > 0),
-            index & 0x00ff_ffff,
-            limiter.map(|l| l.0.clone()),
-        );
+        let index = index & 0x00ff_ffff;
+        let limiter = limiter.cloned();
+        let tunn = make_tunn(private, remote, keepalive, index, limiter.as_ref());
         let now = Instant::now();
         Peer {
             tunn,
+            private: private.clone(),
+            remote,
+            index,
+            limiter,
+            last_handshake: None,
             endpoint: None,
             keepalive,
             last_rx: now,
@@ -130,10 +158,41 @@ impl Peer {
         if datagram.is_empty() || out.len() < MIN_OUT || out.len() < datagram.len() {
             return Outcome::Rejected;
         }
+        let kind = datagram[0];
+        if self.endpoint.is_none() && kind == HANDSHAKE_INIT {
+            // First contact. boringtun's clock (`TimeCurrent`) only moves in `update_timers`, which nobody
+            // calls for a peer without an endpoint: a session established now would be stamped with the
+            // time of the last tick (for a hub, when the peer was loaded) and expire at once if that was
+            // more than 180 s ago. Nothing was ever authenticated on this `Tunn`, so start a fresh one whose
+            // clock starts now.
+            self.tunn = make_tunn(
+                &self.private,
+                self.remote,
+                self.keepalive,
+                self.index,
+                self.limiter.as_ref(),
+            );
+        }
         let r = outcome(self.tunn.decapsulate(Some(from.ip()), datagram, out));
-        if !matches!(r, Outcome::Rejected) {
+        // An initiation is authenticated only when answered with a response: a cookie reply (under load)
+        // answers anyone.
+        let (authenticated, handshake) = match (&r, kind) {
+            (Outcome::Rejected, _) => (false, false),
+            (Outcome::Network(reply), HANDSHAKE_INIT) => {
+                let ok = reply.first() == Some(&HANDSHAKE_RESPONSE);
+                (ok, ok)
+            }
+            // A response to our initiation was accepted (boringtun answers it with a keepalive).
+            (Outcome::Network(_), HANDSHAKE_RESPONSE) => (true, true),
+            _ => (true, false),
+        };
+        if authenticated {
+            let now = Instant::now();
             self.endpoint = Some(from);
-            self.last_rx = Instant::now();
+            self.last_rx = now;
+            if handshake {
+                self.last_handshake = Some(now);
+            }
         }
         r
     }
@@ -175,10 +234,11 @@ impl Peer {
         outcome(self.tunn.format_handshake_initiation(out, false))
     }
 
+    /// `handshake_age` is the time since the last completed handshake, measured on our own clock.
     pub fn stats(&self) -> PeerStats {
-        let (age, tx, rx, _, _) = self.tunn.stats();
+        let (_, tx, rx, _, _) = self.tunn.stats();
         PeerStats {
-            handshake_age: age,
+            handshake_age: self.last_handshake.map(|t| t.elapsed()),
             tx_bytes: tx as u64,
             rx_bytes: rx as u64,
         }

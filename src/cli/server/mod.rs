@@ -89,8 +89,15 @@ pub enum UserCommand {
         #[arg(long, env = "FCDEV_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
-    /// Revoke every token of an engineer.
+    /// Revoke every token of an engineer and drop their WireGuard peers (a running server's hub drops
+    /// them within a second).
     Revoke {
+        name: String,
+        #[arg(long, env = "FCDEV_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens.
+    Remove {
         name: String,
         #[arg(long, env = "FCDEV_DATA_DIR")]
         data_dir: Option<PathBuf>,
@@ -184,6 +191,50 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
 }
 
+/// How long `user remove` waits for the running server to stop the engineer's clusters.
+const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn remove_user(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    use crate::server::follow::server_running;
+    let store = open_store(data_dir)?;
+    let r = match store.begin_user_removal(name) {
+        Err(StoreError::NotFound(_)) => {
+            anyhow::bail!("no engineer `{name}`; `fcdev server user list` shows them")
+        }
+        r => r?,
+    };
+    if r.clusters > 0 {
+        if !server_running(data_dir) {
+            anyhow::bail!(
+                "`{name}` has {} cluster(s) and no server runs on {}: their tokens and peers are gone, \
+                 and the server stops the clusters and finishes the removal when it starts",
+                r.clusters,
+                data_dir.display()
+            );
+        }
+        eprintln!(
+            "Stopping {} cluster(s) of `{name}` through the running server…",
+            r.clusters
+        );
+        let start = std::time::Instant::now();
+        while store.user_exists(name)? {
+            if start.elapsed() > REMOVE_WAIT {
+                anyhow::bail!(
+                    "the server has not finished removing `{name}` after {} s (a VM did not stop?): \
+                     see its log; it retries on its own",
+                    REMOVE_WAIT.as_secs()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    println!(
+        "Removed `{name}`: {} cluster(s), {} WireGuard peer(s), their namespace and tokens.",
+        r.clusters, r.peers
+    );
+    Ok(())
+}
+
 fn user(cmd: UserCommand) -> anyhow::Result<()> {
     let check = |name: &str| -> anyhow::Result<()> {
         if crate::names::is_dns_label(name) {
@@ -215,10 +266,11 @@ fn user(cmd: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::Revoke { name, data_dir: d } => {
             let store = open_store(&data_dir(d)?)?;
-            let n = store.revoke_tokens(&name)?;
-            println!("Revoked {n} token(s) of `{name}`.");
+            let (tokens, peers) = store.revoke_user(&name)?;
+            println!("Revoked {tokens} token(s) and {peers} WireGuard peer(s) of `{name}`.");
             Ok(())
         }
+        UserCommand::Remove { name, data_dir: d } => remove_user(&data_dir(d)?, &name),
         UserCommand::List { data_dir: d } => {
             let store = open_store(&data_dir(d)?)?;
             for u in store.list_users()? {
