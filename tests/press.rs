@@ -201,7 +201,7 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
         assert!(page.contains(site), "{site} missing from n1's page: {page}");
     }
     let site_page = alice
-        .curl("--socks5-hostname 127.0.0.1:1080 http://beta.alice.fcdev/")
+        .curl("--socks5-hostname 127.0.0.1:1080 -H 'Host: beta.alice.fcdev' http://n1.alice.fcdev/")
         .expect("a site by host name through n1");
     assert!(
         site_page.contains("site beta.fcdev.local") && !site_page.contains("alpha"),
