@@ -187,7 +187,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --images 'The image catalog (default: DATA_DIR/images)'
             cand --backend 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)'
             cand --accel 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
-            cand --max-starts 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: twice the host''s cores'
+            cand --max-starts 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8'
             cand --netns 'Run VMs, bridges and the hub''s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none'
             cand --user 'With --dev: the first engineer''s name (default: your login name)'
             cand --profile 'The profile (server + token) to use'

@@ -88,7 +88,7 @@ impl Orchestrator {
     ) -> Arc<Orchestrator> {
         let (events, _) = broadcast::channel(1024);
         let max_starts = if max_starts == 0 {
-            2 * std::thread::available_parallelism().map_or(2, |n| n.get())
+            (4 * std::thread::available_parallelism().map_or(2, |n| n.get())).max(8)
         } else {
             max_starts
         };

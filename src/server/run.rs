@@ -36,7 +36,7 @@ pub struct ServerOptions {
     pub images_dir: PathBuf,
     pub backend: BackendChoice,
     pub accel: String,
-    /// VMs starting at once (admission control); 0: twice the host's cores.
+    /// VMs starting at once (admission control); 0: four per core, at least 8.
     pub max_starts: usize,
     pub netns: Option<String>,
     pub dev_user: String,

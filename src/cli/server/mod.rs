@@ -55,7 +55,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "auto", env = "FCDEV_ACCEL")]
     pub accel: String,
     /// How many VMs may be starting at once (restoring until configured, booting until ready); the others
-    /// wait in a queue and `fcdev up` shows "queued (n ahead)". 0: twice the host's cores.
+    /// wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8.
     #[arg(long, default_value_t = 0)]
     pub max_starts: usize,
     /// Run VMs, bridges and the hub's TUN inside this network namespace (created if missing); the API and hub
