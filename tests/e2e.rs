@@ -21,11 +21,7 @@ fn laptop_to_real_vms_through_the_tunnel() {
     require_root_and_tun();
     require_vm_tools();
     let image = tiny_image();
-    let tmp = tempfile::tempdir().unwrap();
-    let data_dir = tmp.path().join("data");
-    let images = tmp.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    std::os::unix::fs::symlink(&image, images.join("tiny")).unwrap();
+    let (tmp, data_dir, images) = workdir_with_image("tiny", &image);
 
     let nss = Namespaces::new(&["ehost", "ealice", "ebob"]);
     let host = nss.name("ehost");

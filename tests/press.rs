@@ -119,6 +119,21 @@ impl Laptop<'_> {
         .unwrap_or_else(|| panic!("fcdev ssh {vm} -- {cmd}: {last}"))
     }
 
+    /// A SQL query on m1 through the tunnel's forward, retried until the database answers (after up or reset).
+    fn sql_eventually(&self, statement: &str) -> Option<String> {
+        eventually(Duration::from_secs(20), || {
+            let o = self.nss.sh(
+                self.role,
+                &format!(
+                    "mariadb --connect-timeout=3 -h 127.0.0.1 -P 13306 -u press -ppress press -N -B -e \"{statement}\""
+                ),
+            );
+            o.status
+                .success()
+                .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        })
+    }
+
     /// A SQL statement on m1 through the tunnel's `-L 13306:m1:3306` forward, with the real MariaDB client.
     fn sql(&self, statement: &str) -> String {
         let o = self.nss.sh(
@@ -141,11 +156,7 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
     require_root_and_tun();
     require_press_tools();
     let image = press_image();
-    let tmp = tempfile::tempdir().unwrap();
-    let data_dir = tmp.path().join("data");
-    let images = tmp.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    std::os::unix::fs::symlink(&image, images.join("press")).unwrap();
+    let (tmp, data_dir, images) = workdir_with_image("press", &image);
 
     let nss = Namespaces::new(&["phost", "palice", "pbob"]);
     let host = nss.name("phost");
@@ -208,15 +219,7 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
         "{site_page}"
     );
     // The MariaDB client through the -L forward.
-    let sites = eventually(Duration::from_secs(15), || {
-        let o = nss.sh(
-            "palice",
-            "mariadb --connect-timeout=3 -h 127.0.0.1 -P 13306 -u press -ppress press -N -B -e 'SELECT COUNT(*) FROM site'",
-        );
-        o.status
-            .success()
-            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    });
+    let sites = alice.sql_eventually("SELECT COUNT(*) FROM site");
     assert_eq!(sites.as_deref(), Some("3"), "seeded sites on m1");
     alice.sql("INSERT INTO site (name, bench, status) VALUES ('delta.fcdev.local', 1, 'Active')");
     assert_eq!(alice.sql("SELECT COUNT(*) FROM site"), "4");
@@ -279,38 +282,12 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
     let reset = alice.ok(&["reset", "--yes", "--json"]);
     eprintln!("press reset: {:.2} s", t_reset.elapsed().as_secs_f64());
     assert!(reset.contains("\"ready\""), "{reset}");
-    let after = eventually(Duration::from_secs(20), || {
-        let o = nss.sh(
-            "palice",
-            "mariadb --connect-timeout=3 -h 127.0.0.1 -P 13306 -u press -ppress press -N -B -e 'SELECT COUNT(*) FROM site'",
-        );
-        o.status
-            .success()
-            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    });
+    let after = alice.sql_eventually("SELECT COUNT(*) FROM site");
     assert_eq!(after.as_deref(), Some("3"), "reset drops the inserted row");
     drop(tunnel);
 
     // A second engineer's press cluster: restored from the same snapshot, yet its own host keys and RNG.
-    let bob_token = {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &host,
-                FCDEV,
-                "server",
-                "user",
-                "add",
-                "bob",
-                "--data-dir",
-            ])
-            .arg(&data_dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "user add bob");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let bob_token = add_user(&host, &data_dir, "bob");
     let bob = Laptop {
         ns: nss.name("pbob"),
         cfg: tmp.path().join("bob"),

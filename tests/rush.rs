@@ -9,7 +9,7 @@
 mod lab;
 mod netns;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lab::*;
@@ -22,11 +22,7 @@ fn twenty_engineers_up_at_once_all_ready_within_30_s() {
     require_root_and_tun();
     require_vm_tools();
     let image = tiny_image();
-    let tmp = tempfile::tempdir().unwrap();
-    let data_dir = tmp.path().join("data");
-    let images = tmp.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    std::os::unix::fs::symlink(&image, images.join("tiny")).unwrap();
+    let (tmp, data_dir, images) = workdir_with_image("tiny", &image);
     let nss = Namespaces::new(&["rhost"]);
     let host = nss.name("rhost");
     let (server, token) = spawn_server_at(&host, &data_dir, &images, "127.0.0.1");
@@ -38,16 +34,7 @@ fn twenty_engineers_up_at_once_all_ready_within_30_s() {
         let token = if i == 0 {
             token.clone().expect("the server printed a login token")
         } else {
-            let out = Command::new("ip")
-                .args([
-                    "netns", "exec", &host, FCDEV, "server", "user", "add", &name,
-                ])
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "user add {name}");
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
+            add_user(&host, &data_dir, &name)
         };
         let laptop = Laptop {
             ns: host.clone(),

@@ -206,13 +206,31 @@ pub fn qemu_pids(data_dir: &Path) -> Vec<String> {
 }
 
 pub fn qemu_count(data_dir: &Path) -> usize {
-    let out = Command::new("pgrep")
-        .args([
-            "-f",
-            "--",
-            &format!("qemu-system.*{}/vms/", data_dir.display()),
-        ])
+    qemu_pids(data_dir).len()
+}
+
+/// A test's folders: `data` for the server and `images` holding `name` (a link to the built image `image`).
+pub fn workdir_with_image(name: &str, image: &Path) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::os::unix::fs::symlink(image, images.join(name)).unwrap();
+    (tmp, data_dir, images)
+}
+
+/// `fcdev server user add NAME` in the host namespace; returns the token it printed.
+pub fn add_user(host: &str, data_dir: &Path, name: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", host, FCDEV, "server", "user", "add", name])
+        .arg("--data-dir")
+        .arg(data_dir)
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    assert!(
+        out.status.success(),
+        "user add {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
