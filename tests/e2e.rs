@@ -26,17 +26,7 @@ fn laptop_to_real_vms_through_the_tunnel() {
     let nss = Namespaces::new(&["ehost", "ealice", "ebob"]);
     let host = nss.name("ehost");
     // A LAN: a bridge in the host namespace, one veth per laptop.
-    must(&format!(
-        "ip -n {host} link add lan type bridge && ip -n {host} addr add 192.168.81.1/24 dev lan && ip -n {host} link set lan up"
-    ));
-    for (role, ip) in [("ealice", "192.168.81.2"), ("ebob", "192.168.81.3")] {
-        let ns = nss.name(role);
-        must(&format!(
-            "ip -n {host} link add v{role} type veth peer name lan0 netns {ns} && \
-             ip -n {host} link set v{role} master lan up && \
-             ip -n {ns} addr add {ip}/24 dev lan0 && ip -n {ns} link set lan0 up"
-        ));
-    }
+    lan(&nss, "ehost", "192.168.81", &["ealice", "ebob"]);
 
     let (mut server, token) = spawn_server(&host, &data_dir, &images);
     let token = token.expect("the server printed a login token");

@@ -160,17 +160,7 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
 
     let nss = Namespaces::new(&["phost", "palice", "pbob"]);
     let host = nss.name("phost");
-    must(&format!(
-        "ip -n {host} link add lan type bridge && ip -n {host} addr add 192.168.82.1/24 dev lan && ip -n {host} link set lan up"
-    ));
-    for (role, ip) in [("palice", "192.168.82.2"), ("pbob", "192.168.82.3")] {
-        let ns = nss.name(role);
-        must(&format!(
-            "ip -n {host} link add v{role} type veth peer name lan0 netns {ns} && \
-             ip -n {host} link set v{role} master lan up && \
-             ip -n {ns} addr add {ip}/24 dev lan0 && ip -n {ns} link set lan0 up"
-        ));
-    }
+    lan(&nss, "phost", "192.168.82", &["palice", "pbob"]);
     let (server, token) = spawn_server_at(&host, &data_dir, &images, "192.168.82.1");
     let token = token.expect("the server printed a login token");
     let url = "http://192.168.82.1:7070";

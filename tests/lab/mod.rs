@@ -234,3 +234,20 @@ pub fn add_user(host: &str, data_dir: &Path, name: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// A LAN: a bridge `lan` in the host namespace at `NET.1/24`, and one veth per laptop (`NET.2`, `NET.3`, …).
+pub fn lan(nss: &Namespaces, host_role: &str, net: &str, laptops: &[&str]) {
+    let host = nss.name(host_role);
+    must(&format!(
+        "ip -n {host} link add lan type bridge && ip -n {host} addr add {net}.1/24 dev lan && ip -n {host} link set lan up"
+    ));
+    for (i, role) in laptops.iter().enumerate() {
+        let ns = nss.name(role);
+        let ip = format!("{net}.{}", i + 2);
+        must(&format!(
+            "ip -n {host} link add v{role} type veth peer name lan0 netns {ns} && \
+             ip -n {host} link set v{role} master lan up && \
+             ip -n {ns} addr add {ip}/24 dev lan0 && ip -n {ns} link set lan0 up"
+        ));
+    }
+}
