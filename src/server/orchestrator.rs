@@ -444,6 +444,7 @@ impl Orchestrator {
             let running = tokio::task::spawn_blocking(move || backend.is_running(&s))
                 .await
                 .unwrap_or(false);
+            let mut started_detail = None;
             let (mode, slot) = if running {
                 self.set_vm(
                     cluster,
@@ -460,10 +461,21 @@ impl Orchestrator {
                 match tokio::task::spawn_blocking(move || backend.start(&s)).await {
                     Ok(Ok(mode)) => {
                         let what = match mode {
-                            StartMode::Restore => "restored, waiting for its services",
-                            StartMode::Boot => "booting",
+                            StartMode::Restore => "restored, waiting for its services".to_string(),
+                            StartMode::Boot => {
+                                let backend = self.backend.clone();
+                                let s = spec.clone();
+                                tokio::task::spawn_blocking(move || backend.start_detail(&s))
+                                    .await
+                                    .ok()
+                                    .flatten()
+                                    .unwrap_or_else(|| "booting".to_string())
+                            }
                         };
-                        self.set_vm(cluster, vm, VmState::Starting, Some(what));
+                        self.set_vm(cluster, vm, VmState::Starting, Some(&what));
+                        if what.starts_with("booting: ") {
+                            started_detail = Some(what);
+                        }
                         // A restored guest costs no more than an idle one: free its slot now. A booting one
                         // keeps it until it is ready (a boot is several seconds of CPU).
                         (mode, (mode == StartMode::Boot).then_some(slot))
@@ -490,7 +502,12 @@ impl Orchestrator {
             drop(slot);
             match ready {
                 Ok(()) => {
-                    self.set_vm(cluster, vm, VmState::Ready, Some("ready"));
+                    // A boot where a restore was expected keeps saying why (`fcdev status`).
+                    let detail = match &started_detail {
+                        Some(why) => format!("ready ({why})"),
+                        None => "ready".to_string(),
+                    };
+                    self.set_vm(cluster, vm, VmState::Ready, Some(&detail));
                     return Ok(mode);
                 }
                 Err(reason) => {

@@ -114,6 +114,11 @@ pub trait Backend: Send + Sync {
     /// Never waits for the probe and never retries: readiness, deadlines and retries belong to the orchestrator.
     fn start(&self, vm: &VmSpec) -> BackendResult<StartMode>;
 
+    /// Why the last `start` booted instead of restoring, when the image has a snapshot (for `fcdev status`).
+    fn start_detail(&self, _vm: &VmSpec) -> Option<String> {
+        None
+    }
+
     /// Whether the VM answers its readiness probe right now (must return quickly, ~1 s at most).
     fn probe(&self, vm: &VmSpec) -> bool;
 

@@ -655,6 +655,7 @@ impl Backend for QemuBackend {
             // Re-adopt: never start a second qemu for one VM.
             let mode = std::fs::read_to_string(run.join(files::MODE)).unwrap_or_default();
             if mode.trim() != "restore" {
+                // (`boot` or `boot <why>`)
                 return Ok(StartMode::Boot);
             }
             // A restore whose supervisor died with the previous server may not have told the guest who it is
@@ -669,6 +670,14 @@ impl Backend for QemuBackend {
         }
         let tap = self.tap_for(vm)?;
         let mut snap = snapshot::find(&vm.image, &vm.template, self.accel);
+        // Why this start boots instead of restoring, for `fcdev status` (written next to the mode).
+        let mut why_boot = match (&snap, vm.image.snapshot_dir()) {
+            (None, Some(_)) => Some(format!(
+                "no onboarding snapshot for accelerator {} (run `fcdev image snapshot {}`)",
+                self.accel, vm.image.spec.name
+            )),
+            _ => None,
+        };
         let overlay = run.join(files::DISK);
         let mut fresh_overlay = false;
         if let Some(disk) = &vm.template.disk {
@@ -676,10 +685,10 @@ impl Backend for QemuBackend {
             // is already in use (repaired after its qemu died) keeps its data and boots from it.
             if let (Some(found), true) = (&snap, overlay.exists()) {
                 if found.disk().is_some() {
-                    note(
-                        run,
-                        "the disk already holds this VM's data: booting it instead of restoring",
-                    );
+                    let why =
+                        "the disk already holds this VM's data: booting it instead of restoring";
+                    note(run, why);
+                    why_boot = Some(why.to_string());
                     snap = None;
                 }
             }
@@ -714,17 +723,26 @@ impl Backend for QemuBackend {
                     return Err(err_with_log(format!("restore too slow: {e}"), run));
                 }
                 Err(RestoreError::Unusable(e)) => {
-                    note(
-                        run,
-                        &format!("the snapshot cannot be restored ({e}); booting instead"),
-                    );
+                    let why = format!("the snapshot cannot be restored ({e}); booting instead");
+                    note(run, &why);
+                    why_boot = Some(why);
                     Self::kill_vm(run, false);
                 }
             }
         }
-        std::fs::write(run.join(files::MODE), "boot")?;
+        let mode_line = match &why_boot {
+            Some(why) => format!("boot {why}"),
+            None => "boot".to_string(),
+        };
+        std::fs::write(run.join(files::MODE), mode_line)?;
         self.launch(&boot)?;
         Ok(StartMode::Boot)
+    }
+
+    fn start_detail(&self, vm: &VmSpec) -> Option<String> {
+        let mode = std::fs::read_to_string(vm.run_dir.join(files::MODE)).ok()?;
+        let why = mode.trim().strip_prefix("boot ")?;
+        Some(format!("booting: {why}"))
     }
 
     fn probe(&self, vm: &VmSpec) -> bool {
