@@ -566,7 +566,14 @@ impl Orchestrator {
                 ));
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(50));
+            // A port check is free; an HTTP or SQL probe makes the guest's services work (nginx → app →
+            // database under TCG): ask those less often.
+            let cap = if spec.template.probe.starts_with("tcp:") {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(200)
+            };
+            delay = (delay * 2).min(cap);
         }
     }
 

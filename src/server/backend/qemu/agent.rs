@@ -4,10 +4,10 @@
 //!
 //! Protocol (one line each way, fields are `key=value` without spaces, binary values in base64):
 //! - `ping` → `pong`
-//! - `config ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 hosts=B64 time=UNIX seed=HEX` → `ok N [hostkey=B64]`
+//! - `config ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 hosts=B64 time=UNIX seed=HEX id=HEX` → `ok N …`
 //!   (`hosts`: /etc/hosts lines of the cluster's VMs; the guest also flushes its neighbour table, so the
 //!   snapshot network's MACs are forgotten; `time`: the host's clock, set in the guest; Debian images answer
-//!   with their new ssh host public key)
+//!   make a new ssh host key and reseed the kernel RNG from the seed)
 //! - `run B64(command)` → `out RC B64(output)`
 
 use std::io::{BufRead, BufReader, Write};
