@@ -6,9 +6,12 @@
 //! - `ping` → `pong`
 //! - `config ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 hosts=B64 time=UNIX seed=HEX id=HEX` → `ok N …`
 //!   (`hosts`: /etc/hosts lines of the cluster's VMs; the guest also flushes its neighbour table, so the
-//!   snapshot network's MACs are forgotten; `time`: the host's clock, set in the guest; Debian images answer
+//!   snapshot network's MACs are forgotten; `time`: the host's clock, set in the guest; Debian images also
 //!   make a new ssh host key and reseed the kernel RNG from the seed)
-//! - `run B64(command)` → `out RC B64(output)`
+//! - `run B64(command) id=HEX` → `out RC B64(output) id=HEX`
+//!
+//! Every request carries an `id`; the host re-sends it until the reply comes (a line can be lost or cut on the
+//! serial port under load) and the agent handles each id once, answering a re-sent copy from its cache.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
