@@ -35,5 +35,6 @@ programs_of() {
     iperf3) echo iperf3 ;;
     wireguard-tools) echo wg ;;
     wireguard-go) echo wireguard-go ;;
+    mariadb-client-core) echo mariadb ;;
   esac
 }
