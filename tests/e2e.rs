@@ -63,6 +63,16 @@ fn laptop_to_real_vms_through_the_tunnel() {
     );
     assert_eq!(qemu_count(&data_dir), 3, "one qemu per VM");
 
+    // A second cluster of the same engineer: its own addresses and taps (a tap named by template slot
+    // collided with the first cluster's, the restore failed and the VMs booted).
+    let second: serde_json::Value =
+        serde_json::from_str(&alice.ok(&["up", "--name", "second", "--json"])).expect("up --json");
+    assert_eq!(second["state"], "ready", "{second}");
+    assert_eq!(second["start_mode"], "restore", "{second}");
+    assert_eq!(qemu_count(&data_dir), 6, "two clusters, one qemu per VM");
+    alice.ok(&["down", "--name", "second", "--yes"]);
+    assert_eq!(qemu_count(&data_dir), 3, "down of the second cluster only");
+
     // TUN mode: every VM's page, by address, from the laptop.
     let tun = alice.tunnel(&["--mode", "tun"]);
     for (name, addr) in &vms {

@@ -217,7 +217,10 @@ fn restore_reset_down_and_readopt() {
         for f in ["qmp.sock", "agent.sock", "qemu.pid", "disk.qcow2"] {
             assert!(!vm.run_dir.join(f).exists(), "{f} left in {:?}", vm.run_dir);
         }
-        assert!(!netns::link_exists(&netns::tap_name(ns.index, vm.slot)));
+        assert!(!netns::link_exists(&netns::tap_name(
+            ns.index,
+            vm.tap_number()
+        )));
     }
     assert!(!netns::link_exists("fcbr2"));
 }
@@ -318,7 +321,10 @@ fn faults_are_noticed() {
         std::thread::sleep(Duration::from_millis(20));
     }
     b.stop(vm).expect("stop after kill");
-    assert!(!netns::link_exists(&netns::tap_name(ns.index, vm.slot)));
+    assert!(!netns::link_exists(&netns::tap_name(
+        ns.index,
+        vm.tap_number()
+    )));
 
     // A VM that never becomes ready (nothing listens on its probe port): probe stays false, log_tail tells why.
     let mut never = vms[1].clone();

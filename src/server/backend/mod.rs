@@ -68,6 +68,14 @@ pub struct VmSpec {
     pub hosts: Vec<(Vec<String>, Ipv4Addr)>,
 }
 
+impl VmSpec {
+    /// The number of the VM's tap (`fct<namespace>v<n>`): the host part of its address, unique in its namespace
+    /// across all its clusters (the template slot is not: two clusters of one engineer both have a slot 0).
+    pub fn tap_number(&self) -> u32 {
+        u32::from(self.address.octets()[3])
+    }
+}
+
 /// How a VM was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartMode {

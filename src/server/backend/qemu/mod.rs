@@ -405,7 +405,7 @@ impl QemuBackend {
     }
 
     fn tap_for(&self, vm: &VmSpec) -> BackendResult<String> {
-        netns::ensure_tap(vm.namespace.index, vm.slot)
+        netns::ensure_tap(vm.namespace.index, vm.tap_number())
             .map_err(|e| BackendError::msg(format!("tap for {}: {e}", vm.name)))
     }
 
@@ -764,7 +764,7 @@ impl Backend for QemuBackend {
         for f in [files::QMP, files::AGENT, files::PID, files::MODE] {
             let _ = std::fs::remove_file(run.join(f));
         }
-        netns::remove_tap(vm.namespace.index, vm.slot)
+        netns::remove_tap(vm.namespace.index, vm.tap_number())
             .map_err(|e| BackendError::msg(format!("tap of {}: {e}", vm.name)))?;
         Ok(())
     }
