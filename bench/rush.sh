@@ -46,7 +46,7 @@ for n in $COUNTS; do [ "$n" -gt "$MAX" ] && MAX=$n; done
 login() {  # i -> a config dir logged in as eng<i>
   local i=$1 token
   if [ "$i" = 0 ]; then token=$(grep -o 'fcd_[0-9a-f]*' "$T/server.log" | head -1)
-  else token=$(ip netns exec "$NS" "$BIN" server user add "eng$i" --data-dir "$T/data"); fi
+  else token=$(ip netns exec "$NS" "$BIN" server user add "eng$i" --data-dir "$T/data" 2>/dev/null | grep -o 'fcd_[0-9a-f]*'); fi
   echo "$token" | FCDEV_CONFIG_DIR=$T/cfg$i ip netns exec "$NS" "$BIN" login --server http://127.0.0.1:7171 --token-stdin >/dev/null
 }
 for i in $(seq 0 "$MAX"); do login "$i"; done
@@ -55,11 +55,13 @@ now() { date +%s%N; }
 echo "morning rush: N engineers' fcdev up at once, 3-VM tiny clusters, accelerator $ACCEL ($(nproc) cores)"
 for n in $COUNTS; do
   t0=$(now)
+  pids=()
   for i in $(seq 1 "$n"); do
     ( FCDEV_CONFIG_DIR=$T/cfg$i ip netns exec "$NS" "$BIN" up --name "r$n" --json > "$T/up$n-$i.json" 2>&1
       echo $(( ($(now) - t0) / 1000000 )) > "$T/ms$n-$i" ) &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"  # (not a bare `wait`: the server is a background job too)
   total=$(( ($(now) - t0) / 1000000 ))
   ready=$(grep -l '"state": "ready"' "$T"/up"$n"-*.json | wc -l)
   first=$(cat "$T"/ms"$n"-* | sort -n | head -1)
@@ -72,8 +74,10 @@ for n in $COUNTS; do
     printf '%-52s %6.2f s\n' "one more fcdev up with 20 clusters idle" "$(awk -v m="$(( ($(now) - t1) / 1000000 ))" 'BEGIN {print m / 1000}')"
     FCDEV_CONFIG_DIR=$T/cfg0 ip netns exec "$NS" "$BIN" down --name late --yes >/dev/null
   fi
+  pids=()
   for i in $(seq 1 "$n"); do
     FCDEV_CONFIG_DIR=$T/cfg$i ip netns exec "$NS" "$BIN" down --name "r$n" --yes >/dev/null &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"
 done
