@@ -458,8 +458,16 @@ impl Orchestrator {
                 let backend = self.backend.clone();
                 let s = spec.clone();
                 self.set_vm(cluster, vm, VmState::Starting, Some("starting"));
+                let t0 = std::time::Instant::now();
                 match tokio::task::spawn_blocking(move || backend.start(&s)).await {
                     Ok(Ok(mode)) => {
+                        tracing::info!(
+                            "vm {}/{}: started ({}) in {:.2}s",
+                            cluster.name,
+                            vm.name,
+                            mode.as_str(),
+                            t0.elapsed().as_secs_f64()
+                        );
                         let what = match mode {
                             StartMode::Restore => "restored, waiting for its services".to_string(),
                             StartMode::Boot => {
@@ -498,10 +506,17 @@ impl Orchestrator {
                 }
             };
             let deadline = self.backend.ready_deadline(&spec, mode);
+            let t_probe = std::time::Instant::now();
             let ready = self.wait_ready(&spec, deadline).await;
             drop(slot);
             match ready {
                 Ok(()) => {
+                    tracing::info!(
+                        "vm {}/{}: ready after {:.2}s of probes",
+                        cluster.name,
+                        vm.name,
+                        t_probe.elapsed().as_secs_f64()
+                    );
                     // A boot where a restore was expected keeps saying why (`fcdev status`).
                     let detail = match &started_detail {
                         Some(why) => format!("ready ({why})"),
@@ -571,7 +586,7 @@ impl Orchestrator {
             let cap = if spec.template.probe.starts_with("tcp:") {
                 Duration::from_millis(50)
             } else {
-                Duration::from_millis(200)
+                Duration::from_millis(300)
             };
             delay = (delay * 2).min(cap);
         }

@@ -7,7 +7,7 @@
 //! - `config ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 hosts=B64 time=UNIX seed=HEX id=HEX` → `ok N …`
 //!   (`hosts`: /etc/hosts lines of the cluster's VMs; the guest also flushes its neighbour table, so the
 //!   snapshot network's MACs are forgotten; `time`: the host's clock, set in the guest; Debian images also
-//!   make a new ssh host key and reseed the kernel RNG from the seed)
+//!   reseed the kernel RNG from the seed and install `hostkey`, an ssh host key the server made)
 //! - `run B64(command) id=HEX` → `out RC B64(output) id=HEX`
 //!
 //! Every request carries an `id`; the host re-sends it until the reply comes (a line can be lost or cut on the
@@ -47,6 +47,9 @@ pub struct GuestConfig {
     pub ssh_keys: Vec<String>,
     /// `/etc/hosts` lines for the cluster's VMs (`ADDRESS NAME…`).
     pub hosts: Vec<String>,
+    /// The VM's new ssh host key (an OpenSSH private key file), made by the server: `hostkey=B64` (Debian
+    /// images install it; the tiny image's dropbear ignores it).
+    pub host_key: Option<String>,
 }
 
 impl GuestConfig {
@@ -69,8 +72,12 @@ impl GuestConfig {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let host_key = match &self.host_key {
+            Some(pem) => format!(" hostkey={}", b64.encode(pem)),
+            None => String::new(),
+        };
         format!(
-            "config ip={} gw={} name={} ns={} role={} mac={} keys={} hosts={} time={now} seed={} id={}",
+            "config ip={} gw={} name={} ns={} role={} mac={} keys={} hosts={}{host_key} time={now} seed={} id={}",
             self.ip_cidr,
             self.gateway,
             self.name,
@@ -182,14 +189,20 @@ pub fn ping(socket: &Path, timeout: Duration) -> Result<(), AgentError> {
 /// Tell a restored guest who it is; returns when the guest confirmed.
 pub fn configure(socket: &Path, cfg: &GuestConfig, timeout: Duration) -> Result<(), AgentError> {
     let expect = format!("ok {}", cfg.name);
-    request(
+    let reply = request(
         socket,
         &cfg.to_line(),
         &|l: &str| l.starts_with(&expect),
         timeout,
         Some(Duration::from_millis(1500)),
-    )
-    .map(|_| ())
+    )?;
+    // `ok NAME failed`: the guest could not apply it (its agent's log says why).
+    if reply.split_whitespace().nth(2) == Some("failed") {
+        return Err(AgentError::BadReply(format!(
+            "{reply} (see /var/log/fcdev-agent.log in the guest)"
+        )));
+    }
+    Ok(())
 }
 
 /// Run a shell command in the guest; returns (exit code, combined output). The request is re-sent every 2 s

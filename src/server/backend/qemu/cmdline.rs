@@ -15,6 +15,8 @@ pub mod files {
     pub const CONSOLE: &str = "console.log";
     pub const DISK: &str = "disk.qcow2";
     pub const MODE: &str = "mode";
+    /// The VM's ssh host public key (`ssh-ed25519 AAAA…`), when the server made its host key.
+    pub const HOST_KEY_PUB: &str = "host_key.pub";
 }
 
 #[derive(Debug, Clone)]

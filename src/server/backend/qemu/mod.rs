@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod bench;
 pub mod cmdline;
+pub mod hostkey;
 pub mod proc;
 pub mod qmp;
 pub mod snapshot;
@@ -207,7 +208,19 @@ fn guest_config(vm: &VmSpec) -> agent::GuestConfig {
             .iter()
             .map(|(names, addr)| format!("{addr} {}", names.join(" ")))
             .collect(),
+        host_key: None,
     }
+}
+
+/// The config of a restored guest: also a new ssh host key, whose public half is kept in the run dir
+/// (`host_key.pub`) for laptops to check against.
+fn restore_config(vm: &VmSpec) -> agent::GuestConfig {
+    let key = hostkey::HostKey::generate();
+    let mut cfg = guest_config(vm);
+    if std::fs::write(vm.run_dir.join(files::HOST_KEY_PUB), key.public_line() + "\n").is_ok() {
+        cfg.host_key = Some(key.private_pem(&vm.name));
+    }
+    cfg
 }
 
 /// Probe a VM's service on `addr`, ~1 s at most:
@@ -598,7 +611,7 @@ impl QemuBackend {
         let resumed = t0.elapsed();
         agent::configure(
             &run.join(files::AGENT),
-            &guest_config(vm),
+            &restore_config(vm),
             CONFIGURE_TIMEOUT,
         )
         .map_err(|e| RestoreError::Slow(e.to_string()))?;
@@ -662,7 +675,7 @@ impl Backend for QemuBackend {
             // yet: say it again (idempotent).
             if !self.probe(vm) {
                 let sock = run.join(files::AGENT);
-                if let Err(e) = agent::configure(&sock, &guest_config(vm), CONFIGURE_TIMEOUT) {
+                if let Err(e) = agent::configure(&sock, &restore_config(vm), CONFIGURE_TIMEOUT) {
                     note(run, &format!("re-adopted VM not configured: {e}"));
                 }
             }

@@ -112,6 +112,37 @@ pub fn key(template: &VmTemplate, accel: Accel) -> String {
     hex::encode(&h.finalize()[..6])
 }
 
+/// A guest counts as idle when its qemu uses less than this share of a core over [`QUIET_WINDOW`].
+const QUIET_SHARE: f64 = 0.12;
+const QUIET_WINDOW: Duration = Duration::from_secs(2);
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Wait until every process uses less than `share` of a core over one window, or `limit` passes (false).
+fn wait_quiet(pids: &[i32], share: f64, limit: Duration) -> bool {
+    let tick = 1.0 / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64);
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let before: Vec<Option<u64>> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+        std::thread::sleep(QUIET_WINDOW);
+        let busy = pids.iter().zip(&before).any(|(p, b)| match (b, cpu_ticks(*p)) {
+            (Some(b), Some(a)) => (a.saturating_sub(*b) as f64 * tick) > share * QUIET_WINDOW.as_secs_f64(),
+            _ => false,
+        });
+        if !busy {
+            return true;
+        }
+    }
+    false
+}
+
 /// The key of a cluster snapshot: every VM's shape, role and check, and the accelerator.
 pub fn cluster_key(image: &Image, accel: Accel) -> String {
     let mut h = Sha256::new();
@@ -489,8 +520,15 @@ impl QemuBackend {
             "every check passed after {:.0} s; saving",
             started.elapsed().as_secs_f64()
         ));
-        // Let late boot work settle, then freeze every VM before saving any.
-        std::thread::sleep(Duration::from_secs(2));
+        // Let late boot work settle (module loads, first scrapes, caches warming): whatever a guest still does
+        // when it is saved, every restore does again. Then freeze every VM before saving any.
+        let pids: Vec<i32> = members.iter().filter_map(|m| proc::read_pid(&m.run)).collect();
+        let quiet = wait_quiet(&pids, QUIET_SHARE, Duration::from_secs(120));
+        progress(&format!(
+            "{} after {:.0} s",
+            if quiet { "guests idle" } else { "guests still busy" },
+            started.elapsed().as_secs_f64()
+        ));
         let t0 = Instant::now();
         let mut qmps = Vec::new();
         for m in &members {
