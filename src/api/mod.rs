@@ -48,6 +48,21 @@ pub struct ImageVm {
     pub memory_mb: u32,
 }
 
+/// `POST /clusters/{name}/vms/{vm}/exec`: a shell command line, run with `sh -c` in the VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecRequest {
+    pub command: String,
+}
+
+/// One line of an exec's answer (NDJSON): output bytes (base64) as they come, then the exit code or an error.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ExecLine {
+    Out { out: String },
+    Exit { exit: i32 },
+    Error { error: String },
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CreateCluster {
     pub name: String,

@@ -8,6 +8,7 @@ use crate::config::{self, Profile};
 pub mod completions;
 pub mod down;
 pub mod errors;
+pub mod exec;
 pub mod hosts;
 pub mod image;
 pub mod images;
@@ -58,6 +59,8 @@ pub enum Command {
     Tunnel(tunnel::TunnelArgs),
     /// Put a cluster back to its onboarding snapshot.
     Reset(reset::ResetArgs),
+    /// Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code.
+    Exec(exec::ExecArgs),
     /// Delete a cluster: VMs, disks and this machine's tunnel peer.
     Down(down::DownArgs),
     /// Print /etc/hosts lines for your VMs.
@@ -167,6 +170,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Images(args) => images::run(args, Context::new(cli.profile)?).await,
         Command::Tunnel(args) => tunnel::run(args, Context::new(cli.profile)?).await,
         Command::Reset(args) => reset::run(args, Context::new(cli.profile)?).await,
+        Command::Exec(args) => exec::run(args, Context::new(cli.profile)?).await,
         Command::Down(args) => down::run(args, Context::new(cli.profile)?).await,
         Command::Hosts(args) => hosts::run(args, Context::new(cli.profile)?).await,
         Command::Ssh(args) => ssh::run(args, Context::new(cli.profile)?).await,

@@ -119,6 +119,10 @@ impl From<OrchestratorError> for ApiErr {
                     .hint("pick another name with --name, or `fcdev down` it first")
             }
             OrchestratorError::NotFound(name) => cluster_not_found(&name),
+            e @ OrchestratorError::UnknownVm { .. } => {
+                ApiErr::new(StatusCode::NOT_FOUND, "unknown_vm", e.to_string())
+                    .hint("`fcdev status` lists the cluster's VMs")
+            }
             e @ OrchestratorError::Busy { .. } => {
                 ApiErr::new(StatusCode::CONFLICT, "busy", e.to_string())
                     .hint("wait for it to finish (`fcdev status`), then try again")
@@ -268,6 +272,7 @@ pub fn router(state: AppState) -> Router {
         .route("/clusters/{name}", get(get_cluster).delete(delete_cluster))
         .route("/clusters/{name}/events", get(cluster_events))
         .route("/clusters/{name}/reset", post(reset_cluster))
+        .route("/clusters/{name}/vms/{vm}/exec", post(exec_in_vm))
         .route("/peers", post(create_peer).get(list_peers))
         .route("/peers/{id}", delete(delete_peer))
         .layer(axum::Extension(Arc::new(StreamLimits::default())));
@@ -489,6 +494,53 @@ async fn reset_cluster(
     let mut view = state.orchestrator.view(&ns, &row)?;
     view.event_seq = seq_before;
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+}
+
+/// `POST /clusters/{name}/vms/{vm}/exec {"command": "…"}`: runs the command in the VM through its guest agent;
+/// the answer streams NDJSON lines as the output comes: `{"out": "<base64>"}`…, then `{"exit": N}` (or
+/// `{"error": "…"}`). A client that goes away stops the command.
+async fn exec_in_vm(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    PathParam((name, vm)): PathParam<(String, String)>,
+    JsonBody(req): JsonBody<api::ExecRequest>,
+) -> ApiResult<Response> {
+    use base64::Engine;
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    check_name("VM", &vm)?;
+    if req.command.trim().is_empty() {
+        return Err(ApiErr::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the command is empty",
+        ));
+    }
+    let orch = state.orchestrator.clone();
+    let spec = blocking(move || orch.spec_of(&ns, &row, &vm)).await??;
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
+    let backend = state.orchestrator.backend().clone();
+    tokio::task::spawn_blocking(move || {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut out = |bytes: &[u8]| {
+            let line = serde_json::json!({ "out": b64.encode(bytes) }).to_string() + "\n";
+            tx.blocking_send(line).is_ok()
+        };
+        let last = match backend.exec(&spec, &req.command, &mut out) {
+            Ok(code) => serde_json::json!({ "exit": code }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let _ = tx.blocking_send(last.to_string() + "\n");
+    });
+    let body = axum::body::Body::from_stream(
+        tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Ok::<_, Infallible>,
+        ),
+    );
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .map_err(ApiErr::internal)?)
 }
 
 async fn delete_cluster(

@@ -30,6 +30,12 @@ pub enum OrchestratorError {
     NotFound(String),
     #[error("cluster `{name}` is busy: {what}")]
     Busy { name: String, what: String },
+    #[error("no VM `{vm}` in cluster `{cluster}` (its VMs: {known})")]
+    UnknownVm {
+        vm: String,
+        cluster: String,
+        known: String,
+    },
 }
 
 /// What `up` did.
@@ -195,6 +201,29 @@ impl Orchestrator {
             run_dir: self.vms_dir.join(&ns.name).join(&c.name).join(&vm.name),
             ssh_keys: self.store.ssh_keys(ns.id).unwrap_or_default(),
         }
+    }
+
+    /// The spec of one VM of a cluster, by name (for commands run in it); an unknown name lists the VMs there are.
+    pub fn spec_of(
+        &self,
+        ns: &NamespaceRow,
+        c: &ClusterRow,
+        vm_name: &str,
+    ) -> Result<VmSpec, OrchestratorError> {
+        let vms = self.store.vms_of(c.id)?;
+        let Some(vm) = vms.iter().find(|v| v.name == vm_name) else {
+            return Err(OrchestratorError::UnknownVm {
+                vm: vm_name.to_string(),
+                cluster: c.name.clone(),
+                known: vms
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let image = self.catalog.get(&c.image)?;
+        Ok(self.vm_spec(ns, c, vm, &image))
     }
 
     /// Create the cluster, or resume/repair it when it exists. Returns at once; the work goes on in the background.

@@ -141,4 +141,18 @@ pub trait Backend: Send + Sync {
 
     /// The last lines of the VM's log, for error messages.
     fn log_tail(&self, vm: &VmSpec) -> Option<String>;
+
+    /// Run `command` in the VM, handing its output to `out` as it comes (`out` returning false stops it);
+    /// returns its exit code. Blocks until the command ends.
+    fn exec(
+        &self,
+        _vm: &VmSpec,
+        _command: &str,
+        _out: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> BackendResult<i32> {
+        Err(BackendError::msg(format!(
+            "the {} backend cannot run commands in VMs",
+            self.kind()
+        )))
+    }
 }

@@ -793,4 +793,20 @@ impl Backend for QemuBackend {
     fn log_tail(&self, vm: &VmSpec) -> Option<String> {
         log_tail_of(&vm.run_dir)
     }
+
+    fn exec(
+        &self,
+        vm: &VmSpec,
+        command: &str,
+        out: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> BackendResult<i32> {
+        if self.pid(vm).is_none() {
+            return Err(BackendError::msg(format!("VM {} is not running", vm.name)));
+        }
+        agent::exec(&vm.run_dir.join(files::AGENT), command, out, EXEC_LIMIT)
+            .map_err(|e| BackendError::msg(e.to_string()))
+    }
 }
+
+/// The longest `fcdev exec` runs.
+const EXEC_LIMIT: Duration = Duration::from_secs(6 * 3600);

@@ -476,7 +476,8 @@ impl QemuBackend {
         }
         progress(&format!("booting {} VMs", members.len()));
         // Boot under TCG on a small host is slow: several systemd guests share the cores.
-        let deadline = Duration::from_secs(300);
+        // Six Debian guests booting on a busy 2-core host under TCG took up to ~300 s; this runs once per recipe.
+        let deadline = Duration::from_secs(900);
         let failed = |members: &[Member], m: &Member, why: String| {
             let tail = super::log_tail_of(&m.run);
             kill_all(members);
