@@ -38,6 +38,8 @@ pub struct ServerOptions {
     pub accel: String,
     /// VMs starting at once (admission control); 0: four per core, at least 8.
     pub max_starts: usize,
+    /// Bytes of named snapshots one engineer may keep (0: no limit).
+    pub snapshot_quota: u64,
     pub netns: Option<String>,
     pub dev_user: String,
 }
@@ -120,6 +122,8 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
             Catalog::new(opts.images_dir.clone()),
             opts.data_dir.join("vms"),
             opts.max_starts,
+            opts.data_dir.join("snapshots"),
+            opts.snapshot_quota,
         );
         orchestrator.recover()?;
         orchestrator.spawn_watchdog(Duration::from_secs(2));

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8.
     #[arg(long, default_value_t = 0)]
     pub max_starts: usize,
+    /// Disk that one engineer's named snapshots may take (`fcdev snapshot save`), e.g. `20G`, `512M`; `0`: no
+    /// limit. A save that would go over is refused with the snapshots to remove.
+    #[arg(long, default_value = "20G", value_parser = parse_size)]
+    pub snapshot_quota: u64,
     /// Run VMs, bridges and the hub's TUN inside this network namespace (created if missing); the API and hub
     /// sockets stay in the namespace the server was started in. `none` keeps everything where it is.
     /// Default: `fcdev-dev` with --dev, else none.
@@ -183,12 +187,36 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 backend: r.backend,
                 accel: r.accel,
                 max_starts: r.max_starts,
+                snapshot_quota: r.snapshot_quota,
                 netns,
                 dev_user: r.user.unwrap_or_else(default_user_name),
             };
             crate::server::run::serve(opts)
         }
     }
+}
+
+/// `20G`, `512M`, `100K` or plain bytes (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("`{s}`: use a number with K, M, G or T")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size (e.g. 20G, 512M, 0)"))
 }
 
 /// How long `user remove` waits for the running server to stop the engineer's clusters.
