@@ -1204,6 +1204,54 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_are_per_cluster_and_go_with_it() {
+        let (_dir, store) = store();
+        let (a, _) = store.add_user("a").unwrap();
+        let (b, _) = store.add_user("b").unwrap();
+        let na = store.ensure_namespace(&a).unwrap();
+        let nb = store.ensure_namespace(&b).unwrap();
+        let vms = [NewVm {
+            name: "n1",
+            role: "proxy",
+        }];
+        let ca = store.create_cluster(&na, "dev", "tiny", &vms).unwrap();
+        let cb = store.create_cluster(&nb, "dev", "tiny", &vms).unwrap();
+        let s1 = store.add_snapshot(ca.id, "s1", "tiny", 10 << 20).unwrap();
+        assert_eq!((s1.cluster.as_str(), s1.size_bytes), ("dev", 10 << 20));
+        assert!(matches!(
+            store.add_snapshot(ca.id, "s1", "tiny", 1),
+            Err(StoreError::Exists(_))
+        ));
+        store.add_snapshot(ca.id, "s2", "tiny", 20 << 20).unwrap();
+        assert!(
+            store.snapshot(cb.id, "s1").unwrap().is_none(),
+            "per cluster"
+        );
+        assert!(store.snapshots_in(nb.id).unwrap().is_empty());
+        let largest: Vec<String> = store
+            .snapshots_in(na.id)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(largest, ["s2", "s1"]);
+        // Stopped: its size, cleared by the next state.
+        store.set_cluster_stopped(ca.id, 42, "stopped").unwrap();
+        let c = store.cluster_by_id(ca.id).unwrap().unwrap();
+        assert_eq!((c.state, c.disk_bytes), (ClusterState::Stopped, Some(42)));
+        store
+            .set_cluster_state_event(ca.id, ClusterState::Ready, None, "ready")
+            .unwrap();
+        assert_eq!(
+            store.cluster_by_id(ca.id).unwrap().unwrap().disk_bytes,
+            None
+        );
+        assert!(store.delete_snapshot(s1.id).unwrap());
+        store.delete_cluster(ca.id).unwrap();
+        assert!(store.snapshots_in(na.id).unwrap().is_empty());
+    }
+
+    #[test]
     fn tokens_are_hashed_and_revocable() {
         let (dir, store) = store();
         let (user, token) = store.add_user("alice").unwrap();

@@ -308,3 +308,15 @@ fn user(cmd: UserCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(super::parse_size("20G"), Ok(20 << 30));
+        assert_eq!(super::parse_size("512m"), Ok(512 << 20));
+        assert_eq!(super::parse_size("0"), Ok(0));
+        assert!(super::parse_size("12X").is_err());
+        assert!(super::parse_size("G").is_err());
+    }
+}
