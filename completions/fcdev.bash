@@ -1028,7 +1028,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server)
-            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --snapshot-quota --netns --user --profile --verbose --help user help"
+            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --profile --verbose --help user help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1071,6 +1071,10 @@ _fcdev() {
                     return 0
                     ;;
                 --snapshot-quota)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --idle-stop)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

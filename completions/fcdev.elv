@@ -277,6 +277,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --accel 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
             cand --max-starts 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8'
             cand --snapshot-quota 'Disk that one engineer''s named snapshots may take (`fcdev snapshot save`), e.g. `20G`, `512M`; `0`: no limit. A save that would go over is refused with the snapshots to remove'
+            cand --idle-stop 'Stop (`fcdev stop`) a ready cluster left alone this long: no state change and no tunnel handshake of its engineer, e.g. `8h`, `30m`; `0`: never (the default). `fcdev start` or `up` resumes it'
             cand --netns 'Run VMs, bridges and the hub''s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none'
             cand --user 'With --dev: the first engineer''s name (default: your login name)'
             cand --profile 'The profile (server + token) to use'

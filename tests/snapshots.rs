@@ -382,6 +382,26 @@ fn snapshots_bring_back_files_and_processes_and_stop_start_resumes_them() {
     );
     assert_eq!(alice.status()["clusters"][0]["state"], "ready");
 
+    // --idle-stop: a ready cluster nobody touches (no state change, no tunnel handshake) is stopped.
+    drop(server);
+    let (restarted, _) = spawn_server_with(
+        &host,
+        &data_dir,
+        &images,
+        "192.168.83.1",
+        &["--idle-stop", "3s"],
+    );
+    server = restarted;
+    let idle = eventually(Duration::from_secs(30), || {
+        let s = alice.status();
+        (s["clusters"][0]["state"] == "stopped").then_some(s)
+    });
+    assert!(idle.is_some(), "the idle cluster was stopped");
+    assert_eq!(
+        qemu_count(&data_dir),
+        0,
+        "no qemu of the idle-stopped cluster"
+    );
     alice.ok(&["down", "--yes"]);
     assert_eq!(qemu_count(&data_dir), 0);
     let left: Vec<PathBuf> = std::fs::read_dir(data_dir.join("snapshots/alice"))

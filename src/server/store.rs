@@ -835,6 +835,18 @@ impl Store {
         )
     }
 
+    /// Ready clusters whose state has not changed for `secs` seconds (`fcdev server --idle-stop`).
+    pub fn clusters_ready_since(&self, secs: u64) -> StoreResult<Vec<ClusterRow>> {
+        self.query_all(
+            &format!(
+                "SELECT {CLUSTER_COLS} FROM clusters WHERE state = ?1
+                 AND updated_at <= strftime('%Y-%m-%dT%H:%M:%SZ', 'now', ?2) ORDER BY id"
+            ),
+            params![ClusterState::Ready.as_str(), format!("-{secs} seconds")],
+            row_cluster,
+        )
+    }
+
     /// Set a cluster's state and record its event in one transaction: whoever reads the new state finds the event.
     pub fn set_cluster_state_event(
         &self,

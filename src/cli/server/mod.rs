@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// limit. A save that would go over is refused with the snapshots to remove.
     #[arg(long, default_value = "20G", value_parser = parse_size)]
     pub snapshot_quota: u64,
+    /// Stop (`fcdev stop`) a ready cluster left alone this long: no state change and no tunnel handshake of its
+    /// engineer, e.g. `8h`, `30m`; `0`: never (the default). `fcdev start` or `up` resumes it.
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    pub idle_stop: std::time::Duration,
     /// Run VMs, bridges and the hub's TUN inside this network namespace (created if missing); the API and hub
     /// sockets stay in the namespace the server was started in. `none` keeps everything where it is.
     /// Default: `fcdev-dev` with --dev, else none.
@@ -188,12 +192,37 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 accel: r.accel,
                 max_starts: r.max_starts,
                 snapshot_quota: r.snapshot_quota,
+                idle_stop: (!r.idle_stop.is_zero()).then_some(r.idle_stop),
                 netns,
                 dev_user: r.user.unwrap_or_else(default_user_name),
             };
             crate::server::run::serve(opts)
         }
     }
+}
+
+/// `8h`, `30m`, `90s` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86400,
+                _ => return Err(format!("`{s}`: use a number with s, m, h or d")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is not a duration (e.g. 8h, 30m, 0)"))
 }
 
 /// `20G`, `512M`, `100K` or plain bytes (powers of 1024).
@@ -318,5 +347,17 @@ mod tests {
         assert_eq!(super::parse_size("0"), Ok(0));
         assert!(super::parse_size("12X").is_err());
         assert!(super::parse_size("G").is_err());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        use std::time::Duration;
+        assert_eq!(
+            super::parse_duration("8h"),
+            Ok(Duration::from_secs(8 * 3600))
+        );
+        assert_eq!(super::parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(super::parse_duration("0"), Ok(Duration::ZERO));
+        assert!(super::parse_duration("5x").is_err());
     }
 }
