@@ -304,6 +304,39 @@ fn snapshots_bring_back_files_and_processes_and_stop_start_resumes_them() {
     assert_eq!(alice.status()["clusters"][0]["state"], "ready");
     assert_eq!(report(&data_dir).0, pid);
 
+    // Saved by another qemu: refused with that reason, the cluster untouched.
+    let meta = data_dir.join("snapshots/alice/dev/s1/n1/meta.toml");
+    let original = std::fs::read_to_string(&meta).unwrap();
+    let other: String = original
+        .lines()
+        .map(|l| {
+            if l.starts_with("qemu = ") {
+                "qemu = \"QEMU emulator version 6.2.0\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(&meta, other).unwrap();
+    let refused = alice
+        .fcdev(&["snapshot", "restore", "s1", "--yes"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    std::fs::write(&meta, original).unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert_eq!(refused.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("saved by QEMU emulator version 6.2.0"),
+        "{stderr}"
+    );
+    assert_eq!(
+        qemu_pids(&data_dir),
+        pids,
+        "the running cluster is untouched"
+    );
+
     // A save cut off by a server crash leaves no half snapshot, and the VMs run on.
     let save = alice
         .fcdev(&["snapshot", "save", "cut"])
@@ -325,7 +358,11 @@ fn snapshots_bring_back_files_and_processes_and_stop_start_resumes_them() {
         let s = alice.status();
         (s["clusters"][0]["state"] == "ready").then_some(s)
     });
-    assert!(ready.is_some(), "the cluster is ready after the cut save");
+    assert!(
+        ready.is_some(),
+        "the cluster is ready after the cut save: {}",
+        alice.status()
+    );
     let names: Vec<String> = json_of(&alice.ok(&["snapshot", "list", "--json"]))
         .as_array()
         .unwrap()

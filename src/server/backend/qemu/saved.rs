@@ -178,6 +178,28 @@ impl QemuBackend {
     /// Resume a paused VM and set its clock (it stood still while the VM was paused).
     pub fn resume_vm(&self, vm: &VmSpec) -> BackendResult<()> {
         let mut q = Self::qmp_of(&vm.run_dir)?;
+        // A save cut off (the server restarted mid-way) may have left its migration running: qemu refuses to
+        // continue until it ended.
+        let t0 = Instant::now();
+        loop {
+            let (status, _) = q
+                .migrate_status()
+                .map_err(|e| err_with_log(format!("resume: {e}"), &vm.run_dir))?;
+            if !matches!(
+                status.as_str(),
+                "setup" | "active" | "device" | "pre-switchover" | "cancelling"
+            ) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(err_with_log(
+                    format!("resume: a migration is still {status}"),
+                    &vm.run_dir,
+                ));
+            }
+            let _ = q.execute("migrate_cancel", json!({}));
+            std::thread::sleep(Duration::from_millis(20));
+        }
         q.execute("cont", json!({}))
             .map_err(|e| err_with_log(format!("resume: {e}"), &vm.run_dir))?;
         drop(q);
