@@ -121,6 +121,10 @@ while true; do
         configure
         reply="ok $NAME"
         ;;
+      clock)
+        date -u -s "@$2" >/dev/null 2>&1
+        reply="ok id=$id"
+        ;;
       run)
         cmd=$(echo "$2" | base64 -d)
         out=$(sh -c "$cmd" 2>&1 </dev/null)

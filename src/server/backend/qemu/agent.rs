@@ -11,6 +11,8 @@
 //! - `run B64(command) id=HEX` → `out RC B64(output) id=HEX`
 //! - `exec B64(command) id=HEX` → `started id=HEX`, `data id=HEX SEQ B64(bytes)`… as output comes, then
 //!   `exit id=HEX RC`; `kill id=HEX` stops it (SIGTERM to its process group)
+//! - `clock UNIX id=HEX` → `ok id=HEX` (sets the guest's clock, `date -u -s @UNIX`: after a VM resumed from a
+//!   named snapshot or a stop, its clock is where it was when it was saved)
 //!
 //! Every request carries an `id`; the host re-sends it until the reply comes (a line can be lost or cut on the
 //! serial port under load) and the agent handles each id once, answering a re-sent copy from its cache.
@@ -205,6 +207,29 @@ pub fn configure(socket: &Path, cfg: &GuestConfig, timeout: Duration) -> Result<
         )));
     }
     Ok(())
+}
+
+/// Set the guest's clock to the host's (after a resume from a saved state); returns when the guest confirmed.
+pub fn set_clock(socket: &Path, timeout: Duration) -> Result<(), AgentError> {
+    let id = request_id();
+    let expect = format!("ok id={id}");
+    // Re-sent copies carry the time of the first send: the agent handles the id once.
+    let line = format!("clock {} id={id}", unix_now());
+    request(
+        socket,
+        &line,
+        &|l: &str| l == expect,
+        timeout,
+        Some(Duration::from_millis(1000)),
+    )
+    .map(|_| ())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Run a shell command in the guest; returns (exit code, combined output). The request is re-sent every 2 s

@@ -182,11 +182,21 @@ fn snapshot_append(template: &VmTemplate) -> String {
     .to_string()
 }
 
-/// Save the device state of a paused guest (`x-ignore-shared`: its RAM is already in the memory file) to
-/// `state`, and wait until the migration completed.
-fn save_paused(q: &mut qmp::Qmp, state: &Path) -> Result<(), qmp::QmpError> {
+/// Save the state of a paused guest to `state` and wait until the migration completed. `ignore_shared`: the
+/// guest RAM is already in the shared memory file (onboarding snapshots), so only the device state is written;
+/// else (saved VMs, `saved.rs`) every non-zero RAM page goes into the stream too.
+pub(super) fn save_paused(
+    q: &mut qmp::Qmp,
+    state: &Path,
+    ignore_shared: bool,
+) -> Result<(), qmp::QmpError> {
     let t0 = Instant::now();
-    q.set_capability("x-ignore-shared", true)?;
+    q.set_capability("x-ignore-shared", ignore_shared)?;
+    // qemu's default migration bandwidth is 32 MiB/s: a local file takes what the disk gives.
+    q.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 8u64 << 30 }),
+    )?;
     let uri = format!("exec:cat > {}", super::cmdline::shell_quote(state));
     q.execute("migrate", json!({ "uri": uri }))?;
     loop {
@@ -317,7 +327,7 @@ impl QemuBackend {
         let result =
             qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5)).and_then(|mut q| {
                 q.execute("stop", json!({}))?;
-                save_paused(&mut q, &dir.join(STATE))
+                save_paused(&mut q, &dir.join(STATE), true)
             });
         // SIGKILL right away, also on failure.
         proc::kill9(pid);
@@ -541,7 +551,7 @@ impl QemuBackend {
             }
         }
         for (m, q) in members.iter().zip(qmps.iter_mut()) {
-            if let Err(e) = save_paused(q, &m.dir.join(STATE)) {
+            if let Err(e) = save_paused(q, &m.dir.join(STATE), true) {
                 return Err(failed(&members, m, format!("save: {e}")));
             }
         }
