@@ -160,7 +160,12 @@ impl ApiClient {
 
     /// POST `body` and follow an NDJSON answer, calling `on_line` with each line until it returns false or the
     /// server closes the stream (`fcdev exec`).
-    pub async fn post_lines<B, F>(&self, path: &str, body: &B, mut on_line: F) -> Result<(), ClientError>
+    pub async fn post_lines<B, F>(
+        &self,
+        path: &str,
+        body: &B,
+        mut on_line: F,
+    ) -> Result<(), ClientError>
     where
         B: Serialize + Sync,
         F: FnMut(&str) -> bool,

@@ -55,7 +55,11 @@ fn exec_streams_output_as_it_comes_and_returns_the_exit_code() {
     let all_at = t0.elapsed();
     assert_eq!(&first, b"tick1\n");
     assert_eq!(rest, "tick2\ntick3\n");
-    assert_eq!(status.code(), Some(7), "fcdev exec exits with the command's code");
+    assert_eq!(
+        status.code(),
+        Some(7),
+        "fcdev exec exits with the command's code"
+    );
     assert!(
         all_at - first_at >= Duration::from_millis(1500),
         "output streamed: first line at {first_at:?}, end at {all_at:?}"

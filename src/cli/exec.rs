@@ -108,7 +108,10 @@ mod tests {
 
     #[test]
     fn one_argument_is_a_shell_line_and_several_are_quoted_words() {
-        assert_eq!(command_line(&["echo $HOME | wc -c".into()]), "echo $HOME | wc -c");
+        assert_eq!(
+            command_line(&["echo $HOME | wc -c".into()]),
+            "echo $HOME | wc -c"
+        );
         assert_eq!(
             command_line(&["printf".into(), "%s\\n".into(), "it's here".into()]),
             "printf '%s\\n' 'it'\\''s here'"

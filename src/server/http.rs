@@ -592,16 +592,14 @@ async fn exec_in_vm(
         };
         let _ = tx.blocking_send(last.to_string() + "\n");
     });
-    let body = axum::body::Body::from_stream(
-        tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            Ok::<_, Infallible>,
-        ),
-    );
-    Ok(Response::builder()
+    let body = axum::body::Body::from_stream(tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, Infallible>,
+    ));
+    Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(body)
-        .map_err(ApiErr::internal)?)
+        .map_err(ApiErr::internal)
 }
 
 async fn delete_cluster(

@@ -82,7 +82,9 @@ mod tests {
     fn two_keys_differ_and_have_openssh_shapes() {
         let (a, b) = (HostKey::generate(), HostKey::generate());
         assert_ne!(a.public_line(), b.public_line());
-        assert!(a.public_line().starts_with("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5"));
+        assert!(a
+            .public_line()
+            .starts_with("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5"));
         let pem = a.private_pem("n1");
         assert!(pem.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA"));
         assert!(pem.ends_with("-----END OPENSSH PRIVATE KEY-----\n"));
@@ -106,8 +108,20 @@ mod tests {
             .output()
             .expect("ssh-keygen must be installed (openssh-client)");
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let printed = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(printed.trim().split(' ').take(2).collect::<Vec<_>>().join(" "), key.public_line());
+        assert_eq!(
+            printed
+                .trim()
+                .split(' ')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" "),
+            key.public_line()
+        );
     }
 }

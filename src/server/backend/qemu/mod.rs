@@ -220,7 +220,12 @@ fn guest_config(vm: &VmSpec) -> agent::GuestConfig {
 fn restore_config(vm: &VmSpec) -> agent::GuestConfig {
     let key = hostkey::HostKey::generate();
     let mut cfg = guest_config(vm);
-    if std::fs::write(vm.run_dir.join(files::HOST_KEY_PUB), key.public_line() + "\n").is_ok() {
+    if std::fs::write(
+        vm.run_dir.join(files::HOST_KEY_PUB),
+        key.public_line() + "\n",
+    )
+    .is_ok()
+    {
         cfg.host_key = Some(key.private_pem(&vm.name));
     }
     cfg

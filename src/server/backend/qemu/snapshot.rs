@@ -132,10 +132,15 @@ fn wait_quiet(pids: &[i32], share: f64, limit: Duration) -> bool {
     while start.elapsed() < limit {
         let before: Vec<Option<u64>> = pids.iter().map(|p| cpu_ticks(*p)).collect();
         std::thread::sleep(QUIET_WINDOW);
-        let busy = pids.iter().zip(&before).any(|(p, b)| match (b, cpu_ticks(*p)) {
-            (Some(b), Some(a)) => (a.saturating_sub(*b) as f64 * tick) > share * QUIET_WINDOW.as_secs_f64(),
-            _ => false,
-        });
+        let busy = pids
+            .iter()
+            .zip(&before)
+            .any(|(p, b)| match (b, cpu_ticks(*p)) {
+                (Some(b), Some(a)) => {
+                    (a.saturating_sub(*b) as f64 * tick) > share * QUIET_WINDOW.as_secs_f64()
+                }
+                _ => false,
+            });
         if !busy {
             return true;
         }
@@ -533,11 +538,18 @@ impl QemuBackend {
         ));
         // Let late boot work settle (module loads, first scrapes, caches warming): whatever a guest still does
         // when it is saved, every restore does again. Then freeze every VM before saving any.
-        let pids: Vec<i32> = members.iter().filter_map(|m| proc::read_pid(&m.run)).collect();
+        let pids: Vec<i32> = members
+            .iter()
+            .filter_map(|m| proc::read_pid(&m.run))
+            .collect();
         let quiet = wait_quiet(&pids, QUIET_SHARE, Duration::from_secs(120));
         progress(&format!(
             "{} after {:.0} s",
-            if quiet { "guests idle" } else { "guests still busy" },
+            if quiet {
+                "guests idle"
+            } else {
+                "guests still busy"
+            },
             started.elapsed().as_secs_f64()
         ));
         let t0 = Instant::now();
