@@ -138,8 +138,12 @@ while true; do
           rcf=/tmp/.fcdev-exec-$id
           { sh -c "$cmd" 2>&1 </dev/null; echo $? > "$rcf"; } | {
             seq=0
-            while IFS= read -r l || [ -n "$l" ]; do
-              echo "data id=$id $seq $(printf '%s\n' "$l" | base64 -w 0)" >&3
+            while :; do
+              if IFS= read -r l; then b=$(printf '%s\n' "$l" | base64 -w 0)
+              elif [ -n "$l" ]; then b=$(printf '%s' "$l" | base64 -w 0)  # a last line without a newline
+              else break
+              fi
+              echo "data id=$id $seq $b" >&3
               seq=$((seq + 1))
             done
           }
