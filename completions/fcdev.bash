@@ -43,6 +43,9 @@ _fcdev() {
             fcdev,login)
                 cmd="fcdev__subcmd__login"
                 ;;
+            fcdev,logs)
+                cmd="fcdev__subcmd__logs"
+                ;;
             fcdev,reset)
                 cmd="fcdev__subcmd__reset"
                 ;;
@@ -87,6 +90,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help,login)
                 cmd="fcdev__subcmd__help__subcmd__login"
+                ;;
+            fcdev__subcmd__help,logs)
+                cmd="fcdev__subcmd__help__subcmd__logs"
                 ;;
             fcdev__subcmd__help,reset)
                 cmd="fcdev__subcmd__help__subcmd__reset"
@@ -218,7 +224,7 @@ _fcdev() {
 
     case "${cmd}" in
         fcdev)
-            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help"
+            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down hosts ssh logs image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -324,7 +330,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help)
-            opts="login up status images tunnel reset down hosts ssh image server completions __socks-connect __test-vm help"
+            opts="login up status images tunnel reset down hosts ssh logs image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -478,6 +484,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__login)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__logs)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -833,6 +853,36 @@ _fcdev() {
             fi
             case "${prev}" in
                 --server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__logs)
+            opts="-f -n -v -h --follow --lines --name --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --lines)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --name)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -34,6 +34,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
             cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
+            cand logs 'Show a VM''s console log (-f follows it)'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
@@ -131,6 +132,18 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --user 'The user in the VM'
             cand --socks 'The SOCKS5 proxy of a rootless `fcdev tunnel`, used when the VM is not routed here'
             cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;logs'= {
+            cand -n 'How many of the last lines to print first (at most 10000)'
+            cand --lines 'How many of the last lines to print first (at most 10000)'
+            cand --name 'The cluster (default: the profile''s cluster, `dev`)'
+            cand --profile 'The profile (server + token) to use'
+            cand -f 'Keep printing what the console prints next (Ctrl-C to stop)'
+            cand --follow 'Keep printing what the console prints next (Ctrl-C to stop)'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -329,6 +342,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
             cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
+            cand logs 'Show a VM''s console log (-f follows it)'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
@@ -353,6 +367,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;hosts'= {
         }
         &'fcdev;help;ssh'= {
+        }
+        &'fcdev;help;logs'= {
         }
         &'fcdev;help;image'= {
             cand build 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'

@@ -158,6 +158,30 @@ impl ApiClient {
         self.decode(resp).await
     }
 
+    /// GET a byte stream (a console log), calling `on_chunk` with each piece as it arrives until the server
+    /// ends it or `on_chunk` returns false. An error status is decoded like any other answer.
+    pub async fn stream_bytes<F>(&self, path: &str, mut on_chunk: F) -> Result<(), ClientError>
+    where
+        F: FnMut(&[u8]) -> bool,
+    {
+        use futures::StreamExt;
+        let resp = self.send(Method::GET, path, None).await?;
+        if !resp.status().is_success() {
+            return self.decode::<serde_json::Value>(resp).await.map(|_| ());
+        }
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+            if !on_chunk(&chunk) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// Follow a server-sent-events stream, calling `on_event` with each `data:` payload until it returns false or
     /// the server closes the stream.
     pub async fn follow_events<F>(&self, path: &str, mut on_event: F) -> Result<(), ClientError>

@@ -12,6 +12,7 @@ pub mod hosts;
 pub mod image;
 pub mod images;
 pub mod login;
+pub mod logs;
 pub mod output;
 pub mod progress;
 pub mod reset;
@@ -64,6 +65,8 @@ pub enum Command {
     Hosts(hosts::HostsArgs),
     /// Open an ssh session to a VM.
     Ssh(ssh::SshArgs),
+    /// Show a VM's console log (-f follows it).
+    Logs(logs::LogsArgs),
     /// Build or snapshot prepared images (host side).
     Image(image::ImageArgs),
     /// Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side).
@@ -170,6 +173,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Down(args) => down::run(args, Context::new(cli.profile)?).await,
         Command::Hosts(args) => hosts::run(args, Context::new(cli.profile)?).await,
         Command::Ssh(args) => ssh::run(args, Context::new(cli.profile)?).await,
+        Command::Logs(args) => logs::run(args, Context::new(cli.profile)?).await,
         Command::Image(args) => {
             image::run(args, &crate::config::data_dir()?).map_err(CliError::from)
         }

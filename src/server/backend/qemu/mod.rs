@@ -780,4 +780,8 @@ impl Backend for QemuBackend {
     fn log_tail(&self, vm: &VmSpec) -> Option<String> {
         log_tail_of(&vm.run_dir)
     }
+
+    fn console_log(&self, vm: &VmSpec) -> Option<PathBuf> {
+        Some(vm.run_dir.join(files::CONSOLE))
+    }
 }

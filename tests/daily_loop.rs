@@ -1,0 +1,121 @@
+//! The engineer's daily loop from the laptop, through the real `fcdev` binary against a real `fcdev server --dev`
+//! (test process backend) on loopback: `logs`, `doctor`, `--json`, the local server's lifecycle.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{fcdev_bin, TestServer, TINY_TOML};
+use predicates::prelude::*;
+
+/// Reads a child's stdout lines on a thread.
+fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line containing `needle`; returns every line seen.
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let hit = line.contains(needle);
+                seen.push(line);
+                if hit {
+                    return seen;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    panic!("no line with `{needle}` within {within:?}; got {seen:?}");
+}
+
+/// An HTTP request to a test VM (it prints the request line on its console).
+fn poke_test_vm(server: &TestServer, vm: &str, path: &str) {
+    use std::io::{Read, Write};
+    let port_file = server
+        .data_dir()
+        .join(format!("vms/alice/dev/{vm}/vm.port"));
+    let port = std::fs::read_to_string(&port_file).expect("vm.port");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port.trim().parse::<u16>().unwrap()))
+        .expect("connect to the test VM");
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+}
+
+#[test]
+fn logs_show_the_console_follow_it_and_name_the_vms_there_are() {
+    let server = TestServer::start(&[("tiny", TINY_TOML)]);
+    server.login();
+    server.fcdev().arg("up").assert().success();
+
+    server
+        .fcdev()
+        .args(["logs", "n1"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("test VM n1 starting"))
+        .stdout(predicate::str::contains("test VM f1").not());
+    let one = server
+        .fcdev()
+        .args(["logs", "f1", "--lines", "1"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let one = String::from_utf8(one).unwrap();
+    assert_eq!(one.lines().count(), 1, "{one}");
+    assert!(one.contains("test VM f1"), "{one}");
+
+    // An unknown VM: exit 4, and the VMs there are.
+    server
+        .fcdev()
+        .args(["logs", "x9"])
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains("n1, f1, m1"));
+
+    // -f: what the console prints next arrives as it comes, and the stream ends with the cluster.
+    let mut follow = Command::new(fcdev_bin())
+        .args(["logs", "n1", "-f"])
+        .env("FCDEV_CONFIG_DIR", server.config_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut follow);
+    wait_for_line(&rx, "listening on", Duration::from_secs(10));
+    poke_test_vm(&server, "n1", "/first");
+    wait_for_line(&rx, "GET /first", Duration::from_secs(5));
+    poke_test_vm(&server, "n1", "/second");
+    wait_for_line(&rx, "GET /second", Duration::from_secs(5));
+    server.fcdev().args(["down", "--yes"]).assert().success();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = follow.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "logs -f still runs after the cluster was deleted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "logs -f: {status}");
+}
