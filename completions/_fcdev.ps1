@@ -96,6 +96,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--forward', '--forward', [CompletionResultType]::ParameterName, 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable')
             [CompletionResult]::new('--tun-name', '--tun-name', [CompletionResultType]::ParameterName, 'The TUN device''s name (TUN mode)')
             [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'This machine''s peer name (default: the host name)')
+            [CompletionResult]::new('--wg-config', '--wg-config', [CompletionResultType]::ParameterName, 'Write a wg-quick configuration for stock WireGuard clients to FILE (0600; stdout without FILE) instead of running the tunnel. It holds this machine''s private key (never sent to the server) and the same address as `fcdev tunnel`: use one or the other at a time. Calling it again gives the same key and address')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Status as JSON lines on stdout instead of a status line')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')

@@ -1372,7 +1372,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__tunnel)
-            opts="-L -v -h --mode --socks --forward --tun-name --name --json --profile --verbose --help"
+            opts="-L -v -h --mode --socks --forward --tun-name --name --json --wg-config --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1399,6 +1399,10 @@ _fcdev() {
                     return 0
                     ;;
                 --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wg-config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -88,6 +88,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --forward 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable'
             cand --tun-name 'The TUN device''s name (TUN mode)'
             cand --name 'This machine''s peer name (default: the host name)'
+            cand --wg-config 'Write a wg-quick configuration for stock WireGuard clients to FILE (0600; stdout without FILE) instead of running the tunnel. It holds this machine''s private key (never sent to the server) and the same address as `fcdev tunnel`: use one or the other at a time. Calling it again gives the same key and address'
             cand --profile 'The profile (server + token) to use'
             cand --json 'Status as JSON lines on stdout instead of a status line'
             cand -v 'More log output (repeat for more)'

@@ -72,6 +72,7 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l socks -d 'Where t
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s L -l forward -d 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l tun-name -d 'The TUN device\'s name (TUN mode)' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l name -d 'This machine\'s peer name (default: the host name)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l wg-config -d 'Write a wg-quick configuration for stock WireGuard clients to FILE (0600; stdout without FILE) instead of running the tunnel. It holds this machine\'s private key (never sent to the server) and the same address as `fcdev tunnel`: use one or the other at a time. Calling it again gives the same key and address' -r -F
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l json -d 'Status as JSON lines on stdout instead of a status line'
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s v -l verbose -d 'More log output (repeat for more)'

@@ -30,6 +30,11 @@ pub struct TunnelArgs {
     /// Status as JSON lines on stdout instead of a status line.
     #[arg(long)]
     pub json: bool,
+    /// Write a wg-quick configuration for stock WireGuard clients to FILE (0600; stdout without FILE) instead of
+    /// running the tunnel. It holds this machine's private key (never sent to the server) and the same address as
+    /// `fcdev tunnel`: use one or the other at a time. Calling it again gives the same key and address.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub wg_config: Option<std::path::PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -121,7 +126,34 @@ fn mode_name(m: Mode) -> &'static str {
     }
 }
 
+/// `--wg-config [FILE]`: register (idempotent) and write the wg-quick file.
+async fn write_wg_config(
+    ctx: &Context,
+    name: Option<&str>,
+    file: &std::path::Path,
+) -> Result<(), CliError> {
+    let (key, config) = register(ctx, name).await?;
+    let text = crate::tunnel::wg_quick::render(&key, &config, &ctx.profile_name);
+    if file == std::path::Path::new("-") {
+        print!("{text}");
+        return Ok(());
+    }
+    crate::config::write_private(file, &text, 0o600)?;
+    eprintln!(
+        "Wrote {} (0600): this machine is {} in namespace {}. Load it with `sudo wg-quick up {}` (the file name \
+         is the interface name: at most 15 characters before .conf) or import it into the WireGuard app.",
+        file.display(),
+        config.address,
+        config.namespace,
+        file.display()
+    );
+    Ok(())
+}
+
 pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
+    if let Some(file) = &args.wg_config {
+        return write_wg_config(&ctx, args.name.as_deref(), file).await;
+    }
     let (key, config) = register(&ctx, args.name.as_deref()).await?;
     let address = config.address.clone();
     let mut opts = ClientOptions::new(key, config.clone());

@@ -12,6 +12,7 @@ pub mod rootless;
 pub mod tun_dev;
 pub mod tun_mode;
 pub mod udp;
+pub mod wg_quick;
 
 pub use client::{Client, ClientOptions, ClientStats, Mode};
 pub use error::TunnelError;
