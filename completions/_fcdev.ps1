@@ -38,6 +38,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('hosts', 'hosts', [CompletionResultType]::ParameterValue, 'Print /etc/hosts lines for your VMs')
             [CompletionResult]::new('ssh', 'ssh', [CompletionResultType]::ParameterValue, 'Open an ssh session to a VM')
             [CompletionResult]::new('logs', 'logs', [CompletionResultType]::ParameterValue, 'Show a VM''s console log (-f follows it)')
+            [CompletionResult]::new('doctor', 'doctor', [CompletionResultType]::ParameterValue, 'Check this machine''s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh')
             [CompletionResult]::new('image', 'image', [CompletionResultType]::ParameterValue, 'Build or snapshot prepared images (host side)')
             [CompletionResult]::new('server', 'server', [CompletionResultType]::ParameterValue, 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Print a shell completion script')
@@ -158,6 +159,15 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('-f', '-f', [CompletionResultType]::ParameterName, 'Keep printing what the console prints next (Ctrl-C to stop)')
             [CompletionResult]::new('--follow', '--follow', [CompletionResultType]::ParameterName, 'Keep printing what the console prints next (Ctrl-C to stop)')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;doctor' {
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print the checks as JSON')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -390,6 +400,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('hosts', 'hosts', [CompletionResultType]::ParameterValue, 'Print /etc/hosts lines for your VMs')
             [CompletionResult]::new('ssh', 'ssh', [CompletionResultType]::ParameterValue, 'Open an ssh session to a VM')
             [CompletionResult]::new('logs', 'logs', [CompletionResultType]::ParameterValue, 'Show a VM''s console log (-f follows it)')
+            [CompletionResult]::new('doctor', 'doctor', [CompletionResultType]::ParameterValue, 'Check this machine''s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh')
             [CompletionResult]::new('image', 'image', [CompletionResultType]::ParameterValue, 'Build or snapshot prepared images (host side)')
             [CompletionResult]::new('server', 'server', [CompletionResultType]::ParameterValue, 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Print a shell completion script')
@@ -426,6 +437,9 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;help;logs' {
+            break
+        }
+        'fcdev;help;doctor' {
             break
         }
         'fcdev;help;image' {

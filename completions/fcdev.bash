@@ -25,6 +25,9 @@ _fcdev() {
             fcdev,completions)
                 cmd="fcdev__subcmd__completions"
                 ;;
+            fcdev,doctor)
+                cmd="fcdev__subcmd__doctor"
+                ;;
             fcdev,down)
                 cmd="fcdev__subcmd__down"
                 ;;
@@ -72,6 +75,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help,completions)
                 cmd="fcdev__subcmd__help__subcmd__completions"
+                ;;
+            fcdev__subcmd__help,doctor)
+                cmd="fcdev__subcmd__help__subcmd__doctor"
                 ;;
             fcdev__subcmd__help,down)
                 cmd="fcdev__subcmd__help__subcmd__down"
@@ -224,7 +230,7 @@ _fcdev() {
 
     case "${cmd}" in
         fcdev)
-            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down hosts ssh logs image server completions __socks-connect __test-vm help"
+            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -307,6 +313,24 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__doctor)
+            opts="-v -h --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__down)
             opts="-y -v -h --name --keep-peer --yes --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -330,7 +354,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help)
-            opts="login up status images tunnel reset down hosts ssh logs image server completions __socks-connect __test-vm help"
+            opts="login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -372,6 +396,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__completions)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__doctor)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

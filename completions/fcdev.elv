@@ -35,6 +35,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
             cand logs 'Show a VM''s console log (-f follows it)'
+            cand doctor 'Check this machine''s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
@@ -145,6 +146,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --profile 'The profile (server + token) to use'
             cand -f 'Keep printing what the console prints next (Ctrl-C to stop)'
             cand --follow 'Keep printing what the console prints next (Ctrl-C to stop)'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;doctor'= {
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print the checks as JSON'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -344,6 +353,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
             cand logs 'Show a VM''s console log (-f follows it)'
+            cand doctor 'Check this machine''s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
@@ -370,6 +380,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;ssh'= {
         }
         &'fcdev;help;logs'= {
+        }
+        &'fcdev;help;doctor'= {
         }
         &'fcdev;help;image'= {
             cand build 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'

@@ -119,3 +119,99 @@ fn logs_show_the_console_follow_it_and_name_the_vms_there_are() {
     };
     assert!(status.success(), "logs -f: {status}");
 }
+
+/// The verdict of one check in `fcdev doctor --json`.
+fn verdict(report: &serde_json::Value, check: &str) -> String {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["check"] == check)
+        .map(|c| c["verdict"].as_str().unwrap().to_string())
+        .find(|v| v != "ok")
+        .unwrap_or_else(|| "ok".into())
+}
+
+#[test]
+fn doctor_passes_on_a_good_setup_and_names_the_broken_piece() {
+    let mut server = TestServer::start(&[("tiny", TINY_TOML)]);
+    server.login();
+    server.fcdev().arg("up").assert().success();
+    // The tunnel key and its peer, as `fcdev tunnel` makes them.
+    let conf = server.dir.path().join("wg.conf");
+    server
+        .fcdev()
+        .args(["tunnel", "--wg-config"])
+        .arg(&conf)
+        .assert()
+        .success();
+
+    let good = server
+        .fcdev()
+        .arg("doctor")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let good = String::from_utf8(good).unwrap();
+    for line in ["server", "token", "version", "hub", "ssh"] {
+        assert!(
+            good.lines()
+                .any(|l| l.starts_with("ok") && l.contains(&format!(" {line} "))),
+            "no ok line for {line}:\n{good}"
+        );
+    }
+    assert!(good.contains("WireGuard handshake with the hub"), "{good}");
+    let report = common::json(
+        &server
+            .fcdev()
+            .args(["doctor", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(verdict(&report, "hub"), "ok", "{report}");
+
+    // A key file others can read.
+    let key = server.config_dir().join("keys/default.key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = server.fcdev().args(["doctor"]).assert().code(1);
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        stdout.contains(&format!("chmod 600 {}", key.display())),
+        "{stdout}"
+    );
+    assert!(stderr.contains("broken: keys"), "{stderr}");
+    let report = common::json(
+        &server
+            .fcdev()
+            .args(["doctor", "--json"])
+            .assert()
+            .code(1)
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(report["ok"], false);
+    assert_eq!(verdict(&report, "keys"), "fail", "{report}");
+    assert_eq!(verdict(&report, "server"), "ok", "{report}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // The server stopped.
+    server.kill();
+    let out = server.fcdev().args(["doctor"]).assert().code(1);
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("server")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("fix:"), "{stdout}");
+    assert!(stderr.contains("broken: server"), "{stderr}");
+}

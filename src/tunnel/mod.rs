@@ -8,6 +8,7 @@ pub mod keys;
 pub mod packet;
 pub mod peer;
 pub mod plan;
+pub mod probe;
 pub mod rootless;
 pub mod tun_dev;
 pub mod tun_mode;
