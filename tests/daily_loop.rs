@@ -53,7 +53,9 @@ fn poke_test_vm(server: &TestServer, vm: &str, path: &str) {
     let port = std::fs::read_to_string(&port_file).expect("vm.port");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port.trim().parse::<u16>().unwrap()))
         .expect("connect to the test VM");
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    // One write: the test VM answers after its first read.
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .expect("write to the test VM");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
 }
