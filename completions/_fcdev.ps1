@@ -242,6 +242,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             [CompletionResult]::new('user', 'user', [CompletionResultType]::ParameterValue, 'Manage engineers and their tokens')
+            [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -331,8 +332,19 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;server;user;help;help' {
             break
         }
+        'fcdev;server;stop' {
+            [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--local', '--local', [CompletionResultType]::ParameterName, 'The server of this machine (the only kind `stop` knows)')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'fcdev;server;help' {
             [CompletionResult]::new('user', 'user', [CompletionResultType]::ParameterValue, 'Manage engineers and their tokens')
+            [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -357,6 +369,9 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;server;help;user;list' {
+            break
+        }
+        'fcdev;server;help;stop' {
             break
         }
         'fcdev;server;help;help' {
@@ -455,6 +470,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         }
         'fcdev;help;server' {
             [CompletionResult]::new('user', 'user', [CompletionResultType]::ParameterValue, 'Manage engineers and their tokens')
+            [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start')
             break
         }
         'fcdev;help;server;user' {
@@ -478,6 +494,9 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;help;server;user;list' {
+            break
+        }
+        'fcdev;help;server;stop' {
             break
         }
         'fcdev;help;completions' {

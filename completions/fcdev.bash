@@ -124,6 +124,9 @@ _fcdev() {
             fcdev__subcmd__help__subcmd__image,snapshot)
                 cmd="fcdev__subcmd__help__subcmd__image__subcmd__snapshot"
                 ;;
+            fcdev__subcmd__help__subcmd__server,stop)
+                cmd="fcdev__subcmd__help__subcmd__server__subcmd__stop"
+                ;;
             fcdev__subcmd__help__subcmd__server,user)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user"
                 ;;
@@ -163,11 +166,17 @@ _fcdev() {
             fcdev__subcmd__server,help)
                 cmd="fcdev__subcmd__server__subcmd__help"
                 ;;
+            fcdev__subcmd__server,stop)
+                cmd="fcdev__subcmd__server__subcmd__stop"
+                ;;
             fcdev__subcmd__server,user)
                 cmd="fcdev__subcmd__server__subcmd__user"
                 ;;
             fcdev__subcmd__server__subcmd__help,help)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__help"
+                ;;
+            fcdev__subcmd__server__subcmd__help,stop)
+                cmd="fcdev__subcmd__server__subcmd__help__subcmd__stop"
                 ;;
             fcdev__subcmd__server__subcmd__help,user)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__user"
@@ -564,8 +573,22 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__server)
-            opts="user"
+            opts="user stop"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__server__subcmd__stop)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -958,7 +981,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server)
-            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --netns --user --profile --verbose --help user help"
+            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --netns --user --profile --verbose --help user stop help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1020,7 +1043,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__help)
-            opts="user help"
+            opts="user stop help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1034,6 +1057,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__help__subcmd__stop)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1124,6 +1161,28 @@ _fcdev() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__stop)
+            opts="-v -h --local --data-dir --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

@@ -220,6 +220,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help (see more with ''--help'')'
             cand --help 'Print help (see more with ''--help'')'
             cand user 'Manage engineers and their tokens'
+            cand stop 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'fcdev;server;user'= {
@@ -295,8 +296,18 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;help;help'= {
         }
+        &'fcdev;server;stop'= {
+            cand --data-dir 'data-dir'
+            cand --profile 'The profile (server + token) to use'
+            cand --local 'The server of this machine (the only kind `stop` knows)'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;server;help'= {
             cand user 'Manage engineers and their tokens'
+            cand stop 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'fcdev;server;help;user'= {
@@ -315,6 +326,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;help;user;remove'= {
         }
         &'fcdev;server;help;user;list'= {
+        }
+        &'fcdev;server;help;stop'= {
         }
         &'fcdev;server;help;help'= {
         }
@@ -393,6 +406,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;help;server'= {
             cand user 'Manage engineers and their tokens'
+            cand stop 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
         }
         &'fcdev;help;server;user'= {
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
@@ -410,6 +424,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;user;remove'= {
         }
         &'fcdev;help;server;user;list'= {
+        }
+        &'fcdev;help;server;stop'= {
         }
         &'fcdev;help;completions'= {
         }

@@ -133,24 +133,25 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subco
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l listen -d 'Where the API listens' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-listen -d 'Where the WireGuard hub listens (UDP). Port 0 picks a free one' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-endpoint -d 'The endpoint peers are told to send to (default: the hub\'s listen address)' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l hub-tun -d 'The hub\'s TUN device towards the VM bridges, or `none` to run the hub without one' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l data-dir -d 'State, images and VM folders (default: the user data dir, or FCDEV_DATA_DIR)' -r -F
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l images -d 'The image catalog (default: DATA_DIR/images)' -r -F
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l backend -d 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)' -r -f -a "qemu\t'Real VMs with qemu-system-x86_64'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l listen -d 'Where the API listens' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l hub-listen -d 'Where the WireGuard hub listens (UDP). Port 0 picks a free one' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l hub-endpoint -d 'The endpoint peers are told to send to (default: the hub\'s listen address)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l hub-tun -d 'The hub\'s TUN device towards the VM bridges, or `none` to run the hub without one' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l data-dir -d 'State, images and VM folders (default: the user data dir, or FCDEV_DATA_DIR)' -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l images -d 'The image catalog (default: DATA_DIR/images)' -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l backend -d 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)' -r -f -a "qemu\t'Real VMs with qemu-system-x86_64'
 process\t'Test backend: local processes serving HTTP on loopback. For tests only'"
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l accel -d 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l max-starts -d 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l netns -d 'Run VMs, bridges and the hub\'s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l user -d 'With --dev: the first engineer\'s name (default: your login name)' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l profile -d 'The profile (server + token) to use' -r
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -l dev -d 'The embedded default for one machine: API and hub on loopback, VMs in their own network namespace (`fcdev-dev`), and a fresh login token printed for the first engineer'
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -s v -l verbose -d 'More log output (repeat for more)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -f -a "user" -d 'Manage engineers and their tokens'
-complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l accel -d 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l max-starts -d 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l netns -d 'Run VMs, bridges and the hub\'s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l user -d 'With --dev: the first engineer\'s name (default: your login name)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l dev -d 'The embedded default for one machine: API and hub on loopback, VMs in their own network namespace (`fcdev-dev`), and a fresh login token printed for the first engineer'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -f -a "user" -d 'Manage engineers and their tokens'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -f -a "stop" -d 'Stop the server running on this machine\'s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -s h -l help -d 'Print help'
@@ -160,7 +161,13 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subc
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -f -a "remove" -d 'Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens'
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -f -a "list" -d 'List engineers'
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from user" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from stop" -l data-dir -r -F
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from stop" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from stop" -l local -d 'The server of this machine (the only kind `stop` knows)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from stop" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from stop" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from help" -f -a "user" -d 'Manage engineers and their tokens'
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from help" -f -a "stop" -d 'Stop the server running on this machine\'s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand completions" -s v -l verbose -d 'More log output (repeat for more)'
@@ -194,3 +201,4 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_su
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from server" -f -a "user" -d 'Manage engineers and their tokens'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from server" -f -a "stop" -d 'Stop the server running on this machine\'s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'

@@ -217,3 +217,55 @@ fn doctor_passes_on_a_good_setup_and_names_the_broken_piece() {
     assert!(stdout.contains("fix:"), "{stdout}");
     assert!(stderr.contains("broken: server"), "{stderr}");
 }
+
+#[test]
+fn local_server_stops_its_vms_run_on_and_status_says_whether_it_runs() {
+    let mut server = TestServer::start(&[("tiny", TINY_TOML)]);
+    server.login();
+    server.fcdev().arg("up").assert().success();
+    assert_eq!(server.vm_processes(), 3);
+    server
+        .fcdev()
+        .arg("status")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Local:     running (pid"));
+    let status = server.status_json();
+    assert_eq!(status["local_server"]["running"], true, "{status}");
+    assert!(status["local_server"]["pid"].is_i64(), "{status}");
+
+    server
+        .fcdev()
+        .args(["server", "stop", "--local"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("VMs keep running"));
+    assert!(
+        !server.data_dir().join("server.pid").exists(),
+        "the pid file outlived the server"
+    );
+    server
+        .fcdev()
+        .arg("status")
+        .assert()
+        .code(6)
+        .stdout(predicate::str::contains("Local server: none runs on"));
+    assert_eq!(
+        server.vm_processes(),
+        3,
+        "the VMs run on without the server"
+    );
+    // Stopping what is stopped is fine.
+    server
+        .fcdev()
+        .args(["server", "stop", "--local"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("No local fcdev server runs"));
+
+    // The next start re-adopts them: ready, none duplicated.
+    server.restart();
+    let status = server.status_json();
+    assert_eq!(status["clusters"][0]["state"], "ready", "{status}");
+    assert_eq!(server.vm_processes(), 3, "re-adopted, not started again");
+}

@@ -73,6 +73,15 @@ pub enum ServerCommand {
     /// Manage engineers and their tokens.
     #[command(subcommand)]
     User(UserCommand),
+    /// Stop the server running on this machine's data dir (the one `fcdev up --local` started). Its VMs keep
+    /// running and are re-adopted at the next start.
+    Stop {
+        /// The server of this machine (the only kind `stop` knows).
+        #[arg(long, required = true)]
+        local: bool,
+        #[arg(long, env = "FCDEV_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +167,7 @@ pub fn default_user_name() -> String {
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     match args.command {
         Some(ServerCommand::User(cmd)) => user(cmd),
+        Some(ServerCommand::Stop { data_dir: d, .. }) => local::stop(&data_dir(d)?),
         None => {
             let r = args.run;
             if let Some(user) = &r.user {
