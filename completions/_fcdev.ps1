@@ -192,6 +192,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('--no-ssh', '--no-ssh', [CompletionResultType]::ParameterName, 'Leave dropbear (ssh) out')
             [CompletionResult]::new('--force', '--force', [CompletionResultType]::ParameterName, 'Build even when the output holds an image of the same recipe')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print the result as JSON (progress stays on stderr)')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -202,6 +203,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--out', '--out', [CompletionResultType]::ParameterName, 'Image folder (default: <data dir>/images/NAME)')
             [CompletionResult]::new('--accel', '--accel', [CompletionResultType]::ParameterName, 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print the result as JSON (progress stays on stderr)')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -299,6 +301,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;server;user;list' {
             [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print JSON: `[{"name": …}]`')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')

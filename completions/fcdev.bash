@@ -777,7 +777,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__image__subcmd__build)
-            opts="-v -h --out --kernel-version --no-ssh --hook --force --profile --verbose --help"
+            opts="-v -h --out --kernel-version --no-ssh --hook --force --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -863,7 +863,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__image__subcmd__snapshot)
-            opts="-v -h --out --accel --profile --verbose --help"
+            opts="-v -h --out --accel --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1329,7 +1329,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__list)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

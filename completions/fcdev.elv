@@ -176,6 +176,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --profile 'The profile (server + token) to use'
             cand --no-ssh 'Leave dropbear (ssh) out'
             cand --force 'Build even when the output holds an image of the same recipe'
+            cand --json 'Print the result as JSON (progress stays on stderr)'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -185,6 +186,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --out 'Image folder (default: <data dir>/images/NAME)'
             cand --accel 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
             cand --profile 'The profile (server + token) to use'
+            cand --json 'Print the result as JSON (progress stays on stderr)'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -271,6 +273,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;user;list'= {
             cand --data-dir 'data-dir'
             cand --profile 'The profile (server + token) to use'
+            cand --json 'Print JSON: `[{"name": …}]`'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'

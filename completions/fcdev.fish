@@ -123,11 +123,13 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subco
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l no-ssh -d 'Leave dropbear (ssh) out'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l force -d 'Build even when the output holds an image of the same recipe'
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -l json -d 'Print the result as JSON (progress stays on stderr)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from build" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l out -d 'Image folder (default: <data dir>/images/NAME)' -r -F
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l accel -d 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -l json -d 'Print the result as JSON (progress stays on stderr)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from snapshot" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'

@@ -89,7 +89,10 @@ impl ApiClient {
                     .body(body.to_json());
             }
             match req.send().await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => {
+                    self.note_version(&resp);
+                    return Ok(resp);
+                }
                 Err(e) if e.is_connect() && attempt < 3 => {
                     attempt += 1;
                     tokio::time::sleep(delay).await;
@@ -101,6 +104,22 @@ impl ApiClient {
                         reason: root_cause(&e),
                     })
                 }
+            }
+        }
+    }
+
+    /// Says once per process when the server runs another minor version than this client.
+    fn note_version(&self, resp: &reqwest::Response) {
+        let Some(server) = resp
+            .headers()
+            .get(api::VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        if let Some(warning) = skew_warning(env!("CARGO_PKG_VERSION"), server, &self.base) {
+            if !VERSION_NOTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!("{warning}");
             }
         }
     }
@@ -219,6 +238,24 @@ impl ApiClient {
     }
 }
 
+/// Set once the version skew was reported (or is reported elsewhere, as by `fcdev doctor`).
+static VERSION_NOTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keep the version-skew warning for this process to oneself (a command that reports it its own way).
+pub fn quiet_version_warning() {
+    VERSION_NOTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The warning for a server of another major or minor version, if it is one.
+pub fn skew_warning(ours: &str, server: &str, url: &str) -> Option<String> {
+    (api::minor_version(ours) != api::minor_version(server)).then(|| {
+        format!(
+            "warning: this fcdev is {ours} and the server at {url} runs {server}: another version of the API may \
+             differ; install fcdev {server} here (`fcdev doctor` checks the setup)"
+        )
+    })
+}
+
 fn root_cause(e: &dyn std::error::Error) -> String {
     let mut cause = e;
     while let Some(next) = cause.source() {
@@ -236,5 +273,16 @@ mod erased {
         fn to_json(&self) -> Vec<u8> {
             serde_json::to_vec(self).unwrap_or_default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn skew_is_another_minor_or_major_version() {
+        assert!(super::skew_warning("0.1.0", "0.1.7", "u").is_none());
+        let w = super::skew_warning("0.1.0", "0.2.0", "http://h:7070").unwrap();
+        assert!(w.contains("0.2.0") && w.contains("http://h:7070"), "{w}");
+        assert!(super::skew_warning("1.1.0", "0.1.0", "u").is_some());
     }
 }

@@ -269,3 +269,52 @@ fn local_server_stops_its_vms_run_on_and_status_says_whether_it_runs() {
     assert_eq!(status["clusters"][0]["state"], "ready", "{status}");
     assert_eq!(server.vm_processes(), 3, "re-adopted, not started again");
 }
+
+#[test]
+fn every_response_names_the_server_version_and_listings_speak_json() {
+    let server = TestServer::start(&[("tiny", TINY_TOML)]);
+    server.login();
+    let version = env!("CARGO_PKG_VERSION");
+    for (path, headers, status) in [
+        ("/v1/health", vec![], 200),
+        ("/v1/me", vec![], 401),
+        ("/nowhere", vec![], 404),
+    ] {
+        let r = common::raw_request(&server.url, "GET", path, &headers, Vec::new());
+        assert_eq!(r.status, status, "{path}: {}", r.head);
+        assert_eq!(
+            r.header("fcdev-version"),
+            Some(version),
+            "{path}: {}",
+            r.head
+        );
+    }
+    // Same version: not a word about it.
+    server
+        .fcdev()
+        .arg("status")
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("warning").not());
+
+    let users = common::json(
+        &server
+            .fcdev()
+            .args(["server", "user", "list", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(users, serde_json::json!([{ "name": "alice" }]));
+    let images = common::json(
+        &server
+            .fcdev()
+            .args(["images", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(images[0]["name"], "tiny", "{images}");
+}

@@ -62,17 +62,11 @@ struct Report<'a> {
     checks: &'a [Check],
 }
 
-/// `major.minor` of a version string.
-fn minor_of(version: &str) -> (&str, &str) {
-    let mut parts = version.split('.');
-    (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
-}
-
 /// The version check: another major version is broken, another minor one a warning.
 pub fn version_check(server: &str) -> Check {
     let ours = env!("CARGO_PKG_VERSION");
-    let (smaj, smin) = minor_of(server);
-    let (omaj, omin) = minor_of(ours);
+    let (smaj, smin) = api::minor_version(server);
+    let (omaj, omin) = api::minor_version(ours);
     if smaj != omaj {
         check(
             "version",
@@ -375,6 +369,8 @@ async fn run_checks(ctx: &Context) -> Vec<Check> {
 }
 
 pub async fn run(args: DoctorArgs, ctx: Context) -> Result<(), CliError> {
+    // The version check reports skew itself.
+    crate::client::quiet_version_warning();
     let checks = run_checks(&ctx).await;
     let broken: Vec<&str> = checks
         .iter()
@@ -423,7 +419,7 @@ mod tests {
     fn version_skew_levels() {
         let ours = env!("CARGO_PKG_VERSION");
         assert_eq!(version_check(ours).verdict, Verdict::Ok);
-        let (maj, min) = minor_of(ours);
+        let (maj, min) = api::minor_version(ours);
         let other_minor = format!("{maj}.{}.0", min.parse::<u32>().unwrap() + 1);
         assert_eq!(version_check(&other_minor).verdict, Verdict::Warn);
         let other_major = format!("{}.0.0", maj.parse::<u32>().unwrap() + 1);

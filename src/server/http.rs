@@ -285,7 +285,17 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer(axum::middleware::map_response(version_header))
         .with_state(state)
+}
+
+/// Every response says which fcdev answered, so a client of another minor version can say so.
+async fn version_header(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        api::VERSION_HEADER,
+        axum::http::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
+    resp
 }
 
 async fn health(State(state): State<AppState>) -> Json<api::Health> {

@@ -115,6 +115,9 @@ pub enum UserCommand {
     List {
         #[arg(long, env = "FCDEV_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Print JSON: `[{"name": …}]`.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -281,9 +284,18 @@ fn user(cmd: UserCommand) -> anyhow::Result<()> {
             Ok(())
         }
         UserCommand::Remove { name, data_dir: d } => remove_user(&data_dir(d)?, &name),
-        UserCommand::List { data_dir: d } => {
+        UserCommand::List { data_dir: d, json } => {
             let store = open_store(&data_dir(d)?)?;
-            for u in store.list_users()? {
+            let users = store.list_users()?;
+            if json {
+                let list: Vec<serde_json::Value> = users
+                    .iter()
+                    .map(|u| serde_json::json!({ "name": u.name }))
+                    .collect();
+                crate::cli::output::print_json(&list);
+                return Ok(());
+            }
+            for u in users {
                 println!("{}", u.name);
             }
             Ok(())
