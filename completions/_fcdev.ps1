@@ -93,6 +93,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;tunnel' {
             [CompletionResult]::new('--mode', '--mode', [CompletionResultType]::ParameterName, 'tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto')
             [CompletionResult]::new('--socks', '--socks', [CompletionResultType]::ParameterName, 'Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself')
+            [CompletionResult]::new('--http', '--http', [CompletionResultType]::ParameterName, 'Also run an HTTP proxy here (proxy mode; implies it under `--mode auto`): CONNECT and plain http:// requests, names resolved like the SOCKS5 proxy''s, e.g. `HTTPS_PROXY=http://127.0.0.1:8888`')
             [CompletionResult]::new('-L', '-L ', [CompletionResultType]::ParameterName, 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable')
             [CompletionResult]::new('--forward', '--forward', [CompletionResultType]::ParameterName, 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable')
             [CompletionResult]::new('--tun-name', '--tun-name', [CompletionResultType]::ParameterName, 'The TUN device''s name (TUN mode)')

@@ -1469,7 +1469,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__tunnel)
-            opts="-L -v -h --mode --socks --forward --tun-name --name --json --wg-config --profile --verbose --help"
+            opts="-L -v -h --mode --socks --http --forward --tun-name --name --json --wg-config --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1480,6 +1480,10 @@ _fcdev() {
                     return 0
                     ;;
                 --socks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --http)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

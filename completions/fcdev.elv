@@ -85,6 +85,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;tunnel'= {
             cand --mode 'tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto'
             cand --socks 'Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself'
+            cand --http 'Also run an HTTP proxy here (proxy mode; implies it under `--mode auto`): CONNECT and plain http:// requests, names resolved like the SOCKS5 proxy''s, e.g. `HTTPS_PROXY=http://127.0.0.1:8888`'
             cand -L 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable'
             cand --forward 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable'
             cand --tun-name 'The TUN device''s name (TUN mode)'

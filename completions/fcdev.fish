@@ -70,6 +70,7 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand images" -s v -l verbose -d '
 complete -c fcdev -n "__fish_fcdev_using_subcommand images" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l mode -d 'tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l socks -d 'Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l http -d 'Also run an HTTP proxy here (proxy mode; implies it under `--mode auto`): CONNECT and plain http:// requests, names resolved like the SOCKS5 proxy\'s, e.g. `HTTPS_PROXY=http://127.0.0.1:8888`' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -s L -l forward -d 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l tun-name -d 'The TUN device\'s name (TUN mode)' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand tunnel" -l name -d 'This machine\'s peer name (default: the host name)' -r

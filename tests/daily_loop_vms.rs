@@ -1,7 +1,7 @@
 //! The engineer's daily loop against real VMs: `fcdev server` (qemu backend, the tiny image's onboarding
 //! snapshot, the hub with its TUN) in a `host` network namespace, a laptop in its own namespace on a LAN bridge.
 //! `fcdev logs` shows a real console; `fcdev tunnel --wg-config` loaded by Debian's wireguard-go + `wg setconf`
-//! (on the file stripped by `wg-quick strip`) reaches n1.
+//! (on the file stripped by `wg-quick strip`) reaches n1; the rootless tunnel's HTTP proxy reaches f1 and m1.
 //!
 //! Needs root, /dev/net/tun, qemu-system-x86, linux-image-cloud-amd64, busybox-static, wireguard-go and
 //! wireguard-tools: a missing piece fails the test with a message, it never skips. Every packet stays inside
@@ -29,7 +29,7 @@ fn require_wireguard_tools() {
 }
 
 #[test]
-fn logs_and_a_stock_wireguard_config_against_real_vms() {
+fn logs_stock_wireguard_and_the_http_proxy_reach_real_vms() {
     require_root_and_tun();
     require_vm_tools();
     require_wireguard_tools();
@@ -100,7 +100,7 @@ fn logs_and_a_stock_wireguard_config_against_real_vms() {
     assert!(!stripped.contains("Address"), "{stripped}");
     let stripped_file = tmp.path().join("stripped.conf");
     std::fs::write(&stripped_file, &stripped).unwrap();
-    let _wireguard_go = Proc(
+    let wireguard_go = Proc(
         std::process::Command::new("ip")
             .args(["netns", "exec", &alice.ns, "wireguard-go", "-f", "wgfc0"])
             .stdout(std::process::Stdio::null())
@@ -133,8 +133,36 @@ fn logs_and_a_stock_wireguard_config_against_real_vms() {
     let page = alice.curl(&format!("http://{n1}/"));
     assert!(
         page.as_deref().is_some_and(|p| p.contains("vm n1")),
-        "n1 through wireguard-go: {page:?}"
+        "n1 through wireguard-go: {page:?}\n{}\n{}",
+        String::from_utf8_lossy(&nss.sh("dlaptop", "wg show wgfc0; ip addr; ip route").stdout),
+        alice.ok(&["status", "--json"])
     );
+    // One key is one endpoint at the hub: stock WireGuard stops before fcdev's own tunnel starts.
+    drop(wireguard_go);
+
+    // The rootless tunnel's HTTP proxy: plain requests and CONNECT, names resolved by the proxy.
+    let tunnel = alice.tunnel(&["--mode", "proxy", "--http", "127.0.0.1:8888"]);
+    let page = alice.curl("-x http://127.0.0.1:8888 http://f1.alice.fcdev/");
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("vm f1")),
+        "f1 through the HTTP proxy: {page:?}"
+    );
+    let page = alice.curl("--proxytunnel -x http://127.0.0.1:8888 http://m1.alice.fcdev/");
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("vm m1")),
+        "m1 through CONNECT: {page:?}"
+    );
+    let unknown = nss.sh(
+        "dlaptop",
+        "curl -s --max-time 5 -w '%{http_code}' -x http://127.0.0.1:8888 http://x9.alice.fcdev/",
+    );
+    let unknown = String::from_utf8_lossy(&unknown.stdout).to_string();
+    assert!(
+        unknown.contains("unknown host `x9.alice.fcdev`") && unknown.ends_with("502"),
+        "{unknown}"
+    );
+    drop(tunnel);
+
     alice.ok(&["down", "--yes"]);
     drop(server);
 }

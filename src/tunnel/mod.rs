@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod error;
+pub mod http_proxy;
 pub mod hub;
 pub mod keys;
 pub mod packet;

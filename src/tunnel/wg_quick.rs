@@ -28,7 +28,8 @@ pub fn render(key: &PrivateKey, cfg: &PeerConfig, profile: &str) -> String {
     );
     s.push_str(
         "# The private key is this machine's fcdev key (keys/<profile>.key): do not run `fcdev tunnel` at the same\n\
-         # time. Keep this file private (0600). The VMs (add them to /etc/hosts to use the names):\n",
+         # time (and after it, give the hub ~30 s before this client's first handshake is accepted).\n\
+         # Keep this file private (0600). The VMs (add them to /etc/hosts to use the names):\n",
     );
     for h in &cfg.hosts {
         let _ = writeln!(s, "#   {}  {}", h.address, h.name);
