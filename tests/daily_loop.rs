@@ -318,3 +318,40 @@ fn every_response_names_the_server_version_and_listings_speak_json() {
     );
     assert_eq!(images[0]["name"], "tiny", "{images}");
 }
+
+#[test]
+fn followed_logs_count_against_the_engineers_stream_limit() {
+    let server = TestServer::start(&[("tiny", TINY_TOML)]);
+    server.login();
+    server.fcdev().arg("up").assert().success();
+    let path = "/v1/clusters/dev/vms/n1/console?follow=true";
+    let mut open = Vec::new();
+    for i in 0..16 {
+        let (status, s) = common::open_stream(&server.url, path, &server.token);
+        assert_eq!(status, 200, "stream {}", i + 1);
+        open.push(s);
+    }
+    let r = common::raw_request(
+        &server.url,
+        "GET",
+        path,
+        &[&format!("Authorization: Bearer {}", server.token)],
+        Vec::new(),
+    );
+    assert_eq!(r.status, 429, "{}", r.head);
+    assert_eq!(r.error_code(), "too_many_streams");
+    // A plain tail is not a stream.
+    server.fcdev().args(["logs", "n1"]).assert().success();
+    // A client that goes away frees its stream.
+    drop(open.pop());
+    let freed = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        let (status, s) = common::open_stream(&server.url, path, &server.token);
+        let ok = status == 200;
+        if ok {
+            open.push(s);
+        }
+        ok
+    });
+    assert!(freed, "a closed follow never freed its stream");
+}
