@@ -127,6 +127,14 @@ pss_of() {  # cluster name -> total PSS in KiB of its qemu processes
   done
   echo "$total"
 }
+tb_of() {  # cluster name -> PSS in KiB of TCG's translation caches (qemu's one anonymous mapping of >= 1 GiB)
+  local total=0 pid
+  for pid in $(pgrep -f "qemu-system.*$T/data/vms/bench/$1/"); do
+    total=$((total + $(awk '/^[0-9a-f]+-[0-9a-f]+ / {anon = (NF == 5)} /^Size:/ {big = ($2 >= 1000000)}
+      /^Pss:/ {if (anon && big) s += $2} END {print s + 0}' "/proc/$pid/smaps")))
+  done
+  echo "$total"
+}
 in_ns "$BIN" up --image "$IMAGE" --name bench --json >/dev/null
 sleep 5
 PSS=$(pss_of bench)
@@ -134,6 +142,7 @@ in_ns "$BIN" up --image "$IMAGE" --name bench2 --json >/dev/null
 in_ns "$BIN" up --image "$IMAGE" --name bench3 --json >/dev/null
 sleep 5
 PSS3=$(( $(pss_of bench) + $(pss_of bench2) + $(pss_of bench3) ))
+TB3=$(( $(tb_of bench) + $(tb_of bench2) + $(tb_of bench3) ))
 in_ns "$BIN" down --name bench2 --yes >/dev/null
 in_ns "$BIN" down --name bench3 --yes >/dev/null
 RESETS=$(for i in $(seq "$RUNS"); do
@@ -146,4 +155,5 @@ printf '%-44s %8s x\n' "snapshot speed-up (cold / snapshot)" "$(awk -v c="$COLD"
 printf '%-44s %8s s\n' "fcdev reset" "$RESETS"
 printf '%-44s %8s MB\n' "idle PSS per VM (restored, one cluster)" "$((PSS / NVMS / 1024))"
 printf '%-44s %8s MB\n' "idle PSS per VM (restored, three clusters)" "$((PSS3 / NVMS / 3 / 1024))"
+[ "$ACCEL" != tcg ] || printf '%-44s %8s MB\n' "  of which TCG's translation cache" "$((TB3 / NVMS / 3 / 1024))"
 [ -z "${BUILD_S:-}" ] || printf '%-44s %8s s\n' "fcdev image build press (cached: same recipe)" "$(awk -v m="$BUILD_S" 'BEGIN {printf "%.1f", m / 1000}')"

@@ -34,7 +34,11 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('images', 'images', [CompletionResultType]::ParameterValue, 'List the prepared images of the server')
             [CompletionResult]::new('tunnel', 'tunnel', [CompletionResultType]::ParameterValue, 'Join your namespace''s network from this machine (userspace WireGuard)')
             [CompletionResult]::new('reset', 'reset', [CompletionResultType]::ParameterValue, 'Put a cluster back to its onboarding snapshot')
-            [CompletionResult]::new('down', 'down', [CompletionResultType]::ParameterValue, 'Delete a cluster: VMs, disks and this machine''s tunnel peer')
+            [CompletionResult]::new('exec', 'exec', [CompletionResultType]::ParameterValue, 'Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code')
+            [CompletionResult]::new('down', 'down', [CompletionResultType]::ParameterValue, 'Delete a cluster: VMs, disks, its snapshots and this machine''s tunnel peer')
+            [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Save the cluster to disk and end its VMs (memory, processes and disks kept; the host''s RAM freed)')
+            [CompletionResult]::new('start', 'start', [CompletionResultType]::ParameterValue, 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)')
+            [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Named snapshots of a cluster: save, restore, list, rm')
             [CompletionResult]::new('hosts', 'hosts', [CompletionResultType]::ParameterValue, 'Print /etc/hosts lines for your VMs')
             [CompletionResult]::new('ssh', 'ssh', [CompletionResultType]::ParameterValue, 'Open an ssh session to a VM')
             [CompletionResult]::new('logs', 'logs', [CompletionResultType]::ParameterValue, 'Show a VM''s console log (-f follows it)')
@@ -119,6 +123,15 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
         }
+        'fcdev;exec' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The cluster (default: the profile''s cluster)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'fcdev;down' {
             [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The cluster (default: the profile''s cluster)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
@@ -130,6 +143,104 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;stop' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The cluster (default: the profile''s cluster)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print the cluster as JSON')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;start' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The cluster (default: the profile''s cluster)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print the cluster as JSON')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;snapshot' {
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('save', 'save', [CompletionResultType]::ParameterValue, 'Save the whole cluster as it is now: every VM''s memory, processes and disk (taken together)')
+            [CompletionResult]::new('restore', 'restore', [CompletionResultType]::ParameterValue, 'Bring the whole cluster back to a snapshot (what happened since is lost)')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the cluster''s snapshots: name, when, size on disk, image')
+            [CompletionResult]::new('rm', 'rm', [CompletionResultType]::ParameterValue, 'Remove a snapshot')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'fcdev;snapshot;save' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The cluster (default: the profile''s cluster)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print the result as JSON')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;snapshot;restore' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The cluster (default: the profile''s cluster)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-y', '-y', [CompletionResultType]::ParameterName, 'Do not ask for confirmation')
+            [CompletionResult]::new('--yes', '--yes', [CompletionResultType]::ParameterName, 'Do not ask for confirmation')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print the cluster as JSON')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;snapshot;list' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The cluster (default: the profile''s cluster)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print JSON')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;snapshot;rm' {
+            [CompletionResult]::new('--name', '--name', [CompletionResultType]::ParameterName, 'The cluster (default: the profile''s cluster)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print the result as JSON')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;snapshot;help' {
+            [CompletionResult]::new('save', 'save', [CompletionResultType]::ParameterValue, 'Save the whole cluster as it is now: every VM''s memory, processes and disk (taken together)')
+            [CompletionResult]::new('restore', 'restore', [CompletionResultType]::ParameterValue, 'Bring the whole cluster back to a snapshot (what happened since is lost)')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the cluster''s snapshots: name, when, size on disk, image')
+            [CompletionResult]::new('rm', 'rm', [CompletionResultType]::ParameterValue, 'Remove a snapshot')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'fcdev;snapshot;help;save' {
+            break
+        }
+        'fcdev;snapshot;help;restore' {
+            break
+        }
+        'fcdev;snapshot;help;list' {
+            break
+        }
+        'fcdev;snapshot;help;rm' {
+            break
+        }
+        'fcdev;snapshot;help;help' {
             break
         }
         'fcdev;hosts' {
@@ -236,6 +347,8 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)')
             [CompletionResult]::new('--accel', '--accel', [CompletionResultType]::ParameterName, 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg')
             [CompletionResult]::new('--max-starts', '--max-starts', [CompletionResultType]::ParameterName, 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8')
+            [CompletionResult]::new('--snapshot-quota', '--snapshot-quota', [CompletionResultType]::ParameterName, 'Disk that one engineer''s named snapshots may take (`fcdev snapshot save`), e.g. `20G`, `512M`; `0`: no limit. A save that would go over is refused with the snapshots to remove')
+            [CompletionResult]::new('--idle-stop', '--idle-stop', [CompletionResultType]::ParameterName, 'Stop (`fcdev stop`) a ready cluster left alone this long: no state change and no tunnel handshake of its engineer, e.g. `8h`, `30m`; `0`: never (the default). `fcdev start` or `up` resumes it')
             [CompletionResult]::new('--netns', '--netns', [CompletionResultType]::ParameterName, 'Run VMs, bridges and the hub''s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none')
             [CompletionResult]::new('--user', '--user', [CompletionResultType]::ParameterName, 'With --dev: the first engineer''s name (default: your login name)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
@@ -415,7 +528,11 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('images', 'images', [CompletionResultType]::ParameterValue, 'List the prepared images of the server')
             [CompletionResult]::new('tunnel', 'tunnel', [CompletionResultType]::ParameterValue, 'Join your namespace''s network from this machine (userspace WireGuard)')
             [CompletionResult]::new('reset', 'reset', [CompletionResultType]::ParameterValue, 'Put a cluster back to its onboarding snapshot')
-            [CompletionResult]::new('down', 'down', [CompletionResultType]::ParameterValue, 'Delete a cluster: VMs, disks and this machine''s tunnel peer')
+            [CompletionResult]::new('exec', 'exec', [CompletionResultType]::ParameterValue, 'Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code')
+            [CompletionResult]::new('down', 'down', [CompletionResultType]::ParameterValue, 'Delete a cluster: VMs, disks, its snapshots and this machine''s tunnel peer')
+            [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Save the cluster to disk and end its VMs (memory, processes and disks kept; the host''s RAM freed)')
+            [CompletionResult]::new('start', 'start', [CompletionResultType]::ParameterValue, 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)')
+            [CompletionResult]::new('snapshot', 'snapshot', [CompletionResultType]::ParameterValue, 'Named snapshots of a cluster: save, restore, list, rm')
             [CompletionResult]::new('hosts', 'hosts', [CompletionResultType]::ParameterValue, 'Print /etc/hosts lines for your VMs')
             [CompletionResult]::new('ssh', 'ssh', [CompletionResultType]::ParameterValue, 'Open an ssh session to a VM')
             [CompletionResult]::new('logs', 'logs', [CompletionResultType]::ParameterValue, 'Show a VM''s console log (-f follows it)')
@@ -446,7 +563,35 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;help;reset' {
             break
         }
+        'fcdev;help;exec' {
+            break
+        }
         'fcdev;help;down' {
+            break
+        }
+        'fcdev;help;stop' {
+            break
+        }
+        'fcdev;help;start' {
+            break
+        }
+        'fcdev;help;snapshot' {
+            [CompletionResult]::new('save', 'save', [CompletionResultType]::ParameterValue, 'Save the whole cluster as it is now: every VM''s memory, processes and disk (taken together)')
+            [CompletionResult]::new('restore', 'restore', [CompletionResultType]::ParameterValue, 'Bring the whole cluster back to a snapshot (what happened since is lost)')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the cluster''s snapshots: name, when, size on disk, image')
+            [CompletionResult]::new('rm', 'rm', [CompletionResultType]::ParameterValue, 'Remove a snapshot')
+            break
+        }
+        'fcdev;help;snapshot;save' {
+            break
+        }
+        'fcdev;help;snapshot;restore' {
+            break
+        }
+        'fcdev;help;snapshot;list' {
+            break
+        }
+        'fcdev;help;snapshot;rm' {
             break
         }
         'fcdev;help;hosts' {

@@ -31,6 +31,9 @@ _fcdev() {
             fcdev,down)
                 cmd="fcdev__subcmd__down"
                 ;;
+            fcdev,exec)
+                cmd="fcdev__subcmd__exec"
+                ;;
             fcdev,help)
                 cmd="fcdev__subcmd__help"
                 ;;
@@ -55,11 +58,20 @@ _fcdev() {
             fcdev,server)
                 cmd="fcdev__subcmd__server"
                 ;;
+            fcdev,snapshot)
+                cmd="fcdev__subcmd__snapshot"
+                ;;
             fcdev,ssh)
                 cmd="fcdev__subcmd__ssh"
                 ;;
+            fcdev,start)
+                cmd="fcdev__subcmd__start"
+                ;;
             fcdev,status)
                 cmd="fcdev__subcmd__status"
+                ;;
+            fcdev,stop)
+                cmd="fcdev__subcmd__stop"
                 ;;
             fcdev,tunnel)
                 cmd="fcdev__subcmd__tunnel"
@@ -81,6 +93,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help,down)
                 cmd="fcdev__subcmd__help__subcmd__down"
+                ;;
+            fcdev__subcmd__help,exec)
+                cmd="fcdev__subcmd__help__subcmd__exec"
                 ;;
             fcdev__subcmd__help,help)
                 cmd="fcdev__subcmd__help__subcmd__help"
@@ -106,11 +121,20 @@ _fcdev() {
             fcdev__subcmd__help,server)
                 cmd="fcdev__subcmd__help__subcmd__server"
                 ;;
+            fcdev__subcmd__help,snapshot)
+                cmd="fcdev__subcmd__help__subcmd__snapshot"
+                ;;
             fcdev__subcmd__help,ssh)
                 cmd="fcdev__subcmd__help__subcmd__ssh"
                 ;;
+            fcdev__subcmd__help,start)
+                cmd="fcdev__subcmd__help__subcmd__start"
+                ;;
             fcdev__subcmd__help,status)
                 cmd="fcdev__subcmd__help__subcmd__status"
+                ;;
+            fcdev__subcmd__help,stop)
+                cmd="fcdev__subcmd__help__subcmd__stop"
                 ;;
             fcdev__subcmd__help,tunnel)
                 cmd="fcdev__subcmd__help__subcmd__tunnel"
@@ -144,6 +168,18 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help__subcmd__server__subcmd__user,token)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user__subcmd__token"
+                ;;
+            fcdev__subcmd__help__subcmd__snapshot,list)
+                cmd="fcdev__subcmd__help__subcmd__snapshot__subcmd__list"
+                ;;
+            fcdev__subcmd__help__subcmd__snapshot,restore)
+                cmd="fcdev__subcmd__help__subcmd__snapshot__subcmd__restore"
+                ;;
+            fcdev__subcmd__help__subcmd__snapshot,rm)
+                cmd="fcdev__subcmd__help__subcmd__snapshot__subcmd__rm"
+                ;;
+            fcdev__subcmd__help__subcmd__snapshot,save)
+                cmd="fcdev__subcmd__help__subcmd__snapshot__subcmd__save"
                 ;;
             fcdev__subcmd__image,build)
                 cmd="fcdev__subcmd__image__subcmd__build"
@@ -232,6 +268,36 @@ _fcdev() {
             fcdev__subcmd__server__subcmd__user__subcmd__help,token)
                 cmd="fcdev__subcmd__server__subcmd__user__subcmd__help__subcmd__token"
                 ;;
+            fcdev__subcmd__snapshot,help)
+                cmd="fcdev__subcmd__snapshot__subcmd__help"
+                ;;
+            fcdev__subcmd__snapshot,list)
+                cmd="fcdev__subcmd__snapshot__subcmd__list"
+                ;;
+            fcdev__subcmd__snapshot,restore)
+                cmd="fcdev__subcmd__snapshot__subcmd__restore"
+                ;;
+            fcdev__subcmd__snapshot,rm)
+                cmd="fcdev__subcmd__snapshot__subcmd__rm"
+                ;;
+            fcdev__subcmd__snapshot,save)
+                cmd="fcdev__subcmd__snapshot__subcmd__save"
+                ;;
+            fcdev__subcmd__snapshot__subcmd__help,help)
+                cmd="fcdev__subcmd__snapshot__subcmd__help__subcmd__help"
+                ;;
+            fcdev__subcmd__snapshot__subcmd__help,list)
+                cmd="fcdev__subcmd__snapshot__subcmd__help__subcmd__list"
+                ;;
+            fcdev__subcmd__snapshot__subcmd__help,restore)
+                cmd="fcdev__subcmd__snapshot__subcmd__help__subcmd__restore"
+                ;;
+            fcdev__subcmd__snapshot__subcmd__help,rm)
+                cmd="fcdev__subcmd__snapshot__subcmd__help__subcmd__rm"
+                ;;
+            fcdev__subcmd__snapshot__subcmd__help,save)
+                cmd="fcdev__subcmd__snapshot__subcmd__help__subcmd__save"
+                ;;
             *)
                 ;;
         esac
@@ -239,7 +305,7 @@ _fcdev() {
 
     case "${cmd}" in
         fcdev)
-            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help"
+            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -362,8 +428,30 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__exec)
+            opts="-v -h --name --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__help)
-            opts="login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help"
+            opts="login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -433,6 +521,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__down)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__exec)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -684,6 +786,76 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__help__subcmd__snapshot)
+            opts="save restore list rm"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__snapshot__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__snapshot__subcmd__restore)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__snapshot__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__snapshot__subcmd__save)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__help__subcmd__ssh)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -698,7 +870,35 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__help__subcmd__start)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__stop)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -981,7 +1181,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server)
-            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --netns --user --profile --verbose --help user stop help"
+            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --profile --verbose --help user stop help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1020,6 +1220,14 @@ _fcdev() {
                     return 0
                     ;;
                 --max-starts)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --snapshot-quota)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --idle-stop)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1416,6 +1624,196 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__snapshot)
+            opts="-v -h --profile --verbose --help save restore list rm help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__help)
+            opts="save restore list rm help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__help__subcmd__restore)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__help__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__help__subcmd__save)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__list)
+            opts="-v -h --name --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__restore)
+            opts="-y -v -h --name --yes --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__rm)
+            opts="-v -h --name --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__snapshot__subcmd__save)
+            opts="-v -h --name --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__ssh)
             opts="-u -v -h --name --user --socks --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -1450,6 +1848,28 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__start)
+            opts="-v -h --name --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__status)
             opts="-v -h --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -1457,6 +1877,28 @@ _fcdev() {
                 return 0
             fi
             case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__stop)
+            opts="-v -h --name --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --profile)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

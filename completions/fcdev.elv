@@ -31,7 +31,11 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand images 'List the prepared images of the server'
             cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
             cand reset 'Put a cluster back to its onboarding snapshot'
-            cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
+            cand exec 'Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code'
+            cand down 'Delete a cluster: VMs, disks, its snapshots and this machine''s tunnel peer'
+            cand stop 'Save the cluster to disk and end its VMs (memory, processes and disks kept; the host''s RAM freed)'
+            cand start 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)'
+            cand snapshot 'Named snapshots of a cluster: save, restore, list, rm'
             cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
             cand logs 'Show a VM''s console log (-f follows it)'
@@ -109,6 +113,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'fcdev;exec'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;down'= {
             cand --name 'The cluster (default: the profile''s cluster)'
             cand --profile 'The profile (server + token) to use'
@@ -120,6 +132,91 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
             cand --help 'Print help'
+        }
+        &'fcdev;stop'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print the cluster as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;start'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print the cluster as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;snapshot'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand save 'Save the whole cluster as it is now: every VM''s memory, processes and disk (taken together)'
+            cand restore 'Bring the whole cluster back to a snapshot (what happened since is lost)'
+            cand list 'List the cluster''s snapshots: name, when, size on disk, image'
+            cand rm 'Remove a snapshot'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;snapshot;save'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print the result as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;snapshot;restore'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
+            cand -y 'Do not ask for confirmation'
+            cand --yes 'Do not ask for confirmation'
+            cand --json 'Print the cluster as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;snapshot;list'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;snapshot;rm'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print the result as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;snapshot;help'= {
+            cand save 'Save the whole cluster as it is now: every VM''s memory, processes and disk (taken together)'
+            cand restore 'Bring the whole cluster back to a snapshot (what happened since is lost)'
+            cand list 'List the cluster''s snapshots: name, when, size on disk, image'
+            cand rm 'Remove a snapshot'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;snapshot;help;save'= {
+        }
+        &'fcdev;snapshot;help;restore'= {
+        }
+        &'fcdev;snapshot;help;list'= {
+        }
+        &'fcdev;snapshot;help;rm'= {
+        }
+        &'fcdev;snapshot;help;help'= {
         }
         &'fcdev;hosts'= {
             cand --profile 'The profile (server + token) to use'
@@ -214,6 +311,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --backend 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)'
             cand --accel 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
             cand --max-starts 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8'
+            cand --snapshot-quota 'Disk that one engineer''s named snapshots may take (`fcdev snapshot save`), e.g. `20G`, `512M`; `0`: no limit. A save that would go over is refused with the snapshots to remove'
+            cand --idle-stop 'Stop (`fcdev stop`) a ready cluster left alone this long: no state change and no tunnel handshake of its engineer, e.g. `8h`, `30m`; `0`: never (the default). `fcdev start` or `up` resumes it'
             cand --netns 'Run VMs, bridges and the hub''s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none'
             cand --user 'With --dev: the first engineer''s name (default: your login name)'
             cand --profile 'The profile (server + token) to use'
@@ -366,7 +465,11 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand images 'List the prepared images of the server'
             cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
             cand reset 'Put a cluster back to its onboarding snapshot'
-            cand down 'Delete a cluster: VMs, disks and this machine''s tunnel peer'
+            cand exec 'Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code'
+            cand down 'Delete a cluster: VMs, disks, its snapshots and this machine''s tunnel peer'
+            cand stop 'Save the cluster to disk and end its VMs (memory, processes and disks kept; the host''s RAM freed)'
+            cand start 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)'
+            cand snapshot 'Named snapshots of a cluster: save, restore, list, rm'
             cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
             cand logs 'Show a VM''s console log (-f follows it)'
@@ -390,7 +493,27 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;help;reset'= {
         }
+        &'fcdev;help;exec'= {
+        }
         &'fcdev;help;down'= {
+        }
+        &'fcdev;help;stop'= {
+        }
+        &'fcdev;help;start'= {
+        }
+        &'fcdev;help;snapshot'= {
+            cand save 'Save the whole cluster as it is now: every VM''s memory, processes and disk (taken together)'
+            cand restore 'Bring the whole cluster back to a snapshot (what happened since is lost)'
+            cand list 'List the cluster''s snapshots: name, when, size on disk, image'
+            cand rm 'Remove a snapshot'
+        }
+        &'fcdev;help;snapshot;save'= {
+        }
+        &'fcdev;help;snapshot;restore'= {
+        }
+        &'fcdev;help;snapshot;list'= {
+        }
+        &'fcdev;help;snapshot;rm'= {
         }
         &'fcdev;help;hosts'= {
         }

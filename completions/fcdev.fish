@@ -34,7 +34,11 @@ complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "status" -d 'Show your n
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "images" -d 'List the prepared images of the server'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
-complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "down" -d 'Delete a cluster: VMs, disks and this machine\'s tunnel peer'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "exec" -d 'Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "down" -d 'Delete a cluster: VMs, disks, its snapshots and this machine\'s tunnel peer'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "stop" -d 'Save the cluster to disk and end its VMs (memory, processes and disks kept; the host\'s RAM freed)'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "start" -d 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)'
+complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "snapshot" -d 'Named snapshots of a cluster: save, restore, list, rm'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "hosts" -d 'Print /etc/hosts lines for your VMs'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "ssh" -d 'Open an ssh session to a VM'
 complete -c fcdev -n "__fish_fcdev_needs_command" -f -a "logs" -d 'Show a VM\'s console log (-f follows it)'
@@ -85,6 +89,10 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -s y -l yes -d 'Do no
 complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -l json -d 'Print the cluster as JSON'
 complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand reset" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand exec" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand exec" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand exec" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand exec" -s h -l help -d 'Print help'
 complete -c fcdev -n "__fish_fcdev_using_subcommand down" -l name -d 'The cluster (default: the profile\'s cluster)' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand down" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand down" -l keep-peer -d 'Keep this machine\'s tunnel peer registered'
@@ -92,6 +100,50 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand down" -s y -l yes -d 'Do not
 complete -c fcdev -n "__fish_fcdev_using_subcommand down" -l json -d 'Print the result as JSON'
 complete -c fcdev -n "__fish_fcdev_using_subcommand down" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand down" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand stop" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand stop" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand stop" -l json -d 'Print the cluster as JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand stop" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand stop" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand start" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand start" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand start" -l json -d 'Print the cluster as JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand start" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand start" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and not __fish_seen_subcommand_from save restore list rm help" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and not __fish_seen_subcommand_from save restore list rm help" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and not __fish_seen_subcommand_from save restore list rm help" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and not __fish_seen_subcommand_from save restore list rm help" -f -a "save" -d 'Save the whole cluster as it is now: every VM\'s memory, processes and disk (taken together)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and not __fish_seen_subcommand_from save restore list rm help" -f -a "restore" -d 'Bring the whole cluster back to a snapshot (what happened since is lost)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and not __fish_seen_subcommand_from save restore list rm help" -f -a "list" -d 'List the cluster\'s snapshots: name, when, size on disk, image'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and not __fish_seen_subcommand_from save restore list rm help" -f -a "rm" -d 'Remove a snapshot'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and not __fish_seen_subcommand_from save restore list rm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from save" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from save" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from save" -l json -d 'Print the result as JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from save" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from save" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from restore" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from restore" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from restore" -s y -l yes -d 'Do not ask for confirmation'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from restore" -l json -d 'Print the cluster as JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from restore" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from restore" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from list" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from list" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from list" -l json -d 'Print JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from list" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from rm" -l name -d 'The cluster (default: the profile\'s cluster)' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from rm" -l profile -d 'The profile (server + token) to use' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from rm" -l json -d 'Print the result as JSON'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from rm" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from rm" -s h -l help -d 'Print help'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from help" -f -a "save" -d 'Save the whole cluster as it is now: every VM\'s memory, processes and disk (taken together)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from help" -f -a "restore" -d 'Bring the whole cluster back to a snapshot (what happened since is lost)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from help" -f -a "list" -d 'List the cluster\'s snapshots: name, when, size on disk, image'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from help" -f -a "rm" -d 'Remove a snapshot'
+complete -c fcdev -n "__fish_fcdev_using_subcommand snapshot; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -l json -d 'Print JSON'
 complete -c fcdev -n "__fish_fcdev_using_subcommand hosts" -s v -l verbose -d 'More log output (repeat for more)'
@@ -146,6 +198,8 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_
 process\t'Test backend: local processes serving HTTP on loopback. For tests only'"
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l accel -d 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l max-starts -d 'How many VMs may be starting at once (restoring until configured, booting until ready); the others wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l snapshot-quota -d 'Disk that one engineer\'s named snapshots may take (`fcdev snapshot save`), e.g. `20G`, `512M`; `0`: no limit. A save that would go over is refused with the snapshots to remove' -r
+complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l idle-stop -d 'Stop (`fcdev stop`) a ready cluster left alone this long: no state change and no tunnel handshake of its engineer, e.g. `8h`, `30m`; `0`: never (the default). `fcdev start` or `up` resumes it' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l netns -d 'Run VMs, bridges and the hub\'s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l user -d 'With --dev: the first engineer\'s name (default: your login name)' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand server; and not __fish_seen_subcommand_from user stop help" -l profile -d 'The profile (server + token) to use' -r
@@ -184,23 +238,31 @@ complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l cmdline -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -l profile -d 'The profile (server + token) to use' -r
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand __test-vm" -s h -l help -d 'Print help'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "login" -d 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "up" -d 'Create your cluster (or resume/repair it) and wait until every VM is ready'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "status" -d 'Show your namespace, clusters, VMs and tunnel peers'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "images" -d 'List the prepared images of the server'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "down" -d 'Delete a cluster: VMs, disks and this machine\'s tunnel peer'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "hosts" -d 'Print /etc/hosts lines for your VMs'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "ssh" -d 'Open an ssh session to a VM'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "logs" -d 'Show a VM\'s console log (-f follows it)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "doctor" -d 'Check this machine\'s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "image" -d 'Build or snapshot prepared images (host side)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "completions" -d 'Print a shell completion script'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "__socks-connect" -d 'Internal: ssh\'s ProxyCommand through the rootless tunnel\'s SOCKS5 proxy'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
-complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset down hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "login" -d 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "up" -d 'Create your cluster (or resume/repair it) and wait until every VM is ready'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "status" -d 'Show your namespace, clusters, VMs and tunnel peers'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "images" -d 'List the prepared images of the server'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "tunnel" -d 'Join your namespace\'s network from this machine (userspace WireGuard)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "reset" -d 'Put a cluster back to its onboarding snapshot'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "exec" -d 'Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "down" -d 'Delete a cluster: VMs, disks, its snapshots and this machine\'s tunnel peer'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "stop" -d 'Save the cluster to disk and end its VMs (memory, processes and disks kept; the host\'s RAM freed)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "start" -d 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "snapshot" -d 'Named snapshots of a cluster: save, restore, list, rm'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "hosts" -d 'Print /etc/hosts lines for your VMs'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "ssh" -d 'Open an ssh session to a VM'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "logs" -d 'Show a VM\'s console log (-f follows it)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "doctor" -d 'Check this machine\'s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "image" -d 'Build or snapshot prepared images (host side)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "server" -d 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "completions" -d 'Print a shell completion script'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "__socks-connect" -d 'Internal: ssh\'s ProxyCommand through the rootless tunnel\'s SOCKS5 proxy'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "__test-vm" -d 'Internal: the process behind one VM of the test backend'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and not __fish_seen_subcommand_from login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from snapshot" -f -a "save" -d 'Save the whole cluster as it is now: every VM\'s memory, processes and disk (taken together)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from snapshot" -f -a "restore" -d 'Bring the whole cluster back to a snapshot (what happened since is lost)'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from snapshot" -f -a "list" -d 'List the cluster\'s snapshots: name, when, size on disk, image'
+complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from snapshot" -f -a "rm" -d 'Remove a snapshot'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build" -d 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "snapshot" -d 'Boot the image\'s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
 complete -c fcdev -n "__fish_fcdev_using_subcommand help; and __fish_seen_subcommand_from server" -f -a "user" -d 'Manage engineers and their tokens'

@@ -201,6 +201,42 @@ impl ApiClient {
         Ok(())
     }
 
+    /// POST `body` and follow an NDJSON answer, calling `on_line` with each line until it returns false or the
+    /// server closes the stream (`fcdev exec`).
+    pub async fn post_lines<B, F>(
+        &self,
+        path: &str,
+        body: &B,
+        mut on_line: F,
+    ) -> Result<(), ClientError>
+    where
+        B: Serialize + Sync,
+        F: FnMut(&str) -> bool,
+    {
+        use futures::StreamExt;
+        let resp = self.send(Method::POST, path, Some(body)).await?;
+        if !resp.status().is_success() {
+            return self.decode::<serde_json::Value>(resp).await.map(|_| ());
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let raw: Vec<u8> = buf.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&raw);
+                if !line.trim().is_empty() && !on_line(line.trim()) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Follow a server-sent-events stream, calling `on_event` with each `data:` payload until it returns false or
     /// the server closes the stream.
     pub async fn follow_events<F>(&self, path: &str, mut on_event: F) -> Result<(), ClientError>

@@ -261,6 +261,23 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
         "cat /etc/ssh/ssh_host_ed25519_key.pub",
         Duration::from_secs(10),
     );
+    // The key sshd serves is the one the server made for this VM (it keeps the public half, for laptops).
+    let served = std::fs::read_dir(data_dir.join("vms/alice"))
+        .expect("alice's VM dirs")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("n1/host_key.pub")).ok())
+        .next()
+        .expect("the server keeps n1's host public key");
+    let key_of = |line: &str| {
+        line.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        key_of(&alice_hostkey),
+        key_of(&served),
+        "n1 serves the server's key"
+    );
     let alice_random = alice.ssh_eventually(
         "n1",
         "head -c 32 /dev/urandom | od -An -tx1",

@@ -58,6 +58,21 @@ pub struct ImageVm {
     pub memory_mb: u32,
 }
 
+/// `POST /clusters/{name}/vms/{vm}/exec`: a shell command line, run with `sh -c` in the VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecRequest {
+    pub command: String,
+}
+
+/// One line of an exec's answer (NDJSON): output bytes (base64) as they come, then the exit code or an error.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ExecLine {
+    Out { out: String },
+    Exit { exit: i32 },
+    Error { error: String },
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CreateCluster {
     pub name: String,
@@ -78,6 +93,14 @@ pub enum ClusterState {
     Resetting,
     Deleting,
     Failed,
+    /// A named snapshot is being saved (the VMs are paused for a moment).
+    Saving,
+    /// A named snapshot is being restored.
+    Restoring,
+    /// `fcdev stop`: the VMs' state is being saved to disk.
+    Stopping,
+    /// The VMs' memory and disks are on disk, no qemu runs; `fcdev start` (or `up`) resumes them.
+    Stopped,
 }
 
 impl ClusterState {
@@ -90,6 +113,10 @@ impl ClusterState {
             ClusterState::Resetting => "resetting",
             ClusterState::Deleting => "deleting",
             ClusterState::Failed => "failed",
+            ClusterState::Saving => "saving",
+            ClusterState::Restoring => "restoring",
+            ClusterState::Stopping => "stopping",
+            ClusterState::Stopped => "stopped",
         }
     }
 
@@ -102,6 +129,10 @@ impl ClusterState {
             "resetting" => ClusterState::Resetting,
             "deleting" => ClusterState::Deleting,
             "failed" => ClusterState::Failed,
+            "saving" => ClusterState::Saving,
+            "restoring" => ClusterState::Restoring,
+            "stopping" => ClusterState::Stopping,
+            "stopped" => ClusterState::Stopped,
             _ => return None,
         })
     }
@@ -115,7 +146,15 @@ impl ClusterState {
                 | ClusterState::Booting
                 | ClusterState::Resetting
                 | ClusterState::Deleting
+                | ClusterState::Saving
+                | ClusterState::Restoring
+                | ClusterState::Stopping
         )
+    }
+
+    /// A state whose event ends a progress stream (`/events`).
+    pub fn ends_stream(state: &str) -> bool {
+        matches!(state, "ready" | "failed" | "deleted" | "stopped")
     }
 }
 
@@ -160,14 +199,36 @@ pub struct Cluster {
     pub state: ClusterState,
     /// Why the cluster failed, with the backend's log tail when there is one.
     pub reason: Option<String>,
-    /// How the VMs were started: "restore" (onboarding snapshot) or "boot".
+    /// How the VMs were started: "restore" (onboarding snapshot), "boot", or "resume" (a named snapshot, or
+    /// `start` after `stop`).
     pub start_mode: Option<String>,
+    /// Bytes on disk of a stopped cluster (its disks and saved memory); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
     pub vms: Vec<Vm>,
     /// The newest progress event when this view was taken: follow `/events?after=event_seq` for what comes next.
     #[serde(default)]
     pub event_seq: i64,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// `POST /v1/clusters/{name}/snapshots`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreateSnapshot {
+    pub name: String,
+}
+
+/// A named snapshot of a cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub name: String,
+    pub cluster: String,
+    /// The image the cluster (and the snapshot) came from.
+    pub image: String,
+    /// Bytes it added on disk: its saved memory and the disk layers frozen for it.
+    pub size_bytes: u64,
+    pub created_at: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -9,6 +9,7 @@ pub mod completions;
 pub mod doctor;
 pub mod down;
 pub mod errors;
+pub mod exec;
 pub mod hosts;
 pub mod image;
 pub mod images;
@@ -18,8 +19,10 @@ pub mod output;
 pub mod progress;
 pub mod reset;
 pub mod server;
+pub mod snapshot;
 pub mod ssh;
 pub mod status;
+pub mod stop;
 pub mod tunnel;
 pub mod up;
 
@@ -60,8 +63,16 @@ pub enum Command {
     Tunnel(tunnel::TunnelArgs),
     /// Put a cluster back to its onboarding snapshot.
     Reset(reset::ResetArgs),
-    /// Delete a cluster: VMs, disks and this machine's tunnel peer.
+    /// Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code.
+    Exec(exec::ExecArgs),
+    /// Delete a cluster: VMs, disks, its snapshots and this machine's tunnel peer.
     Down(down::DownArgs),
+    /// Save the cluster to disk and end its VMs (memory, processes and disks kept; the host's RAM freed).
+    Stop(stop::StopArgs),
+    /// Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster).
+    Start(stop::StopArgs),
+    /// Named snapshots of a cluster: save, restore, list, rm.
+    Snapshot(snapshot::SnapshotArgs),
     /// Print /etc/hosts lines for your VMs.
     Hosts(hosts::HostsArgs),
     /// Open an ssh session to a VM.
@@ -173,7 +184,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Images(args) => images::run(args, Context::new(cli.profile)?).await,
         Command::Tunnel(args) => tunnel::run(args, Context::new(cli.profile)?).await,
         Command::Reset(args) => reset::run(args, Context::new(cli.profile)?).await,
+        Command::Exec(args) => exec::run(args, Context::new(cli.profile)?).await,
         Command::Down(args) => down::run(args, Context::new(cli.profile)?).await,
+        Command::Stop(args) => stop::stop(args, Context::new(cli.profile)?).await,
+        Command::Start(args) => stop::start(args, Context::new(cli.profile)?).await,
+        Command::Snapshot(args) => snapshot::run(args, Context::new(cli.profile)?).await,
         Command::Hosts(args) => hosts::run(args, Context::new(cli.profile)?).await,
         Command::Ssh(args) => ssh::run(args, Context::new(cli.profile)?).await,
         Command::Logs(args) => logs::run(args, Context::new(cli.profile)?).await,

@@ -68,7 +68,7 @@ pub async fn follow(
                 }
                 None => {
                     header.set_message(ev.message.clone());
-                    let end = matches!(ev.state.as_str(), "ready" | "failed" | "deleted");
+                    let end = api::ClusterState::ends_stream(&ev.state);
                     finished |= end;
                     !end
                 }
@@ -117,7 +117,12 @@ pub async fn follow(
 
 /// Turn a failed cluster into an error that says why and what to do.
 pub fn ensure_ready(cluster: &api::Cluster) -> Result<(), CliError> {
-    if cluster.state == api::ClusterState::Ready {
+    ensure_state(cluster, api::ClusterState::Ready)
+}
+
+/// Turn a cluster that did not end in `want` into an error that says why and what to do.
+pub fn ensure_state(cluster: &api::Cluster, want: api::ClusterState) -> Result<(), CliError> {
+    if cluster.state == want {
         return Ok(());
     }
     let reason = cluster
@@ -133,4 +138,27 @@ pub fn ensure_ready(cluster: &api::Cluster) -> Result<(), CliError> {
         ),
     )
     .hint("run `fcdev up` again to retry; `fcdev down` removes the cluster"))
+}
+
+/// A spinner with the elapsed time on stderr while `work` runs (a request the server answers when done, e.g. a
+/// snapshot save); hidden when `quiet`. Shown only once the work took more than a second.
+pub async fn spin<T>(message: &str, quiet: bool, work: impl std::future::Future<Output = T>) -> T {
+    let bar = ProgressBar::new_spinner();
+    if quiet {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let style = ProgressStyle::with_template("{spinner:.cyan} {wide_msg} {elapsed:>4}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    bar.set_style(style);
+    bar.set_message(message.to_string());
+    tokio::pin!(work);
+    let out = tokio::select! {
+        out = &mut work => out,
+        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+            bar.enable_steady_tick(Duration::from_millis(100));
+            work.await
+        }
+    };
+    bar.finish_and_clear();
+    out
 }

@@ -131,6 +131,17 @@ pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
                 .map(|m| format!(", started by {m}"))
                 .unwrap_or_default()
         );
+        if let Some(bytes) = c.disk_bytes {
+            println!(
+                "  {} on disk, no VM running; `fcdev start{}` resumes it",
+                human_bytes(bytes),
+                if c.name == crate::config::DEFAULT_CLUSTER {
+                    String::new()
+                } else {
+                    format!(" --name {}", c.name)
+                }
+            );
+        }
         if let Some(reason) = &c.reason {
             println!("  reason: {}", reason.lines().next().unwrap_or(reason));
         }

@@ -37,10 +37,6 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../images/recipes/press/files/fcdev-boot"),
     ),
     (
-        "fcdev-configure",
-        include_str!("../../images/recipes/press/files/fcdev-configure"),
-    ),
-    (
         "fcdev-agent",
         include_str!("../../images/recipes/press/files/fcdev-agent"),
     ),

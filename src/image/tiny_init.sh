@@ -121,11 +121,32 @@ while true; do
         configure
         reply="ok $NAME"
         ;;
+      clock)
+        date -u -s "@$2" >/dev/null 2>&1
+        reply="ok id=$id"
+        ;;
       run)
         cmd=$(echo "$2" | base64 -d)
         out=$(sh -c "$cmd" 2>&1 </dev/null)
         rc=$?
         reply="out $rc $(printf '%s' "$out" | base64 -w 0) id=$id"
+        ;;
+      exec)
+        # Streams the output line by line as it comes, in the background (the loop goes on serving).
+        cmd=$(echo "$2" | base64 -d)
+        (
+          rcf=/tmp/.fcdev-exec-$id
+          { sh -c "$cmd" 2>&1 </dev/null; echo $? > "$rcf"; } | {
+            seq=0
+            while IFS= read -r l || [ -n "$l" ]; do
+              echo "data id=$id $seq $(printf '%s\n' "$l" | base64 -w 0)" >&3
+              seq=$((seq + 1))
+            done
+          }
+          echo "exit id=$id $(cat "$rcf" 2>/dev/null || echo 255)" >&3
+          rm -f "$rcf"
+        ) &
+        reply="started id=$id"
         ;;
     esac
     [ -n "$reply" ] || continue

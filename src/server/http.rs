@@ -119,9 +119,60 @@ impl From<OrchestratorError> for ApiErr {
                     .hint("pick another name with --name, or `fcdev down` it first")
             }
             OrchestratorError::NotFound(name) => cluster_not_found(&name),
+            e @ OrchestratorError::UnknownVm { .. } => {
+                ApiErr::new(StatusCode::NOT_FOUND, "unknown_vm", e.to_string())
+                    .hint("`fcdev status` lists the cluster's VMs")
+            }
             e @ OrchestratorError::Busy { .. } => {
                 ApiErr::new(StatusCode::CONFLICT, "busy", e.to_string())
                     .hint("wait for it to finish (`fcdev status`), then try again")
+            }
+            e @ OrchestratorError::NotRunning { .. } => {
+                ApiErr::new(StatusCode::CONFLICT, "conflict", e.to_string()).hint(
+                    "`fcdev start` resumes a stopped cluster; `fcdev up` repairs a failed one",
+                )
+            }
+            e @ OrchestratorError::SnapshotNotFound { .. } => {
+                ApiErr::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+                    .hint("`fcdev snapshot list` shows the cluster's snapshots")
+            }
+            e @ OrchestratorError::SnapshotExists { .. } => {
+                ApiErr::new(StatusCode::CONFLICT, "conflict", e.to_string())
+                    .hint("pick another name, or remove it first: `fcdev snapshot rm NAME`")
+            }
+            e @ OrchestratorError::Incompatible { .. } => {
+                ApiErr::new(StatusCode::CONFLICT, "incompatible", e.to_string()).hint(
+                    "the cluster was left as it is; `fcdev snapshot rm NAME` removes the snapshot",
+                )
+            }
+            OrchestratorError::Quota {
+                used,
+                quota,
+                what,
+                largest,
+            } => {
+                let message = OrchestratorError::Quota {
+                    used,
+                    quota,
+                    what,
+                    largest: Vec::new(),
+                }
+                .to_string();
+                let hint = if largest.is_empty() {
+                    "ask the operator for a larger `fcdev server --snapshot-quota`".to_string()
+                } else {
+                    format!(
+                        "remove snapshots with `fcdev snapshot rm NAME --name CLUSTER`; the largest: {}",
+                        largest.join(", ")
+                    )
+                };
+                ApiErr::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", message)
+                    .hint(hint)
+            }
+            OrchestratorError::SaveFailed(message) => {
+                tracing::error!("{message}");
+                ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "save_failed", message)
+                    .hint("no snapshot was kept and the cluster runs on; the server log has details")
             }
         }
     }
@@ -269,6 +320,21 @@ pub fn router(state: AppState) -> Router {
         .route("/clusters/{name}/events", get(cluster_events))
         .route("/clusters/{name}/reset", post(reset_cluster))
         .route("/clusters/{name}/vms/{vm}/console", get(vm_console))
+        .route("/clusters/{name}/vms/{vm}/exec", post(exec_in_vm))
+        .route("/clusters/{name}/stop", post(stop_cluster))
+        .route("/clusters/{name}/start", post(start_cluster))
+        .route(
+            "/clusters/{name}/snapshots",
+            post(create_snapshot).get(list_snapshots),
+        )
+        .route(
+            "/clusters/{name}/snapshots/{snapshot}",
+            delete(delete_snapshot),
+        )
+        .route(
+            "/clusters/{name}/snapshots/{snapshot}/restore",
+            post(restore_snapshot),
+        )
         .route("/peers", post(create_peer).get(list_peers))
         .route("/peers/{id}", delete(delete_peer))
         .layer(axum::Extension(Arc::new(StreamLimits::default())));
@@ -502,6 +568,51 @@ async fn reset_cluster(
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
+/// `POST /clusters/{name}/vms/{vm}/exec {"command": "…"}`: runs the command in the VM through its guest agent;
+/// the answer streams NDJSON lines as the output comes: `{"out": "<base64>"}`…, then `{"exit": N}` (or
+/// `{"error": "…"}`). A client that goes away stops the command.
+async fn exec_in_vm(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    PathParam((name, vm)): PathParam<(String, String)>,
+    JsonBody(req): JsonBody<api::ExecRequest>,
+) -> ApiResult<Response> {
+    use base64::Engine;
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    check_name("VM", &vm)?;
+    if req.command.trim().is_empty() {
+        return Err(ApiErr::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the command is empty",
+        ));
+    }
+    let orch = state.orchestrator.clone();
+    let spec = blocking(move || orch.spec_of(&ns, &row, &vm)).await??;
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
+    let backend = state.orchestrator.backend().clone();
+    tokio::task::spawn_blocking(move || {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut out = |bytes: &[u8]| {
+            let line = serde_json::json!({ "out": b64.encode(bytes) }).to_string() + "\n";
+            tx.blocking_send(line).is_ok()
+        };
+        let last = match backend.exec(&spec, &req.command, &mut out) {
+            Ok(code) => serde_json::json!({ "exit": code }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let _ = tx.blocking_send(last.to_string() + "\n");
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, Infallible>,
+    ));
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .map_err(ApiErr::internal)
+}
+
 async fn delete_cluster(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -524,6 +635,129 @@ async fn delete_cluster(
         .hint("run `fcdev down` again; the server log has details"));
     }
     Ok(Json(serde_json::json!({ "deleted": name })))
+}
+
+/// The cluster's view as the 202 of an operation that goes on in the background: `event_seq` is where its
+/// events start.
+async fn accepted(
+    state: &AppState,
+    ns: &NamespaceRow,
+    id: i64,
+    name: &str,
+    seq_before: i64,
+    status: StatusCode,
+) -> ApiResult<Response> {
+    let store = state.store.clone();
+    let row = blocking(move || store.cluster_by_id(id))
+        .await??
+        .ok_or_else(|| cluster_not_found(name))?;
+    let mut view = state.orchestrator.view(ns, &row)?;
+    view.event_seq = seq_before;
+    Ok((status, Json(view)).into_response())
+}
+
+async fn stop_cluster(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    PathParam(name): PathParam<String>,
+) -> ApiResult<Response> {
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    let seq_before = state.store.last_event_seq(row.id)?;
+    let stopping = state.orchestrator.stop(&row)?;
+    let status = if stopping {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    accepted(&state, &ns, row.id, &name, seq_before, status).await
+}
+
+async fn start_cluster(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    PathParam(name): PathParam<String>,
+) -> ApiResult<Response> {
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    let seq_before = state.store.last_event_seq(row.id)?;
+    // `up` of the existing cluster: a stopped one resumes, a failed one is repaired, a ready one is left alone.
+    let (_, outcome) = state.orchestrator.up(&ns, &row.name, &row.image)?;
+    let status = match outcome {
+        UpOutcome::AlreadyReady => StatusCode::OK,
+        UpOutcome::Created | UpOutcome::Resumed => StatusCode::ACCEPTED,
+    };
+    accepted(&state, &ns, row.id, &name, seq_before, status).await
+}
+
+fn snapshot_view(row: &crate::server::store::SnapshotRow) -> api::Snapshot {
+    api::Snapshot {
+        name: row.name.clone(),
+        cluster: row.cluster.clone(),
+        image: row.image.clone(),
+        size_bytes: row.size_bytes,
+        created_at: row.created_at.clone(),
+    }
+}
+
+async fn create_snapshot(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    PathParam(name): PathParam<String>,
+    JsonBody(req): JsonBody<api::CreateSnapshot>,
+) -> ApiResult<Response> {
+    check_name("snapshot", &req.name)?;
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    // A task of its own: a client that goes away must not leave the VMs paused half-way.
+    let task = tokio::spawn(
+        state
+            .orchestrator
+            .clone()
+            .save_snapshot(ns, row.id, req.name),
+    );
+    let snap = task.await.map_err(ApiErr::internal)??;
+    Ok((StatusCode::CREATED, Json(snapshot_view(&snap))).into_response())
+}
+
+async fn list_snapshots(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    PathParam(name): PathParam<String>,
+) -> ApiResult<Json<Vec<api::Snapshot>>> {
+    let (_ns, row) = find_cluster(&state, &user, &name).await?;
+    let orch = state.orchestrator.clone();
+    let rows = blocking(move || orch.snapshots(&row)).await??;
+    Ok(Json(rows.iter().map(snapshot_view).collect()))
+}
+
+async fn delete_snapshot(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    PathParam((name, snapshot)): PathParam<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    check_name("snapshot", &snapshot)?;
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    let task = tokio::spawn(
+        state
+            .orchestrator
+            .clone()
+            .delete_snapshot(ns, row, snapshot.clone()),
+    );
+    task.await.map_err(ApiErr::internal)??;
+    Ok(Json(serde_json::json!({ "deleted": snapshot })))
+}
+
+async fn restore_snapshot(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    PathParam((name, snapshot)): PathParam<(String, String)>,
+) -> ApiResult<Response> {
+    check_name("snapshot", &snapshot)?;
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    let seq_before = state.store.last_event_seq(row.id)?;
+    state
+        .orchestrator
+        .restore_snapshot(&ns, &row, &snapshot)
+        .await?;
+    accepted(&state, &ns, row.id, &name, seq_before, StatusCode::ACCEPTED).await
 }
 
 #[derive(Deserialize)]
@@ -620,7 +854,7 @@ async fn cluster_events(
                 .unwrap_or_default()
         };
         let is_end = |e: &crate::server::store::EventRow| {
-            e.vm.is_none() && matches!(e.state.as_str(), "ready" | "failed" | "deleted")
+            e.vm.is_none() && ClusterState::ends_stream(&e.state)
         };
         let reread = |store: Arc<Store>| async move {
             tokio::task::spawn_blocking(move || store.cluster_by_id(cid).ok().flatten())

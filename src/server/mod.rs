@@ -7,6 +7,7 @@ pub mod follow;
 pub mod http;
 pub mod hub;
 pub mod hub_control;
+pub mod idle;
 pub mod images;
 pub mod netns;
 pub mod netns_enter;

@@ -130,6 +130,10 @@ pub fn ensure_bridge(index: u32, subnet: Subnet, gateway: Ipv4Addr) -> NetResult
         "stp_state",
         "0",
     ]);
+    // A fixed MAC: a bridge takes the lowest MAC of its ports otherwise, and taps are made anew with random
+    // MACs at each start. A VM resumed from a snapshot or after `fcdev stop` keeps its ARP cache: a gateway MAC
+    // that changed would stall it until the entry expires.
+    ip(&["link", "set", &br, "address", &bridge_mac(index)])?;
     let addr = format!("{gateway}/{}", subnet.prefix);
     ip(&["addr", "replace", &addr, "dev", &br])?;
     ip(&["link", "set", &br, "up"])?;
@@ -146,6 +150,12 @@ pub fn ensure_bridge(index: u32, subnet: Subnet, gateway: Ipv4Addr) -> NetResult
         "20",
     )?;
     ensure_isolation(index, subnet)
+}
+
+/// The gateway's MAC of namespace `index` (locally administered, stable across restarts).
+pub fn bridge_mac(index: u32) -> String {
+    let b = index.to_be_bytes();
+    format!("02:fc:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
 }
 
 /// nftables table of one namespace: traffic entering from its bridge may only go to its own subnet (among the

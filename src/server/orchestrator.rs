@@ -1,4 +1,5 @@
-//! The cluster state machine: requested → cloning → booting → ready / failed; reset; delete; progress events.
+//! The cluster state machine: requested → cloning → booting → ready / failed; reset; delete; named snapshots
+//! (saving, restoring); stop (stopping → stopped) and start; progress events.
 //!
 //! Every operation on one cluster holds that cluster's lock, so `up`, `reset` and `down` never interleave. State is
 //! written to the store before each step, so a server killed mid-operation finds the cluster in a transient state
@@ -14,9 +15,11 @@ use tokio::sync::broadcast;
 
 use crate::api::{self, ClusterState, VmState};
 use crate::names;
-use crate::server::backend::{Backend, NamespaceNet, StartMode, VmSpec};
+use crate::server::backend::{disk_usage, Backend, NamespaceNet, StartMode, VmSpec};
 use crate::server::images::{Catalog, Image, ImageError};
-use crate::server::store::{ClusterRow, EventRow, NamespaceRow, NewVm, Store, StoreError, VmRow};
+use crate::server::store::{
+    ClusterRow, EventRow, NamespaceRow, NewVm, SnapshotRow, Store, StoreError, VmRow,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
@@ -30,6 +33,58 @@ pub enum OrchestratorError {
     NotFound(String),
     #[error("cluster `{name}` is busy: {what}")]
     Busy { name: String, what: String },
+    #[error("no VM `{vm}` in cluster `{cluster}` (its VMs: {known})")]
+    UnknownVm {
+        vm: String,
+        cluster: String,
+        known: String,
+    },
+    #[error("cluster `{name}` is {state}")]
+    NotRunning { name: String, state: String },
+    #[error("snapshot `{name}` of cluster `{cluster}` not found")]
+    SnapshotNotFound { cluster: String, name: String },
+    #[error("cluster `{cluster}` already has a snapshot `{name}`")]
+    SnapshotExists { cluster: String, name: String },
+    #[error("snapshot `{name}` cannot be restored: {reason}")]
+    Incompatible { name: String, reason: String },
+    #[error("snapshots use {} of your {} quota{}", human(*.used), human(*.quota), .what)]
+    Quota {
+        used: u64,
+        quota: u64,
+        /// What pushed it over, when a save did.
+        what: String,
+        /// `cluster/name (size)`, largest first: what to remove.
+        largest: Vec<String>,
+    },
+    #[error("{0}")]
+    SaveFailed(String),
+}
+
+/// `1.2 GiB`
+pub fn human(n: u64) -> String {
+    let mut v = n as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if v < 1024.0 {
+            return if unit == "B" {
+                format!("{n} B")
+            } else {
+                format!("{v:.1} {unit}")
+            };
+        }
+        v /= 1024.0;
+    }
+    format!("{v:.1} TiB")
+}
+
+/// What a drive does before it brings the VMs up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DriveMode {
+    /// Start what is not running (a stopped VM resumes its saved state).
+    Up,
+    /// Stop every VM and throw its disk away: back to the onboarding snapshot.
+    Reset,
+    /// Stop every VM, throw its disk away, start it from this named snapshot.
+    Restore(String),
 }
 
 /// What `up` did.
@@ -57,6 +112,10 @@ pub struct Orchestrator {
     start_slots: Arc<tokio::sync::Semaphore>,
     /// VMs waiting for a start slot (for "queued (n ahead)").
     queued: std::sync::atomic::AtomicUsize,
+    /// Named snapshots: `<snapshots_dir>/<namespace>/<cluster>/<name>/<vm>/`, disk layers in `…/<cluster>/.layers/`.
+    snapshots_dir: PathBuf,
+    /// Bytes of snapshots one engineer may keep (0: no limit).
+    snapshot_quota: u64,
 }
 
 /// The backend's view of a namespace row.
@@ -85,6 +144,8 @@ impl Orchestrator {
         catalog: Catalog,
         vms_dir: PathBuf,
         max_starts: usize,
+        snapshots_dir: PathBuf,
+        snapshot_quota: u64,
     ) -> Arc<Orchestrator> {
         let (events, _) = broadcast::channel(1024);
         let max_starts = if max_starts == 0 {
@@ -102,6 +163,8 @@ impl Orchestrator {
             refresh_lock: Mutex::new(()),
             start_slots: Arc::new(tokio::sync::Semaphore::new(max_starts)),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            snapshots_dir,
+            snapshot_quota,
         })
     }
 
@@ -135,6 +198,7 @@ impl Orchestrator {
         let message = match (state, reason) {
             (_, Some(reason)) => reason.to_string(),
             (ClusterState::Ready, None) => "every VM is ready".to_string(),
+            (ClusterState::Saving, None) => "saving a snapshot: pausing every VM".to_string(),
             (state, None) => format!("cluster is {}", state.as_str()),
         };
         // State and event in one transaction: an event stream that reads a final state finds its event stored.
@@ -194,7 +258,31 @@ impl Orchestrator {
             template,
             run_dir: self.vms_dir.join(&ns.name).join(&c.name).join(&vm.name),
             ssh_keys: self.store.ssh_keys(ns.id).unwrap_or_default(),
+            restore_from: None,
         }
+    }
+
+    /// The spec of one VM of a cluster, by name (for commands run in it); an unknown name lists the VMs there are.
+    pub fn spec_of(
+        &self,
+        ns: &NamespaceRow,
+        c: &ClusterRow,
+        vm_name: &str,
+    ) -> Result<VmSpec, OrchestratorError> {
+        let vms = self.store.vms_of(c.id)?;
+        let Some(vm) = vms.iter().find(|v| v.name == vm_name) else {
+            return Err(OrchestratorError::UnknownVm {
+                vm: vm_name.to_string(),
+                cluster: c.name.clone(),
+                known: vms
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let image = self.catalog.get(&c.image)?;
+        Ok(self.vm_spec(ns, c, vm, &image))
     }
 
     /// Create the cluster, or resume/repair it when it exists. Returns at once; the work goes on in the background.
@@ -235,7 +323,7 @@ impl Orchestrator {
                     // (failed) for the outcome of this request.
                     self.set_cluster(&cluster, ClusterState::Requested, None);
                 }
-                self.spawn_drive(cluster.id, false);
+                self.spawn_drive(cluster.id, DriveMode::Up);
             }
             return Ok((cluster, UpOutcome::Resumed));
         }
@@ -261,7 +349,7 @@ impl Orchestrator {
             ClusterState::Requested.as_str(),
             &format!("cluster requested from image {image_name}"),
         );
-        self.spawn_drive(cluster.id, false);
+        self.spawn_drive(cluster.id, DriveMode::Up);
         Ok((cluster, UpOutcome::Created))
     }
 
@@ -275,7 +363,7 @@ impl Orchestrator {
             });
         }
         self.set_cluster(cluster, ClusterState::Resetting, None);
-        self.spawn_drive(cluster.id, true);
+        self.spawn_drive(cluster.id, DriveMode::Reset);
         Ok(())
     }
 
@@ -288,17 +376,21 @@ impl Orchestrator {
         tokio::spawn(async move { this.delete(&cluster).await })
     }
 
-    fn spawn_drive(self: &Arc<Self>, cluster_id: i64, reset: bool) {
+    fn spawn_drive(self: &Arc<Self>, cluster_id: i64, mode: DriveMode) {
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = this.drive(cluster_id, reset).await {
+            if let Err(e) = this.drive(cluster_id, mode).await {
                 tracing::error!("cluster #{cluster_id}: {e}");
             }
         });
     }
 
-    /// Bring every VM of the cluster to ready (after throwing disks away when `reset`).
-    async fn drive(self: Arc<Self>, cluster_id: i64, reset: bool) -> Result<(), OrchestratorError> {
+    /// Bring every VM of the cluster to ready (after throwing disks away for a reset or a snapshot restore).
+    async fn drive(
+        self: Arc<Self>,
+        cluster_id: i64,
+        mode: DriveMode,
+    ) -> Result<(), OrchestratorError> {
         let lock = self.lock_for(cluster_id);
         let _guard = lock.lock().await;
         let Some(cluster) = self.store.cluster_by_id(cluster_id)? else {
@@ -316,12 +408,20 @@ impl Orchestrator {
             }
         };
         let vms = self.store.vms_of(cluster.id)?;
+        let restore_from = match &mode {
+            DriveMode::Restore(name) => Some(self.snapshot_dir(&ns, &cluster.name, name)),
+            _ => None,
+        };
         let specs: Vec<(VmRow, VmSpec)> = vms
             .iter()
-            .map(|vm| (vm.clone(), self.vm_spec(&ns, &cluster, vm, &image)))
+            .map(|vm| {
+                let mut spec = self.vm_spec(&ns, &cluster, vm, &image);
+                spec.restore_from = restore_from.as_ref().map(|d| d.join(&vm.name));
+                (vm.clone(), spec)
+            })
             .collect();
 
-        if reset {
+        if mode != DriveMode::Up {
             // Stop every VM and drop its disk at once: they are independent.
             let tasks: Vec<_> = specs
                 .iter()
@@ -339,7 +439,11 @@ impl Orchestrator {
                 .collect();
             for (name, result) in futures::future::join_all(tasks).await {
                 if let Some(err) = join_error(result) {
-                    let reason = format!("reset of {name} failed: {err}");
+                    let what = match &mode {
+                        DriveMode::Restore(snap) => format!("restore of snapshot {snap}"),
+                        _ => "reset".to_string(),
+                    };
+                    let reason = format!("{what} of {name} failed: {err}");
                     self.set_cluster(&cluster, ClusterState::Failed, Some(&reason));
                     return Ok(());
                 }
@@ -386,6 +490,14 @@ impl Orchestrator {
         }
         if let Some(mode) = modes.first() {
             let _ = self.store.set_start_mode(cluster.id, mode.as_str());
+        }
+        if mode != DriveMode::Up {
+            // The disks of before are gone: their layers that no snapshot needs go too.
+            let specs: Vec<VmSpec> = vms
+                .iter()
+                .map(|vm| self.vm_spec(&ns, &cluster, vm, &image))
+                .collect();
+            self.collect_garbage(&ns, &cluster, specs).await;
         }
         if failures.is_empty() {
             tracing::info!(
@@ -458,10 +570,19 @@ impl Orchestrator {
                 let backend = self.backend.clone();
                 let s = spec.clone();
                 self.set_vm(cluster, vm, VmState::Starting, Some("starting"));
+                let t0 = std::time::Instant::now();
                 match tokio::task::spawn_blocking(move || backend.start(&s)).await {
                     Ok(Ok(mode)) => {
+                        tracing::info!(
+                            "vm {}/{}: started ({}) in {:.2}s",
+                            cluster.name,
+                            vm.name,
+                            mode.as_str(),
+                            t0.elapsed().as_secs_f64()
+                        );
                         let what = match mode {
                             StartMode::Restore => "restored, waiting for its services".to_string(),
+                            StartMode::Resume => "resumed, waiting for its services".to_string(),
                             StartMode::Boot => {
                                 let backend = self.backend.clone();
                                 let s = spec.clone();
@@ -498,10 +619,17 @@ impl Orchestrator {
                 }
             };
             let deadline = self.backend.ready_deadline(&spec, mode);
+            let t_probe = std::time::Instant::now();
             let ready = self.wait_ready(&spec, deadline).await;
             drop(slot);
             match ready {
                 Ok(()) => {
+                    tracing::info!(
+                        "vm {}/{}: ready after {:.2}s of probes",
+                        cluster.name,
+                        vm.name,
+                        t_probe.elapsed().as_secs_f64()
+                    );
                     // A boot where a restore was expected keeps saying why (`fcdev status`).
                     let detail = match &started_detail {
                         Some(why) => format!("ready ({why})"),
@@ -530,7 +658,8 @@ impl Orchestrator {
                         );
                     }
                     self.stop_quietly(&spec).await;
-                    if mode == StartMode::Restore {
+                    // A retried restore starts on a fresh disk; a VM resumed after `stop` keeps its own.
+                    if mode == StartMode::Restore || spec.restore_from.is_some() {
                         let backend = self.backend.clone();
                         let s = spec.clone();
                         let _ = tokio::task::spawn_blocking(move || backend.discard_disk(&s)).await;
@@ -571,7 +700,7 @@ impl Orchestrator {
             let cap = if spec.template.probe.starts_with("tcp:") {
                 Duration::from_millis(50)
             } else {
-                Duration::from_millis(200)
+                Duration::from_millis(300)
             };
             delay = (delay * 2).min(cap);
         }
@@ -632,7 +761,16 @@ impl Orchestrator {
             self.set_cluster(cluster, ClusterState::Failed, Some(&reason));
             return Ok(());
         }
-        let _ = std::fs::remove_dir_all(self.vms_dir.join(&ns.name).join(&cluster.name));
+        let dirs = [
+            self.vms_dir.join(&ns.name).join(&cluster.name),
+            self.cluster_snapshots(&ns, &cluster.name),
+        ];
+        let _ = tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        })
+        .await;
         let deleted = self.store.delete_cluster(cluster.id)?;
         let _ = self.events.send(deleted);
         if self.store.clusters_in(ns.id)?.is_empty() {
@@ -643,6 +781,480 @@ impl Orchestrator {
             {
                 tracing::warn!("cannot remove the network of namespace {}: {e}", ns.name);
             }
+        }
+        Ok(())
+    }
+
+    /// A cluster's named snapshots and their disk layers: `<snapshots>/<namespace>/<cluster>/`.
+    fn cluster_snapshots(&self, ns: &NamespaceRow, cluster: &str) -> PathBuf {
+        self.snapshots_dir.join(&ns.name).join(cluster)
+    }
+
+    /// One named snapshot's folder (a sub-folder per VM). Names are DNS labels, so never `.layers` or `.tmp-…`.
+    fn snapshot_dir(&self, ns: &NamespaceRow, cluster: &str, name: &str) -> PathBuf {
+        self.cluster_snapshots(ns, cluster).join(name)
+    }
+
+    fn specs_of(
+        &self,
+        ns: &NamespaceRow,
+        cluster: &ClusterRow,
+    ) -> Result<Vec<VmSpec>, OrchestratorError> {
+        let image = self.catalog.get(&cluster.image)?;
+        Ok(self
+            .store
+            .vms_of(cluster.id)?
+            .iter()
+            .map(|vm| self.vm_spec(ns, cluster, vm, &image))
+            .collect())
+    }
+
+    /// Run one blocking backend call on every VM at once; each VM's name with its result.
+    async fn each_vm<T, F>(&self, specs: &[VmSpec], f: F) -> Vec<(String, Result<T, String>)>
+    where
+        T: Send + 'static,
+        F: Fn(&dyn Backend, &VmSpec) -> crate::server::backend::BackendResult<T>
+            + Send
+            + Sync
+            + Clone
+            + 'static,
+    {
+        let tasks: Vec<_> = specs
+            .iter()
+            .map(|spec| {
+                let backend = self.backend.clone();
+                let spec = spec.clone();
+                let f = f.clone();
+                let name = spec.name.clone();
+                tokio::task::spawn_blocking(move || f(backend.as_ref(), &spec)).map(move |r| {
+                    let r = match r {
+                        Ok(Ok(v)) => Ok(v),
+                        Ok(Err(e)) => Err(describe_backend_error(&name, &e)),
+                        Err(e) => Err(format!("{name}: internal error: {e}")),
+                    };
+                    (name, r)
+                })
+            })
+            .collect();
+        futures::future::join_all(tasks).await
+    }
+
+    /// Remove what no snapshot of the cluster needs any more: folders without a store row (a save cut off) and
+    /// disk layers that neither a VM nor a snapshot uses. Under the cluster's lock.
+    async fn collect_garbage(&self, ns: &NamespaceRow, cluster: &ClusterRow, specs: Vec<VmSpec>) {
+        let names: Vec<String> = match self.store.snapshots_of(cluster.id) {
+            Ok(rows) => rows.into_iter().map(|r| r.name).collect(),
+            Err(e) => {
+                tracing::warn!("cannot list the snapshots of {}: {e}", cluster.name);
+                return;
+            }
+        };
+        let root = self.cluster_snapshots(ns, &cluster.name);
+        let backend = self.backend.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut kept = Vec::new();
+            for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name == LAYERS_DIR {
+                    continue;
+                }
+                if names.contains(&name) {
+                    kept.push(entry.path());
+                } else {
+                    std::fs::remove_dir_all(entry.path())?;
+                }
+            }
+            backend.collect_layers(&specs, &kept, &root.join(LAYERS_DIR))
+        })
+        .await;
+        if let Some(err) = join_error(result) {
+            tracing::warn!("cannot clean the snapshots of {}: {err}", cluster.name);
+        }
+    }
+
+    /// Refuse when the engineer's snapshots take more than the quota (`adding`: the snapshot just saved, which
+    /// counts already, and is what the message names).
+    async fn check_quota(
+        &self,
+        ns: &NamespaceRow,
+        adding: Option<(&str, u64)>,
+    ) -> Result<(), OrchestratorError> {
+        let quota = self.snapshot_quota;
+        if quota == 0 {
+            return Ok(());
+        }
+        let dir = self.snapshots_dir.join(&ns.name);
+        let used = tokio::task::spawn_blocking(move || disk_usage(&dir))
+            .await
+            .unwrap_or(0);
+        let over = match adding {
+            None => used >= quota,
+            Some(_) => used > quota,
+        };
+        if !over {
+            return Ok(());
+        }
+        let largest = self
+            .store
+            .snapshots_in(ns.id)?
+            .iter()
+            .take(5)
+            .map(|s| format!("{}/{} ({})", s.cluster, s.name, human(s.size_bytes)))
+            .collect();
+        Err(OrchestratorError::Quota {
+            used,
+            quota,
+            what: adding
+                .map(|(name, bytes)| {
+                    format!(" with `{name}` ({}), which is not kept", human(bytes))
+                })
+                .unwrap_or_default(),
+            largest,
+        })
+    }
+
+    /// Save a named snapshot of a ready cluster: every VM paused, each one's memory, device state and disk saved,
+    /// every VM resumed (its clock set). Files go to a temporary folder renamed at the end; the store row comes
+    /// last, so a save cut off leaves no snapshot listed. Run it in a task of its own (`tokio::spawn`): a client
+    /// that goes away must not leave the VMs paused.
+    pub async fn save_snapshot(
+        self: Arc<Self>,
+        ns: NamespaceRow,
+        cluster_id: i64,
+        name: String,
+    ) -> Result<SnapshotRow, OrchestratorError> {
+        let lock = self.lock_for(cluster_id);
+        let _guard = lock.lock().await;
+        let cluster = self
+            .store
+            .cluster_by_id(cluster_id)?
+            .ok_or_else(|| OrchestratorError::NotFound(format!("#{cluster_id}")))?;
+        match cluster.state {
+            ClusterState::Ready => {}
+            state if state.is_transient() => {
+                return Err(OrchestratorError::Busy {
+                    name: cluster.name.clone(),
+                    what: format!("it is {}", state.as_str()),
+                })
+            }
+            state => {
+                return Err(OrchestratorError::NotRunning {
+                    name: cluster.name.clone(),
+                    state: state.as_str().to_string(),
+                })
+            }
+        }
+        if self.store.snapshot(cluster.id, &name)?.is_some() {
+            return Err(OrchestratorError::SnapshotExists {
+                cluster: cluster.name.clone(),
+                name,
+            });
+        }
+        self.check_quota(&ns, None).await?;
+        let specs = self.specs_of(&ns, &cluster)?;
+        let root = self.cluster_snapshots(&ns, &cluster.name);
+        let tmp = root.join(format!(".tmp-{name}"));
+        let layers = root.join(LAYERS_DIR);
+        let t0 = Instant::now();
+        self.set_cluster(&cluster, ClusterState::Saving, None);
+        let prepared = {
+            let tmp = tmp.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(&tmp);
+                std::fs::create_dir_all(&tmp)
+            })
+            .await
+        };
+        let mut failure = match prepared {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("cannot create {}: {e}", tmp.display())),
+            Err(e) => Some(format!("internal error: {e}")),
+        };
+        if failure.is_none() {
+            let paused = self.each_vm(&specs, |b, s| b.pause(s)).await;
+            failure = paused.into_iter().find_map(|(_, r)| r.err());
+        }
+        let mut bytes = 0;
+        if failure.is_none() {
+            self.emit(
+                cluster.id,
+                None,
+                "saving",
+                "every VM paused; saving memory and disks",
+            );
+            let (dir, layers) = (tmp.clone(), layers.clone());
+            let saved = self
+                .each_vm(&specs, move |b, s| b.save(s, &dir.join(&s.name), &layers))
+                .await;
+            for (_, r) in saved {
+                match r {
+                    Ok(n) => bytes += n,
+                    Err(e) => failure = failure.or(Some(e)),
+                }
+            }
+        }
+        let resumed = self.each_vm(&specs, |b, s| b.resume(s)).await;
+        let stuck: Vec<String> = resumed.into_iter().filter_map(|(_, r)| r.err()).collect();
+        let after_state = |this: &Self| {
+            if stuck.is_empty() {
+                this.set_cluster(&cluster, ClusterState::Ready, None);
+            } else {
+                let reason = format!(
+                    "after the snapshot a VM did not resume; `fcdev up` repairs the cluster: {}",
+                    stuck.join("; ")
+                );
+                this.set_cluster(&cluster, ClusterState::Failed, Some(&reason));
+            }
+        };
+        if let Some(reason) = failure {
+            self.collect_garbage(&ns, &cluster, specs).await;
+            after_state(&self);
+            return Err(OrchestratorError::SaveFailed(format!(
+                "saving snapshot `{name}` failed: {reason}"
+            )));
+        }
+        let final_dir = root.join(&name);
+        let renamed = {
+            let (tmp, final_dir) = (tmp.clone(), final_dir.clone());
+            tokio::task::spawn_blocking(move || std::fs::rename(tmp, final_dir)).await
+        };
+        if let Some(err) = match renamed {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        } {
+            self.collect_garbage(&ns, &cluster, specs).await;
+            after_state(&self);
+            return Err(OrchestratorError::SaveFailed(format!(
+                "saving snapshot `{name}` failed: {err}"
+            )));
+        }
+        if let Err(e) = self.check_quota(&ns, Some((&name, bytes))).await {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(final_dir)).await;
+            self.collect_garbage(&ns, &cluster, specs).await;
+            after_state(&self);
+            return Err(e);
+        }
+        let row = match self
+            .store
+            .add_snapshot(cluster.id, &name, &cluster.image, bytes)
+        {
+            Ok(row) => row,
+            Err(e) => {
+                self.collect_garbage(&ns, &cluster, specs).await;
+                after_state(&self);
+                return Err(e.into());
+            }
+        };
+        self.emit(
+            cluster.id,
+            None,
+            "saving",
+            &format!(
+                "snapshot {name} saved in {:.1}s ({} on disk)",
+                t0.elapsed().as_secs_f64(),
+                human(bytes)
+            ),
+        );
+        after_state(&self);
+        Ok(row)
+    }
+
+    /// At start-up, for a save a previous server did not finish: resume the VMs, drop the half snapshot.
+    fn spawn_resume_after_save(self: &Arc<Self>, cluster: ClusterRow) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let lock = this.lock_for(cluster.id);
+            let _guard = lock.lock().await;
+            let Ok(ns) = this.store.namespace_by_id(cluster.namespace_id) else {
+                return;
+            };
+            let Ok(specs) = this.specs_of(&ns, &cluster) else {
+                return;
+            };
+            for (vm, r) in this.each_vm(&specs, |b, s| b.resume(s)).await {
+                if let Err(e) = r {
+                    tracing::warn!("resuming {vm} after a cut-off save: {e}");
+                }
+            }
+            this.collect_garbage(&ns, &cluster, specs).await;
+            // Ready; the health check notices a VM that did not survive.
+            this.set_cluster(&cluster, ClusterState::Ready, None);
+        });
+    }
+
+    /// Restore a named snapshot: checks that every saved VM can be resumed here (same image, same qemu) before
+    /// touching anything, then drives the cluster (`restoring`): every VM stopped, its disk thrown away, resumed
+    /// from the snapshot. Returns at once after the checks.
+    pub async fn restore_snapshot(
+        self: &Arc<Self>,
+        ns: &NamespaceRow,
+        cluster: &ClusterRow,
+        name: &str,
+    ) -> Result<(), OrchestratorError> {
+        if cluster.state.is_transient() {
+            return Err(OrchestratorError::Busy {
+                name: cluster.name.clone(),
+                what: format!("it is {}", cluster.state.as_str()),
+            });
+        }
+        if self.store.snapshot(cluster.id, name)?.is_none() {
+            return Err(OrchestratorError::SnapshotNotFound {
+                cluster: cluster.name.clone(),
+                name: name.to_string(),
+            });
+        }
+        let incompatible = |reason: String| OrchestratorError::Incompatible {
+            name: name.to_string(),
+            reason,
+        };
+        let specs = self
+            .specs_of(ns, cluster)
+            .map_err(|e| incompatible(e.to_string()))?;
+        let dir = self.snapshot_dir(ns, &cluster.name, name);
+        let checks = self
+            .each_vm(&specs, move |b, s| b.check_saved(s, &dir.join(&s.name)))
+            .await;
+        if let Some(reason) = checks.into_iter().find_map(|(_, r)| r.err()) {
+            return Err(incompatible(reason));
+        }
+        self.set_cluster(cluster, ClusterState::Restoring, None);
+        self.spawn_drive(cluster.id, DriveMode::Restore(name.to_string()));
+        Ok(())
+    }
+
+    pub fn snapshots(&self, cluster: &ClusterRow) -> Result<Vec<SnapshotRow>, OrchestratorError> {
+        Ok(self.store.snapshots_of(cluster.id)?)
+    }
+
+    /// Remove a named snapshot: its row, its folder, and the disk layers nothing else needs.
+    pub async fn delete_snapshot(
+        self: Arc<Self>,
+        ns: NamespaceRow,
+        cluster: ClusterRow,
+        name: String,
+    ) -> Result<(), OrchestratorError> {
+        let lock = self.lock_for(cluster.id);
+        let _guard = lock.lock().await;
+        let row = self.store.snapshot(cluster.id, &name)?.ok_or_else(|| {
+            OrchestratorError::SnapshotNotFound {
+                cluster: cluster.name.clone(),
+                name: name.clone(),
+            }
+        })?;
+        self.store.delete_snapshot(row.id)?;
+        // Without its row the folder is garbage: collected with the layers only it used.
+        let specs = self.specs_of(&ns, &cluster).unwrap_or_default();
+        self.collect_garbage(&ns, &cluster, specs).await;
+        Ok(())
+    }
+
+    /// Stop a ready cluster: its VMs' memory and device state go to disk and their processes end (`stopping`,
+    /// then `stopped`). Returns false when it already is stopped.
+    pub fn stop(self: &Arc<Self>, cluster: &ClusterRow) -> Result<bool, OrchestratorError> {
+        match cluster.state {
+            ClusterState::Stopped => return Ok(false),
+            ClusterState::Ready => {}
+            state if state.is_transient() => {
+                return Err(OrchestratorError::Busy {
+                    name: cluster.name.clone(),
+                    what: format!("it is {}", state.as_str()),
+                })
+            }
+            state => {
+                return Err(OrchestratorError::NotRunning {
+                    name: cluster.name.clone(),
+                    state: state.as_str().to_string(),
+                })
+            }
+        }
+        self.set_cluster(cluster, ClusterState::Stopping, None);
+        self.spawn_stop(cluster.id);
+        Ok(true)
+    }
+
+    fn spawn_stop(self: &Arc<Self>, cluster_id: i64) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.stop_cluster(cluster_id).await {
+                tracing::error!("cluster #{cluster_id}: stop: {e}");
+            }
+        });
+    }
+
+    async fn stop_cluster(self: Arc<Self>, cluster_id: i64) -> Result<(), OrchestratorError> {
+        let lock = self.lock_for(cluster_id);
+        let _guard = lock.lock().await;
+        let Some(cluster) = self.store.cluster_by_id(cluster_id)? else {
+            return Ok(());
+        };
+        if cluster.state != ClusterState::Stopping {
+            return Ok(());
+        }
+        let ns = self.store.namespace_by_id(cluster.namespace_id)?;
+        let specs = match self.specs_of(&ns, &cluster) {
+            Ok(specs) => specs,
+            Err(e) => {
+                self.set_cluster(&cluster, ClusterState::Failed, Some(&e.to_string()));
+                return Ok(());
+            }
+        };
+        let t0 = Instant::now();
+        // A stop cut off by a restart: the VMs already saved and ended keep their state.
+        let alive = self.each_vm(&specs, |b, s| Ok(b.is_running(s))).await;
+        let running: Vec<VmSpec> = specs
+            .iter()
+            .zip(alive)
+            .filter(|(_, (_, r))| matches!(r, Ok(true)))
+            .map(|(s, _)| s.clone())
+            .collect();
+        let mut failure = self
+            .each_vm(&running, |b, s| b.pause(s))
+            .await
+            .into_iter()
+            .find_map(|(_, r)| r.err());
+        if failure.is_none() {
+            failure = self
+                .each_vm(&running, |b, s| b.suspend(s))
+                .await
+                .into_iter()
+                .find_map(|(_, r)| r.err());
+        }
+        if let Some(reason) = failure {
+            let still: Vec<VmSpec> = running
+                .into_iter()
+                .filter(|s| self.backend.is_running(s))
+                .collect();
+            let _ = self.each_vm(&still, |b, s| b.resume(s)).await;
+            let reason = format!(
+                "stop failed: {reason}
+`fcdev up` brings the cluster back as it was"
+            );
+            self.set_cluster(&cluster, ClusterState::Failed, Some(&reason));
+            return Ok(());
+        }
+        for vm in self.store.vms_of(cluster.id)? {
+            self.set_vm(
+                &cluster,
+                &vm,
+                VmState::Stopped,
+                Some("stopped: memory and disk saved"),
+            );
+        }
+        let dir = self.vms_dir.join(&ns.name).join(&cluster.name);
+        let bytes = tokio::task::spawn_blocking(move || disk_usage(&dir))
+            .await
+            .unwrap_or(0);
+        let message = format!(
+            "cluster stopped in {:.1}s: {} on disk, no VM running",
+            t0.elapsed().as_secs_f64(),
+            human(bytes)
+        );
+        match self.store.set_cluster_stopped(cluster.id, bytes, &message) {
+            Ok(event) => {
+                let _ = self.events.send(event);
+            }
+            Err(e) => tracing::error!("cannot record state of cluster {}: {e}", cluster.name),
         }
         Ok(())
     }
@@ -698,7 +1310,15 @@ impl Orchestrator {
                 ClusterState::Deleting => {
                     drop(self.spawn_delete(cluster));
                 }
-                ClusterState::Resetting => self.spawn_drive(cluster.id, true),
+                // A save cut off: its VMs may be paused; resume them, drop the half snapshot.
+                ClusterState::Saving => self.spawn_resume_after_save(cluster),
+                ClusterState::Stopping => self.spawn_stop(cluster.id),
+                ClusterState::Restoring => self.set_cluster(
+                    &cluster,
+                    ClusterState::Failed,
+                    Some("a snapshot restore was cut off by a server restart: restore it again, or `fcdev reset`"),
+                ),
+                ClusterState::Resetting => self.spawn_drive(cluster.id, DriveMode::Reset),
                 state if state.is_transient() => {
                     tracing::info!("resuming cluster {} (was {})", cluster.name, state.as_str());
                     self.emit(
@@ -707,7 +1327,7 @@ impl Orchestrator {
                         state.as_str(),
                         "server restarted, resuming",
                     );
-                    self.spawn_drive(cluster.id, false);
+                    self.spawn_drive(cluster.id, DriveMode::Up);
                 }
                 ClusterState::Ready => {
                     self.refresh(&cluster)?;
@@ -771,6 +1391,7 @@ impl Orchestrator {
             state: c.state,
             reason: c.reason.clone(),
             start_mode: c.start_mode.clone(),
+            disk_bytes: c.disk_bytes,
             vms,
             event_seq: 0,
             created_at: c.created_at.clone(),
@@ -778,6 +1399,9 @@ impl Orchestrator {
         })
     }
 }
+
+/// The folder of a cluster's snapshot disk layers, next to its snapshots (not a DNS label: no snapshot's name).
+const LAYERS_DIR: &str = ".layers";
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)

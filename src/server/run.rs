@@ -58,6 +58,10 @@ pub struct ServerOptions {
     pub accel: String,
     /// VMs starting at once (admission control); 0: four per core, at least 8.
     pub max_starts: usize,
+    /// Bytes of named snapshots one engineer may keep (0: no limit).
+    pub snapshot_quota: u64,
+    /// Stop clusters idle this long (`server/idle.rs`); None: never.
+    pub idle_stop: Option<Duration>,
     pub netns: Option<String>,
     pub dev_user: String,
 }
@@ -141,11 +145,16 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
             Catalog::new(opts.images_dir.clone()),
             opts.data_dir.join("vms"),
             opts.max_starts,
+            opts.data_dir.join("snapshots"),
+            opts.snapshot_quota,
         );
         orchestrator.recover()?;
         orchestrator.spawn_watchdog(Duration::from_secs(2));
         // The hub gets the stored peers now; admin changes made by other processes reach it later.
         crate::server::follow::start(store.clone(), hub.clone(), orchestrator.clone()).await?;
+        if let Some(after) = opts.idle_stop {
+            crate::server::idle::spawn(store.clone(), hub.clone(), orchestrator.clone(), after);
+        }
         let state = crate::server::http::AppState {
             store: store.clone(),
             orchestrator,

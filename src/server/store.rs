@@ -1,4 +1,4 @@
-//! Server state in SQLite (WAL): users, hashed tokens, namespaces, clusters, VMs, peers, events.
+//! Server state in SQLite (WAL): users, hashed tokens, namespaces, clusters, VMs, peers, events, snapshots.
 //!
 //! One connection behind a mutex; every multi-row change runs in one `IMMEDIATE` transaction, so a crash never
 //! leaves half a change and concurrent requests never hand out the same subnet or address twice.
@@ -67,6 +67,22 @@ pub struct ClusterRow {
     pub start_mode: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// Bytes on disk while the cluster is stopped (disks and saved memory), else None.
+    pub disk_bytes: Option<u64>,
+}
+
+/// A named snapshot of a cluster (its files: `DATA/snapshots/<namespace>/<cluster>/<name>/`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRow {
+    pub id: i64,
+    pub cluster_id: i64,
+    pub namespace_id: i64,
+    /// The cluster's name.
+    pub cluster: String,
+    pub name: String,
+    pub image: String,
+    pub size_bytes: u64,
+    pub created_at: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -171,6 +187,16 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL,
     at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
     PRIMARY KEY (cluster_id, seq)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY,
+    cluster_id INTEGER NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
+    namespace_id INTEGER NOT NULL REFERENCES namespaces(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    image TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now')),
+    UNIQUE (cluster_id, name)
 );
 CREATE TABLE IF NOT EXISTS ssh_keys (
     namespace_id INTEGER NOT NULL REFERENCES namespaces(id) ON DELETE CASCADE,
@@ -299,6 +325,20 @@ fn row_cluster(r: &rusqlite::Row) -> rusqlite::Result<ClusterRow> {
         start_mode: r.get(6)?,
         created_at: r.get(7)?,
         updated_at: r.get(8)?,
+        disk_bytes: r.get::<_, Option<i64>>(9)?.map(|b| b.max(0) as u64),
+    })
+}
+
+fn row_snapshot(r: &rusqlite::Row) -> rusqlite::Result<SnapshotRow> {
+    Ok(SnapshotRow {
+        id: r.get(0)?,
+        cluster_id: r.get(1)?,
+        namespace_id: r.get(2)?,
+        cluster: r.get(3)?,
+        name: r.get(4)?,
+        image: r.get(5)?,
+        size_bytes: r.get::<_, i64>(6)?.max(0) as u64,
+        created_at: r.get(7)?,
     })
 }
 
@@ -354,7 +394,9 @@ fn row_event(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
 const EVENT_COLS: &str = "seq, cluster_id, vm, state, message, at";
 const NS_COLS: &str = "id, user_id, name, idx, subnet";
 const CLUSTER_COLS: &str =
-    "id, namespace_id, name, image, state, reason, start_mode, created_at, updated_at";
+    "id, namespace_id, name, image, state, reason, start_mode, created_at, updated_at, disk_bytes";
+const SNAPSHOT_COLS: &str =
+    "s.id, s.cluster_id, s.namespace_id, c.name, s.name, s.image, s.size_bytes, s.created_at";
 const VM_COLS: &str = "id, cluster_id, slot, name, role, address, mac, state, detail";
 const PEER_COLS: &str = "id, namespace_id, name, public_key, address";
 
@@ -379,6 +421,14 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     )?;
     if !has_removing {
         conn.execute_batch("ALTER TABLE users ADD COLUMN removing_at TEXT")?;
+    }
+    let has_disk_bytes: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('clusters') WHERE name = 'disk_bytes'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_disk_bytes {
+        conn.execute_batch("ALTER TABLE clusters ADD COLUMN disk_bytes INTEGER")?;
     }
     Ok(())
 }
@@ -785,6 +835,18 @@ impl Store {
         )
     }
 
+    /// Ready clusters whose state has not changed for `secs` seconds (`fcdev server --idle-stop`).
+    pub fn clusters_ready_since(&self, secs: u64) -> StoreResult<Vec<ClusterRow>> {
+        self.query_all(
+            &format!(
+                "SELECT {CLUSTER_COLS} FROM clusters WHERE state = ?1
+                 AND updated_at <= strftime('%Y-%m-%dT%H:%M:%SZ', 'now', ?2) ORDER BY id"
+            ),
+            params![ClusterState::Ready.as_str(), format!("-{secs} seconds")],
+            row_cluster,
+        )
+    }
+
     /// Set a cluster's state and record its event in one transaction: whoever reads the new state finds the event.
     pub fn set_cluster_state_event(
         &self,
@@ -796,13 +858,115 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
-            "UPDATE clusters SET state = ?2, reason = ?3,
+            "UPDATE clusters SET state = ?2, reason = ?3, disk_bytes = NULL,
              updated_at = strftime('%Y-%m-%dT%H:%M:%SZ','now') WHERE id = ?1",
             params![id, state.as_str(), reason],
         )?;
         let event = insert_event(&tx, id, None, state.as_str(), message)?;
         tx.commit()?;
         Ok(event)
+    }
+
+    /// Mark a cluster stopped with the bytes it keeps on disk, and record its event, in one transaction.
+    pub fn set_cluster_stopped(
+        &self,
+        id: i64,
+        disk_bytes: u64,
+        message: &str,
+    ) -> StoreResult<EventRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE clusters SET state = ?2, reason = NULL, disk_bytes = ?3,
+             updated_at = strftime('%Y-%m-%dT%H:%M:%SZ','now') WHERE id = ?1",
+            params![id, ClusterState::Stopped.as_str(), disk_bytes as i64],
+        )?;
+        let event = insert_event(&tx, id, None, ClusterState::Stopped.as_str(), message)?;
+        tx.commit()?;
+        Ok(event)
+    }
+
+    /// Record a named snapshot whose files are complete. `Exists` when the cluster has one of that name.
+    pub fn add_snapshot(
+        &self,
+        cluster_id: i64,
+        name: &str,
+        image: &str,
+        size_bytes: u64,
+    ) -> StoreResult<SnapshotRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let inserted = tx.execute(
+            "INSERT INTO snapshots (cluster_id, namespace_id, name, image, size_bytes)
+             SELECT id, namespace_id, ?2, ?3, ?4 FROM clusters WHERE id = ?1",
+            params![cluster_id, name, image, size_bytes as i64],
+        );
+        match inserted {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::Exists(format!("snapshot `{name}`")))
+            }
+            Err(e) => return Err(e.into()),
+            Ok(0) => return Err(StoreError::NotFound(format!("cluster #{cluster_id}"))),
+            Ok(_) => {}
+        }
+        let id = tx.last_insert_rowid();
+        let row = tx.query_row(
+            &format!(
+                "SELECT {SNAPSHOT_COLS} FROM snapshots s JOIN clusters c ON c.id = s.cluster_id
+                 WHERE s.id = ?1"
+            ),
+            [id],
+            row_snapshot,
+        )?;
+        tx.commit()?;
+        Ok(row)
+    }
+
+    pub fn snapshot(&self, cluster_id: i64, name: &str) -> StoreResult<Option<SnapshotRow>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                &format!(
+                    "SELECT {SNAPSHOT_COLS} FROM snapshots s JOIN clusters c ON c.id = s.cluster_id
+                     WHERE s.cluster_id = ?1 AND s.name = ?2"
+                ),
+                params![cluster_id, name],
+                row_snapshot,
+            )
+            .optional()?)
+    }
+
+    /// A cluster's snapshots, oldest first.
+    pub fn snapshots_of(&self, cluster_id: i64) -> StoreResult<Vec<SnapshotRow>> {
+        self.query_all(
+            &format!(
+                "SELECT {SNAPSHOT_COLS} FROM snapshots s JOIN clusters c ON c.id = s.cluster_id
+                 WHERE s.cluster_id = ?1 ORDER BY s.id"
+            ),
+            [cluster_id],
+            row_snapshot,
+        )
+    }
+
+    /// Every snapshot of a namespace, largest first (what to remove when the quota is reached).
+    pub fn snapshots_in(&self, ns_id: i64) -> StoreResult<Vec<SnapshotRow>> {
+        self.query_all(
+            &format!(
+                "SELECT {SNAPSHOT_COLS} FROM snapshots s JOIN clusters c ON c.id = s.cluster_id
+                 WHERE s.namespace_id = ?1 ORDER BY s.size_bytes DESC, s.id"
+            ),
+            [ns_id],
+            row_snapshot,
+        )
+    }
+
+    pub fn delete_snapshot(&self, id: i64) -> StoreResult<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM snapshots WHERE id = ?1", [id])?
+            > 0)
     }
 
     pub fn set_start_mode(&self, id: i64, mode: &str) -> StoreResult<()> {
@@ -827,6 +991,7 @@ impl Store {
             r.get(0)
         })?;
         tx.execute("DELETE FROM vms WHERE cluster_id = ?1", [id])?;
+        tx.execute("DELETE FROM snapshots WHERE cluster_id = ?1", [id])?;
         tx.execute("DELETE FROM events WHERE cluster_id = ?1", [id])?;
         tx.execute("DELETE FROM clusters WHERE id = ?1", [id])?;
         tx.commit()?;
@@ -1048,6 +1213,54 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn snapshots_are_per_cluster_and_go_with_it() {
+        let (_dir, store) = store();
+        let (a, _) = store.add_user("a").unwrap();
+        let (b, _) = store.add_user("b").unwrap();
+        let na = store.ensure_namespace(&a).unwrap();
+        let nb = store.ensure_namespace(&b).unwrap();
+        let vms = [NewVm {
+            name: "n1",
+            role: "proxy",
+        }];
+        let ca = store.create_cluster(&na, "dev", "tiny", &vms).unwrap();
+        let cb = store.create_cluster(&nb, "dev", "tiny", &vms).unwrap();
+        let s1 = store.add_snapshot(ca.id, "s1", "tiny", 10 << 20).unwrap();
+        assert_eq!((s1.cluster.as_str(), s1.size_bytes), ("dev", 10 << 20));
+        assert!(matches!(
+            store.add_snapshot(ca.id, "s1", "tiny", 1),
+            Err(StoreError::Exists(_))
+        ));
+        store.add_snapshot(ca.id, "s2", "tiny", 20 << 20).unwrap();
+        assert!(
+            store.snapshot(cb.id, "s1").unwrap().is_none(),
+            "per cluster"
+        );
+        assert!(store.snapshots_in(nb.id).unwrap().is_empty());
+        let largest: Vec<String> = store
+            .snapshots_in(na.id)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(largest, ["s2", "s1"]);
+        // Stopped: its size, cleared by the next state.
+        store.set_cluster_stopped(ca.id, 42, "stopped").unwrap();
+        let c = store.cluster_by_id(ca.id).unwrap().unwrap();
+        assert_eq!((c.state, c.disk_bytes), (ClusterState::Stopped, Some(42)));
+        store
+            .set_cluster_state_event(ca.id, ClusterState::Ready, None, "ready")
+            .unwrap();
+        assert_eq!(
+            store.cluster_by_id(ca.id).unwrap().unwrap().disk_bytes,
+            None
+        );
+        assert!(store.delete_snapshot(s1.id).unwrap());
+        store.delete_cluster(ca.id).unwrap();
+        assert!(store.snapshots_in(na.id).unwrap().is_empty());
     }
 
     #[test]

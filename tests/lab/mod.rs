@@ -51,6 +51,13 @@ pub fn require_vm_tools() {
 /// The tiny image with its onboarding snapshot, built once with the real CLI into target/fcdev-test-images.
 pub fn tiny_image() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fcdev-test-images/tiny");
+    // An image of another recipe (the init script changed) is stale, and so is its snapshot.
+    let recipe = format!("tiny {}\n", fcdev::image::build::tiny_recipe_hash());
+    if dir.exists()
+        && std::fs::read_to_string(dir.join(fcdev::image::build::RECIPE_FILE)).ok() != Some(recipe)
+    {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
     let snapshot_ready = dir.join("snapshot").is_dir();
     let image_cmd = |verb: &str| {
         let out = Command::new(FCDEV)
@@ -153,6 +160,29 @@ pub fn spawn_server_at(
     images: &Path,
     ip: &str,
 ) -> (Proc, Option<String>) {
+    spawn_server_with(host, data_dir, images, ip, &[])
+}
+
+/// `spawn_server_at` with more server arguments; the server's log goes to `DATA_DIR/../server.log` (appended).
+pub fn spawn_server_with(
+    host: &str,
+    data_dir: &Path,
+    images: &Path,
+    ip: &str,
+    extra: &[&str],
+) -> (Proc, Option<String>) {
+    let log = data_dir
+        .parent()
+        .map(|d| d.join("server.log"))
+        .and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        })
+        .map(Stdio::from)
+        .unwrap_or_else(Stdio::null);
     let mut server = Proc(
         Command::new("ip")
             .args([
@@ -169,8 +199,9 @@ pub fn spawn_server_at(
             .arg(data_dir)
             .arg("--images")
             .arg(images)
+            .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn fcdev server"),
     );

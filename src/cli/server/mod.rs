@@ -58,6 +58,14 @@ pub struct RunArgs {
     /// wait in a queue and `fcdev up` shows "queued (n ahead)". 0: four per core, at least 8.
     #[arg(long, default_value_t = 0)]
     pub max_starts: usize,
+    /// Disk that one engineer's named snapshots may take (`fcdev snapshot save`), e.g. `20G`, `512M`; `0`: no
+    /// limit. A save that would go over is refused with the snapshots to remove.
+    #[arg(long, default_value = "20G", value_parser = parse_size)]
+    pub snapshot_quota: u64,
+    /// Stop (`fcdev stop`) a ready cluster left alone this long: no state change and no tunnel handshake of its
+    /// engineer, e.g. `8h`, `30m`; `0`: never (the default). `fcdev start` or `up` resumes it.
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    pub idle_stop: std::time::Duration,
     /// Run VMs, bridges and the hub's TUN inside this network namespace (created if missing); the API and hub
     /// sockets stay in the namespace the server was started in. `none` keeps everything where it is.
     /// Default: `fcdev-dev` with --dev, else none.
@@ -196,12 +204,61 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 backend: r.backend,
                 accel: r.accel,
                 max_starts: r.max_starts,
+                snapshot_quota: r.snapshot_quota,
+                idle_stop: (!r.idle_stop.is_zero()).then_some(r.idle_stop),
                 netns,
                 dev_user: r.user.unwrap_or_else(default_user_name),
             };
             crate::server::run::serve(opts)
         }
     }
+}
+
+/// `8h`, `30m`, `90s` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86400,
+                _ => return Err(format!("`{s}`: use a number with s, m, h or d")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is not a duration (e.g. 8h, 30m, 0)"))
+}
+
+/// `20G`, `512M`, `100K` or plain bytes (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("`{s}`: use a number with K, M, G or T")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size (e.g. 20G, 512M, 0)"))
 }
 
 /// How long `user remove` waits for the running server to stop the engineer's clusters.
@@ -300,5 +357,29 @@ fn user(cmd: UserCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(super::parse_size("20G"), Ok(20 << 30));
+        assert_eq!(super::parse_size("512m"), Ok(512 << 20));
+        assert_eq!(super::parse_size("0"), Ok(0));
+        assert!(super::parse_size("12X").is_err());
+        assert!(super::parse_size("G").is_err());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        use std::time::Duration;
+        assert_eq!(
+            super::parse_duration("8h"),
+            Ok(Duration::from_secs(8 * 3600))
+        );
+        assert_eq!(super::parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(super::parse_duration("0"), Ok(Duration::ZERO));
+        assert!(super::parse_duration("5x").is_err());
     }
 }

@@ -4,7 +4,7 @@
 //! Every method is blocking: the orchestrator calls them from `spawn_blocking`.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::api::Subnet;
 use crate::server::images::{Image, VmTemplate};
@@ -34,6 +34,27 @@ impl BackendError {
 }
 
 pub type BackendResult<T> = Result<T, BackendError>;
+
+/// Bytes a file or folder takes on disk (allocated blocks: sparse files count what they hold; a file with
+/// several names counts once).
+pub fn disk_usage(path: &Path) -> u64 {
+    fn walk(path: &Path, seen: &mut std::collections::HashSet<(u64, u64)>) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return 0;
+        };
+        if meta.is_dir() {
+            std::fs::read_dir(path)
+                .map(|entries| entries.flatten().map(|e| walk(&e.path(), seen)).sum())
+                .unwrap_or(0)
+        } else if seen.insert((meta.dev(), meta.ino())) {
+            meta.blocks() * 512
+        } else {
+            0
+        }
+    }
+    walk(path, &mut std::collections::HashSet::new())
+}
 
 /// One engineer's network: a /24 with the host gateway on `.1`.
 #[derive(Debug, Clone)]
@@ -66,6 +87,9 @@ pub struct VmSpec {
     /// The cluster's VMs by name (short name first, then the others such as `n1.alice.fcdev`) and address:
     /// the guest's /etc/hosts, so services find each other by name after any re-addressing.
     pub hosts: Vec<(Vec<String>, Ipv4Addr)>,
+    /// A named snapshot's saved VM (see `save`) to start from instead of the onboarding snapshot
+    /// (`fcdev snapshot restore`).
+    pub restore_from: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -83,6 +107,8 @@ pub enum StartMode {
     Restore,
     /// Booted from the kernel/disk.
     Boot,
+    /// Resumed from a saved state: a named snapshot, or its own state after `fcdev stop`.
+    Resume,
 }
 
 impl StartMode {
@@ -90,6 +116,7 @@ impl StartMode {
         match self {
             StartMode::Restore => "restore",
             StartMode::Boot => "boot",
+            StartMode::Resume => "resume",
         }
     }
 }
@@ -145,4 +172,69 @@ pub trait Backend: Send + Sync {
     /// The file the VM's console (its serial port, or the test VM's output) is written to, for `fcdev logs`.
     /// It may not exist yet; a restart of the VM may start it over.
     fn console_log(&self, vm: &VmSpec) -> Option<PathBuf>;
+
+    /// Run `command` in the VM, handing its output to `out` as it comes (`out` returning false stops it);
+    /// returns its exit code. Blocks until the command ends.
+    fn exec(
+        &self,
+        _vm: &VmSpec,
+        _command: &str,
+        _out: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> BackendResult<i32> {
+        Err(BackendError::msg(format!(
+            "the {} backend cannot run commands in VMs",
+            self.kind()
+        )))
+    }
+
+    // Saved VMs (named snapshots, stopped clusters). A consistent cluster snapshot pauses every VM, saves each,
+    // then resumes them all; the orchestrator owns that order, the backend one VM at a time.
+
+    /// Pause a running VM.
+    fn pause(&self, vm: &VmSpec) -> BackendResult<()> {
+        Err(self.cannot_save(vm))
+    }
+
+    /// Resume a paused VM and set its clock.
+    fn resume(&self, vm: &VmSpec) -> BackendResult<()> {
+        Err(self.cannot_save(vm))
+    }
+
+    /// Save a paused VM into `dir` (created empty by the caller): memory and device state, and its disk captured
+    /// without a copy (a layer kept under `layers`, shared by the cluster's snapshots). The VM stays paused.
+    /// Returns the bytes the saved VM adds on disk.
+    fn save(&self, vm: &VmSpec, _dir: &Path, _layers: &Path) -> BackendResult<u64> {
+        Err(self.cannot_save(vm))
+    }
+
+    /// Whether the saved VM in `dir` can be started here (same image, same qemu); the reason when not. Touches
+    /// nothing.
+    fn check_saved(&self, vm: &VmSpec, _dir: &Path) -> BackendResult<()> {
+        Err(self.cannot_save(vm))
+    }
+
+    /// Save a paused VM's memory and device state next to its disk and end its process (`fcdev stop`); the next
+    /// `start` resumes it. Returns the bytes the state takes.
+    fn suspend(&self, vm: &VmSpec) -> BackendResult<u64> {
+        Err(self.cannot_save(vm))
+    }
+
+    /// Delete the disk layers under `layers` that neither a VM's disk nor a saved VM under `saved` needs.
+    fn collect_layers(
+        &self,
+        _vms: &[VmSpec],
+        _saved: &[PathBuf],
+        _layers: &Path,
+    ) -> BackendResult<()> {
+        Ok(())
+    }
+
+    /// The error of a backend that cannot save VMs.
+    fn cannot_save(&self, vm: &VmSpec) -> BackendError {
+        BackendError::msg(format!(
+            "the {} backend cannot save or resume VM {}",
+            self.kind(),
+            vm.name
+        ))
+    }
 }

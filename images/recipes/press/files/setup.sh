@@ -4,7 +4,7 @@
 # role services at boot (see fcdev-boot).
 set -eu
 R=$1
-install -m 0755 "$R/fcdev-boot" "$R/fcdev-configure" "$R/fcdev-agent" /usr/local/sbin/
+install -m 0755 "$R/fcdev-boot" "$R/fcdev-agent" /usr/local/sbin/
 install -m 0644 "$R/fcdev-boot.service" "$R/fcdev-agent.service" "$R/press-app.service" "$R/press-seed.service" \
   /etc/systemd/system/
 mkdir -p /etc/fcdev /opt/press
@@ -34,7 +34,8 @@ printf '[Journal]\nStorage=volatile\nRuntimeMaxUse=16M\n' > /etc/systemd/journal
 echo "/dev/vda / ext4 defaults,noatime 0 1" > /etc/fstab
 : > /etc/resolv.conf
 echo press > /etc/hostname
-# ssh: keys only; one ed25519 host key, made per VM by fcdev-configure (never in the image).
+# ssh: keys only; one ed25519 host key per VM: the server's (fcdev-agent installs it), or made at a cold boot
+# (never in the image).
 sed -i 's/^#\?PasswordAuthentication.*/PasswordAuthentication no/' /etc/ssh/sshd_config
 printf 'HostKey /etc/ssh/ssh_host_ed25519_key\nUseDNS no\n' > /etc/ssh/sshd_config.d/fcdev.conf
 rm -f /etc/ssh/ssh_host_*

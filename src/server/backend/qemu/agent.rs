@@ -7,8 +7,12 @@
 //! - `config ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 hosts=B64 time=UNIX seed=HEX id=HEX` → `ok N …`
 //!   (`hosts`: /etc/hosts lines of the cluster's VMs; the guest also flushes its neighbour table, so the
 //!   snapshot network's MACs are forgotten; `time`: the host's clock, set in the guest; Debian images also
-//!   make a new ssh host key and reseed the kernel RNG from the seed)
+//!   reseed the kernel RNG from the seed and install `hostkey`, an ssh host key the server made)
 //! - `run B64(command) id=HEX` → `out RC B64(output) id=HEX`
+//! - `exec B64(command) id=HEX` → `started id=HEX`, `data id=HEX SEQ B64(bytes)`… as output comes, then
+//!   `exit id=HEX RC`; `kill id=HEX` stops it (SIGTERM to its process group)
+//! - `clock UNIX id=HEX` → `ok id=HEX` (sets the guest's clock, `date -u -s @UNIX`: after a VM resumed from a
+//!   named snapshot or a stop, its clock is where it was when it was saved)
 //!
 //! Every request carries an `id`; the host re-sends it until the reply comes (a line can be lost or cut on the
 //! serial port under load) and the agent handles each id once, answering a re-sent copy from its cache.
@@ -47,6 +51,9 @@ pub struct GuestConfig {
     pub ssh_keys: Vec<String>,
     /// `/etc/hosts` lines for the cluster's VMs (`ADDRESS NAME…`).
     pub hosts: Vec<String>,
+    /// The VM's new ssh host key (an OpenSSH private key file), made by the server: `hostkey=B64` (Debian
+    /// images install it; the tiny image's dropbear ignores it).
+    pub host_key: Option<String>,
 }
 
 impl GuestConfig {
@@ -69,8 +76,12 @@ impl GuestConfig {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let host_key = match &self.host_key {
+            Some(pem) => format!(" hostkey={}", b64.encode(pem)),
+            None => String::new(),
+        };
         format!(
-            "config ip={} gw={} name={} ns={} role={} mac={} keys={} hosts={} time={now} seed={} id={}",
+            "config ip={} gw={} name={} ns={} role={} mac={} keys={} hosts={}{host_key} time={now} seed={} id={}",
             self.ip_cidr,
             self.gateway,
             self.name,
@@ -182,14 +193,43 @@ pub fn ping(socket: &Path, timeout: Duration) -> Result<(), AgentError> {
 /// Tell a restored guest who it is; returns when the guest confirmed.
 pub fn configure(socket: &Path, cfg: &GuestConfig, timeout: Duration) -> Result<(), AgentError> {
     let expect = format!("ok {}", cfg.name);
-    request(
+    let reply = request(
         socket,
         &cfg.to_line(),
         &|l: &str| l.starts_with(&expect),
         timeout,
         Some(Duration::from_millis(1500)),
+    )?;
+    // `ok NAME failed`: the guest could not apply it (its agent's log says why).
+    if reply.split_whitespace().nth(2) == Some("failed") {
+        return Err(AgentError::BadReply(format!(
+            "{reply} (see /var/log/fcdev-agent.log in the guest)"
+        )));
+    }
+    Ok(())
+}
+
+/// Set the guest's clock to the host's (after a resume from a saved state); returns when the guest confirmed.
+pub fn set_clock(socket: &Path, timeout: Duration) -> Result<(), AgentError> {
+    let id = request_id();
+    let expect = format!("ok id={id}");
+    // Re-sent copies carry the time of the first send: the agent handles the id once.
+    let line = format!("clock {} id={id}", unix_now());
+    request(
+        socket,
+        &line,
+        &|l: &str| l == expect,
+        timeout,
+        Some(Duration::from_millis(1000)),
     )
     .map(|_| ())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Run a shell command in the guest; returns (exit code, combined output). The request is re-sent every 2 s
@@ -206,6 +246,86 @@ pub fn run(socket: &Path, command: &str, timeout: Duration) -> Result<(i32, Stri
         Some(Duration::from_secs(2)),
     )?;
     parse_run_reply(&reply, &id)
+}
+
+/// Run a command in the guest and hand its output (stdout and stderr together) to `out` as it comes; returns
+/// its exit code. `out` returning false (nobody reads any more) stops the command (SIGTERM to its process
+/// group). The request is re-sent until the guest says it started; `limit` bounds the whole run.
+pub fn exec(
+    socket: &Path,
+    command: &str,
+    out: &mut dyn FnMut(&[u8]) -> bool,
+    limit: Duration,
+) -> Result<i32, AgentError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let id = request_id();
+    let line = format!("exec {} id={id}", b64.encode(command));
+    let start = Instant::now();
+    let stream = UnixStream::connect(socket).map_err(|source| AgentError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    let mut writer = stream.try_clone()?;
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut reader = BufReader::new(stream);
+    writer.write_all(format!("\n{line}\n").as_bytes())?;
+    let (mut started, mut last_send, mut next_seq) = (false, Instant::now(), 0u64);
+    let tag = format!("id={id}");
+    let mut buf = Vec::new();
+    loop {
+        if start.elapsed() >= limit {
+            let _ = writer.write_all(format!("\nkill {tag}\n").as_bytes());
+            return Err(AgentError::Timeout {
+                command: "exec".into(),
+                secs: limit.as_secs_f64(),
+            });
+        }
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => return Err(AgentError::BadReply("agent socket closed".into())),
+            Ok(_) if buf.ends_with(b"\n") => {
+                let text = String::from_utf8_lossy(&buf).trim().to_string();
+                buf.clear();
+                let words: Vec<&str> = text.split_whitespace().collect();
+                if words.get(1) != Some(&tag.as_str()) {
+                    continue;
+                }
+                started = true;
+                match words[0] {
+                    "data" => {
+                        let seq: u64 = words.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+                        let bytes = b64
+                            .decode(words.get(3).unwrap_or(&""))
+                            .map_err(|_| AgentError::BadReply(text.clone()))?;
+                        if seq != next_seq {
+                            // A line lost on the serial port: say so in the output rather than hide it.
+                            let _ = out(b"\n[fcdev: output lost on the serial line]\n");
+                        }
+                        next_seq = seq + 1;
+                        if !out(&bytes) {
+                            let _ = writer.write_all(format!("\nkill {tag}\n").as_bytes());
+                            return Ok(130);
+                        }
+                    }
+                    "exit" => {
+                        return words
+                            .get(2)
+                            .and_then(|s| s.parse().ok())
+                            .ok_or_else(|| AgentError::BadReply(text.clone()))
+                    }
+                    _ => {}
+                }
+            }
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !started && last_send.elapsed() >= Duration::from_secs(2) {
+            writer.write_all(format!("\n{line}\n").as_bytes())?;
+            last_send = Instant::now();
+        }
+    }
 }
 
 /// `out RC [B64] id=ID` → (RC, output); a reply to another request is an error.

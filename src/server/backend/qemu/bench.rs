@@ -57,6 +57,7 @@ pub fn cluster_specs(
                 template: t.clone(),
                 run_dir,
                 ssh_keys: Vec::new(),
+                restore_from: None,
             })
         })
         .collect()

@@ -15,6 +15,16 @@ pub mod files {
     pub const CONSOLE: &str = "console.log";
     pub const DISK: &str = "disk.qcow2";
     pub const MODE: &str = "mode";
+    /// The VM's ssh host public key (`ssh-ed25519 AAAA…`), when the server made its host key.
+    pub const HOST_KEY_PUB: &str = "host_key.pub";
+    /// How qemu was started (kernel, command line, memory): a saved VM is resumed with exactly that.
+    pub const LAUNCH: &str = "launch.toml";
+    /// The active disk's frozen layers (named snapshots' disks), newest first, one absolute path a line.
+    pub const LAYERS: &str = "layers";
+    /// The name of the disk file qemu writes to when a snapshot put a new overlay on top while it ran.
+    pub const ACTIVE: &str = "disk.active";
+    /// The VM's memory and device state while it is stopped (`fcdev stop`).
+    pub const SUSPENDED: &str = "suspended";
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +47,9 @@ pub enum Memory {
         path: PathBuf,
         share: bool,
     },
+    /// Anonymous guest RAM under the RAM block name of `File` (`memory-backend-ram,id=mem`): a VM resumed from a
+    /// saved state that ran on a memory file (the saved stream holds every page, so no file is needed).
+    Ram,
 }
 
 #[derive(Debug, Clone)]
@@ -103,7 +116,7 @@ impl Launch {
         push(os(self.accel.to_string()));
         let machine = match self.memory {
             Memory::Anonymous => "q35".to_string(),
-            Memory::File { .. } => "q35,memory-backend=mem".to_string(),
+            Memory::File { .. } | Memory::Ram => "q35,memory-backend=mem".to_string(),
         };
         push(os("-machine"));
         push(os(machine));
@@ -124,6 +137,13 @@ impl Launch {
             obj.push(path.as_os_str());
             push(os("-object"));
             push(obj);
+        }
+        if let Memory::Ram = &self.memory {
+            push(os("-object"));
+            push(os(format!(
+                "memory-backend-ram,id=mem,size={}M",
+                self.memory_mb
+            )));
         }
         push(os("-kernel"));
         push(self.kernel.clone().into_os_string());

@@ -9,8 +9,10 @@
 pub mod agent;
 pub mod bench;
 pub mod cmdline;
+pub mod hostkey;
 pub mod proc;
 pub mod qmp;
+pub mod saved;
 pub mod snapshot;
 pub mod switch;
 
@@ -107,6 +109,8 @@ pub struct QemuBackend {
     qemu_img: PathBuf,
     accel: Accel,
     boot_deadline: Duration,
+    /// `qemu-system-x86_64 --version`, first line (a saved VM is only resumed by the qemu that saved it).
+    qemu_version: String,
 }
 
 /// The server's constructor: `accel` is `auto`, `kvm` or `tcg` (from `fcdev server --accel`).
@@ -207,7 +211,24 @@ fn guest_config(vm: &VmSpec) -> agent::GuestConfig {
             .iter()
             .map(|(names, addr)| format!("{addr} {}", names.join(" ")))
             .collect(),
+        host_key: None,
     }
+}
+
+/// The config of a restored guest: also a new ssh host key, whose public half is kept in the run dir
+/// (`host_key.pub`) for laptops to check against.
+fn restore_config(vm: &VmSpec) -> agent::GuestConfig {
+    let key = hostkey::HostKey::generate();
+    let mut cfg = guest_config(vm);
+    if std::fs::write(
+        vm.run_dir.join(files::HOST_KEY_PUB),
+        key.public_line() + "\n",
+    )
+    .is_ok()
+    {
+        cfg.host_key = Some(key.private_pem(&vm.name));
+    }
+    cfg
 }
 
 /// Probe a VM's service on `addr`, ~1 s at most:
@@ -325,11 +346,23 @@ impl QemuBackend {
                 "accelerator kvm requested but /dev/kvm does not exist (use --accel tcg)",
             ));
         }
+        let qemu_version = std::process::Command::new(&binary)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(|l| l.trim().to_string())
+            })
+            .unwrap_or_else(|| "qemu (unknown version)".to_string());
         Ok(QemuBackend {
             binary,
             qemu_img,
             accel,
             boot_deadline: Duration::from_secs(45),
+            qemu_version,
         })
     }
 
@@ -354,6 +387,10 @@ impl QemuBackend {
 
     pub fn binary(&self) -> &Path {
         &self.binary
+    }
+
+    pub fn qemu_version(&self) -> &str {
+        &self.qemu_version
     }
 
     pub fn qemu_img(&self) -> &Path {
@@ -400,6 +437,8 @@ impl QemuBackend {
                 launch.accel
             ),
         );
+        saved::record_launch(launch)
+            .map_err(|e| err_with_log(format!("cannot record the launch: {e}"), run))?;
         proc::spawn_detached(&self.binary, &launch.args(), run)
             .map_err(|e| err_with_log(format!("qemu did not start: {e}"), run))
     }
@@ -461,7 +500,7 @@ impl QemuBackend {
                 .template
                 .disk
                 .as_ref()
-                .map(|_| vm.run_dir.join(files::DISK)),
+                .map(|_| saved::active_disk(&vm.run_dir)),
             net: Net::Tap(tap),
             mac: vm.mac.clone(),
             memory: Memory::Anonymous,
@@ -496,13 +535,26 @@ impl QemuBackend {
             incoming: true,
             ..self.launch_for(vm, tap, kernel, None, snap.meta.append.clone())
         };
-        self.launch(&launch)?;
-        let run = &vm.run_dir;
+        self.launch_incoming(&launch, &snap.state_path(), true)
+    }
+
+    /// Start qemu waiting for an incoming migration and feed it `state` (the one restore path of onboarding
+    /// snapshots and saved VMs). `ignore_shared`: the RAM comes from the shared memory file, not the stream.
+    fn launch_incoming(
+        &self,
+        launch: &Launch,
+        state: &Path,
+        ignore_shared: bool,
+    ) -> BackendResult<()> {
+        self.launch(launch)?;
+        let run = &launch.run_dir;
         let mut q = qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5))
             .map_err(|e| err_with_log(e.to_string(), run))?;
-        q.set_capability("x-ignore-shared", true)
-            .map_err(|e| err_with_log(e.to_string(), run))?;
-        let uri = format!("exec:cat {}", cmdline::shell_quote(&snap.state_path()));
+        if ignore_shared {
+            q.set_capability("x-ignore-shared", true)
+                .map_err(|e| err_with_log(e.to_string(), run))?;
+        }
+        let uri = format!("exec:cat {}", cmdline::shell_quote(state));
         q.execute("migrate-incoming", json!({ "uri": uri }))
             .map_err(|e| err_with_log(e.to_string(), run))?;
         Ok(())
@@ -549,6 +601,14 @@ impl QemuBackend {
     }
 }
 
+impl fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RestoreError::Unusable(e) | RestoreError::Slow(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Why a restore did not finish.
 enum RestoreError {
     /// qemu refused the snapshot (its state does not load): the snapshot cannot be used, boot instead.
@@ -565,6 +625,28 @@ impl QemuBackend {
     /// it who it is and wait for its agent's confirmation.
     fn finish_restore(&self, vm: &VmSpec) -> Result<(), RestoreError> {
         let run = &vm.run_dir;
+        let t0 = Instant::now();
+        let resumed = self.wait_running(run)?;
+        agent::configure(
+            &run.join(files::AGENT),
+            &restore_config(vm),
+            CONFIGURE_TIMEOUT,
+        )
+        .map_err(|e| RestoreError::Slow(e.to_string()))?;
+        note(
+            run,
+            &format!(
+                "restored: running after {:.0} ms, guest configured after {:.0} ms",
+                resumed.as_secs_f64() * 1000.0,
+                t0.elapsed().as_secs_f64() * 1000.0
+            ),
+        );
+        Ok(())
+    }
+
+    /// After `migrate-incoming`: wait until the guest runs, resuming it when the state was saved paused.
+    /// Returns how long that took.
+    fn wait_running(&self, run: &Path) -> Result<Duration, RestoreError> {
         let t0 = Instant::now();
         let mut q = qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5))
             .map_err(|e| RestoreError::Unusable(e.to_string()))?;
@@ -595,22 +677,7 @@ impl QemuBackend {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let resumed = t0.elapsed();
-        agent::configure(
-            &run.join(files::AGENT),
-            &guest_config(vm),
-            CONFIGURE_TIMEOUT,
-        )
-        .map_err(|e| RestoreError::Slow(e.to_string()))?;
-        note(
-            run,
-            &format!(
-                "restored: running after {:.0} ms, guest configured after {:.0} ms",
-                resumed.as_secs_f64() * 1000.0,
-                t0.elapsed().as_secs_f64() * 1000.0
-            ),
-        );
-        Ok(())
+        Ok(t0.elapsed())
     }
 }
 
@@ -626,7 +693,7 @@ impl Backend for QemuBackend {
     fn ready_deadline(&self, vm: &VmSpec, mode: StartMode) -> Duration {
         match mode {
             // The guest already runs as itself: its services were running in the snapshot.
-            StartMode::Restore => Duration::from_secs(30),
+            StartMode::Restore | StartMode::Resume => Duration::from_secs(30),
             StartMode::Boot => self.boot_deadline_of(&vm.template),
         }
     }
@@ -654,6 +721,9 @@ impl Backend for QemuBackend {
         if self.is_running(vm) {
             // Re-adopt: never start a second qemu for one VM.
             let mode = std::fs::read_to_string(run.join(files::MODE)).unwrap_or_default();
+            if mode.trim() == "resume" {
+                return Ok(StartMode::Resume);
+            }
             if mode.trim() != "restore" {
                 // (`boot` or `boot <why>`)
                 return Ok(StartMode::Boot);
@@ -662,13 +732,25 @@ impl Backend for QemuBackend {
             // yet: say it again (idempotent).
             if !self.probe(vm) {
                 let sock = run.join(files::AGENT);
-                if let Err(e) = agent::configure(&sock, &guest_config(vm), CONFIGURE_TIMEOUT) {
+                if let Err(e) = agent::configure(&sock, &restore_config(vm), CONFIGURE_TIMEOUT) {
                     note(run, &format!("re-adopted VM not configured: {e}"));
                 }
             }
             return Ok(StartMode::Restore);
         }
+        // The disk names a snapshot left while the previous qemu ran.
+        saved::settle_disk(run)?;
         let tap = self.tap_for(vm)?;
+        // A VM stopped by `fcdev stop` resumes its own state on its own disk; never booted over it.
+        if run.join(files::SUSPENDED).join(saved::META).is_file() {
+            self.start_suspended(vm, tap)?;
+            return Ok(StartMode::Resume);
+        }
+        // A named snapshot: its saved state on a fresh overlay of its disk layer.
+        if let Some(dir) = &vm.restore_from {
+            self.start_from_saved(vm, tap, dir)?;
+            return Ok(StartMode::Resume);
+        }
         let mut snap = snapshot::find(&vm.image, &vm.template, self.accel);
         // Why this start boots instead of restoring, for `fcdev status` (written next to the mode).
         let mut why_boot = match (&snap, vm.image.snapshot_dir()) {
@@ -761,8 +843,17 @@ impl Backend for QemuBackend {
                 return Err(err_with_log(format!("qemu (pid {pid}) did not exit"), run));
             }
         }
-        for f in [files::QMP, files::AGENT, files::PID, files::MODE] {
+        for f in [
+            files::QMP,
+            files::AGENT,
+            files::PID,
+            files::MODE,
+            files::LAUNCH,
+        ] {
             let _ = std::fs::remove_file(run.join(f));
+        }
+        if run.is_dir() {
+            saved::settle_disk(run)?;
         }
         netns::remove_tap(vm.namespace.index, vm.tap_number())
             .map_err(|e| BackendError::msg(format!("tap of {}: {e}", vm.name)))?;
@@ -770,11 +861,52 @@ impl Backend for QemuBackend {
     }
 
     fn discard_disk(&self, vm: &VmSpec) -> BackendResult<()> {
-        match std::fs::remove_file(vm.run_dir.join(files::DISK)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
+        // The disk, the list of its layers, and a stopped VM's state (meaningless without its disk).
+        saved::settle_disk(&vm.run_dir).or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e),
+        })?;
+        for f in [files::DISK, files::LAYERS] {
+            match std::fs::remove_file(vm.run_dir.join(f)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
         }
+        match std::fs::remove_dir_all(vm.run_dir.join(files::SUSPENDED)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn pause(&self, vm: &VmSpec) -> BackendResult<()> {
+        self.pause_vm(vm)
+    }
+
+    fn resume(&self, vm: &VmSpec) -> BackendResult<()> {
+        self.resume_vm(vm)
+    }
+
+    fn save(&self, vm: &VmSpec, dir: &Path, layers: &Path) -> BackendResult<u64> {
+        self.save_vm(vm, dir, layers)
+    }
+
+    fn check_saved(&self, vm: &VmSpec, dir: &Path) -> BackendResult<()> {
+        self.check_saved_vm(vm, dir).map(|_| ())
+    }
+
+    fn suspend(&self, vm: &VmSpec) -> BackendResult<u64> {
+        let bytes = self.suspend_vm(vm)?;
+        self.stop(vm)?;
+        Ok(bytes)
+    }
+
+    fn collect_layers(
+        &self,
+        vms: &[VmSpec],
+        saved: &[PathBuf],
+        layers: &Path,
+    ) -> BackendResult<()> {
+        self.collect_layers_of(vms, saved, layers)
     }
 
     fn log_tail(&self, vm: &VmSpec) -> Option<String> {
@@ -784,4 +916,20 @@ impl Backend for QemuBackend {
     fn console_log(&self, vm: &VmSpec) -> Option<PathBuf> {
         Some(vm.run_dir.join(files::CONSOLE))
     }
+
+    fn exec(
+        &self,
+        vm: &VmSpec,
+        command: &str,
+        out: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> BackendResult<i32> {
+        if self.pid(vm).is_none() {
+            return Err(BackendError::msg(format!("VM {} is not running", vm.name)));
+        }
+        agent::exec(&vm.run_dir.join(files::AGENT), command, out, EXEC_LIMIT)
+            .map_err(|e| BackendError::msg(e.to_string()))
+    }
 }
+
+/// The longest `fcdev exec` runs.
+const EXEC_LIMIT: Duration = Duration::from_secs(6 * 3600);

@@ -112,6 +112,42 @@ pub fn key(template: &VmTemplate, accel: Accel) -> String {
     hex::encode(&h.finalize()[..6])
 }
 
+/// A guest counts as idle when its qemu uses less than this share of a core over [`QUIET_WINDOW`].
+const QUIET_SHARE: f64 = 0.12;
+const QUIET_WINDOW: Duration = Duration::from_secs(2);
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Wait until every process uses less than `share` of a core over one window, or `limit` passes (false).
+fn wait_quiet(pids: &[i32], share: f64, limit: Duration) -> bool {
+    let tick = 1.0 / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64);
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let before: Vec<Option<u64>> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+        std::thread::sleep(QUIET_WINDOW);
+        let busy = pids
+            .iter()
+            .zip(&before)
+            .any(|(p, b)| match (b, cpu_ticks(*p)) {
+                (Some(b), Some(a)) => {
+                    (a.saturating_sub(*b) as f64 * tick) > share * QUIET_WINDOW.as_secs_f64()
+                }
+                _ => false,
+            });
+        if !busy {
+            return true;
+        }
+    }
+    false
+}
+
 /// The key of a cluster snapshot: every VM's shape, role and check, and the accelerator.
 pub fn cluster_key(image: &Image, accel: Accel) -> String {
     let mut h = Sha256::new();
@@ -151,11 +187,21 @@ fn snapshot_append(template: &VmTemplate) -> String {
     .to_string()
 }
 
-/// Save the device state of a paused guest (`x-ignore-shared`: its RAM is already in the memory file) to
-/// `state`, and wait until the migration completed.
-fn save_paused(q: &mut qmp::Qmp, state: &Path) -> Result<(), qmp::QmpError> {
+/// Save the state of a paused guest to `state` and wait until the migration completed. `ignore_shared`: the
+/// guest RAM is already in the shared memory file (onboarding snapshots), so only the device state is written;
+/// else (saved VMs, `saved.rs`) every non-zero RAM page goes into the stream too.
+pub(super) fn save_paused(
+    q: &mut qmp::Qmp,
+    state: &Path,
+    ignore_shared: bool,
+) -> Result<(), qmp::QmpError> {
     let t0 = Instant::now();
-    q.set_capability("x-ignore-shared", true)?;
+    q.set_capability("x-ignore-shared", ignore_shared)?;
+    // qemu's default migration bandwidth is 32 MiB/s: a local file takes what the disk gives.
+    q.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 8u64 << 30 }),
+    )?;
     let uri = format!("exec:cat > {}", super::cmdline::shell_quote(state));
     q.execute("migrate", json!({ "uri": uri }))?;
     loop {
@@ -286,7 +332,7 @@ impl QemuBackend {
         let result =
             qmp::Qmp::connect(&run.join(files::QMP), Duration::from_secs(5)).and_then(|mut q| {
                 q.execute("stop", json!({}))?;
-                save_paused(&mut q, &dir.join(STATE))
+                save_paused(&mut q, &dir.join(STATE), true)
             });
         // SIGKILL right away, also on failure.
         proc::kill9(pid);
@@ -445,7 +491,8 @@ impl QemuBackend {
         }
         progress(&format!("booting {} VMs", members.len()));
         // Boot under TCG on a small host is slow: several systemd guests share the cores.
-        let deadline = Duration::from_secs(300);
+        // Six Debian guests booting on a busy 2-core host under TCG took up to ~300 s; this runs once per recipe.
+        let deadline = Duration::from_secs(900);
         let failed = |members: &[Member], m: &Member, why: String| {
             let tail = super::log_tail_of(&m.run);
             kill_all(members);
@@ -489,8 +536,22 @@ impl QemuBackend {
             "every check passed after {:.0} s; saving",
             started.elapsed().as_secs_f64()
         ));
-        // Let late boot work settle, then freeze every VM before saving any.
-        std::thread::sleep(Duration::from_secs(2));
+        // Let late boot work settle (module loads, first scrapes, caches warming): whatever a guest still does
+        // when it is saved, every restore does again. Then freeze every VM before saving any.
+        let pids: Vec<i32> = members
+            .iter()
+            .filter_map(|m| proc::read_pid(&m.run))
+            .collect();
+        let quiet = wait_quiet(&pids, QUIET_SHARE, Duration::from_secs(120));
+        progress(&format!(
+            "{} after {:.0} s",
+            if quiet {
+                "guests idle"
+            } else {
+                "guests still busy"
+            },
+            started.elapsed().as_secs_f64()
+        ));
         let t0 = Instant::now();
         let mut qmps = Vec::new();
         for m in &members {
@@ -502,7 +563,7 @@ impl QemuBackend {
             }
         }
         for (m, q) in members.iter().zip(qmps.iter_mut()) {
-            if let Err(e) = save_paused(q, &m.dir.join(STATE)) {
+            if let Err(e) = save_paused(q, &m.dir.join(STATE), true) {
                 return Err(failed(&members, m, format!("save: {e}")));
             }
         }
