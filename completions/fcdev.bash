@@ -25,8 +25,14 @@ _fcdev() {
             fcdev,completions)
                 cmd="fcdev__subcmd__completions"
                 ;;
+            fcdev,doctor)
+                cmd="fcdev__subcmd__doctor"
+                ;;
             fcdev,down)
                 cmd="fcdev__subcmd__down"
+                ;;
+            fcdev,exec)
+                cmd="fcdev__subcmd__exec"
                 ;;
             fcdev,help)
                 cmd="fcdev__subcmd__help"
@@ -42,6 +48,9 @@ _fcdev() {
                 ;;
             fcdev,login)
                 cmd="fcdev__subcmd__login"
+                ;;
+            fcdev,logs)
+                cmd="fcdev__subcmd__logs"
                 ;;
             fcdev,reset)
                 cmd="fcdev__subcmd__reset"
@@ -79,8 +88,14 @@ _fcdev() {
             fcdev__subcmd__help,completions)
                 cmd="fcdev__subcmd__help__subcmd__completions"
                 ;;
+            fcdev__subcmd__help,doctor)
+                cmd="fcdev__subcmd__help__subcmd__doctor"
+                ;;
             fcdev__subcmd__help,down)
                 cmd="fcdev__subcmd__help__subcmd__down"
+                ;;
+            fcdev__subcmd__help,exec)
+                cmd="fcdev__subcmd__help__subcmd__exec"
                 ;;
             fcdev__subcmd__help,help)
                 cmd="fcdev__subcmd__help__subcmd__help"
@@ -96,6 +111,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help,login)
                 cmd="fcdev__subcmd__help__subcmd__login"
+                ;;
+            fcdev__subcmd__help,logs)
+                cmd="fcdev__subcmd__help__subcmd__logs"
                 ;;
             fcdev__subcmd__help,reset)
                 cmd="fcdev__subcmd__help__subcmd__reset"
@@ -129,6 +147,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help__subcmd__image,snapshot)
                 cmd="fcdev__subcmd__help__subcmd__image__subcmd__snapshot"
+                ;;
+            fcdev__subcmd__help__subcmd__server,stop)
+                cmd="fcdev__subcmd__help__subcmd__server__subcmd__stop"
                 ;;
             fcdev__subcmd__help__subcmd__server,user)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user"
@@ -181,11 +202,17 @@ _fcdev() {
             fcdev__subcmd__server,help)
                 cmd="fcdev__subcmd__server__subcmd__help"
                 ;;
+            fcdev__subcmd__server,stop)
+                cmd="fcdev__subcmd__server__subcmd__stop"
+                ;;
             fcdev__subcmd__server,user)
                 cmd="fcdev__subcmd__server__subcmd__user"
                 ;;
             fcdev__subcmd__server__subcmd__help,help)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__help"
+                ;;
+            fcdev__subcmd__server__subcmd__help,stop)
+                cmd="fcdev__subcmd__server__subcmd__help__subcmd__stop"
                 ;;
             fcdev__subcmd__server__subcmd__help,user)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__user"
@@ -278,7 +305,7 @@ _fcdev() {
 
     case "${cmd}" in
         fcdev)
-            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset down stop start snapshot hosts ssh image server completions __socks-connect __test-vm help"
+            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -361,6 +388,24 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__doctor)
+            opts="-v -h --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__down)
             opts="-y -v -h --name --keep-peer --yes --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -383,8 +428,30 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__exec)
+            opts="-v -h --name --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__help)
-            opts="login up status images tunnel reset down stop start snapshot hosts ssh image server completions __socks-connect __test-vm help"
+            opts="login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -439,7 +506,35 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__help__subcmd__doctor)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__help__subcmd__down)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__exec)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -551,6 +646,20 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__help__subcmd__logs)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__help__subcmd__reset)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -566,8 +675,22 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__server)
-            opts="user"
+            opts="user stop"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__server__subcmd__stop)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -854,7 +977,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__image__subcmd__build)
-            opts="-v -h --out --kernel-version --no-ssh --hook --force --profile --verbose --help"
+            opts="-v -h --out --kernel-version --no-ssh --hook --force --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -940,7 +1063,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__image__subcmd__snapshot)
-            opts="-v -h --out --accel --profile --verbose --help"
+            opts="-v -h --out --accel --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1005,6 +1128,36 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__logs)
+            opts="-f -n -v -h --follow --lines --name --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --lines)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__reset)
             opts="-y -v -h --name --yes --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -1028,7 +1181,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server)
-            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --profile --verbose --help user help"
+            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --profile --verbose --help user stop help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1098,7 +1251,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__help)
-            opts="user help"
+            opts="user stop help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1112,6 +1265,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__help__subcmd__stop)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1202,6 +1369,28 @@ _fcdev() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__stop)
+            opts="-v -h --local --data-dir --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1348,7 +1537,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__list)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1722,7 +1911,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__tunnel)
-            opts="-L -v -h --mode --socks --forward --tun-name --name --json --profile --verbose --help"
+            opts="-L -v -h --mode --socks --http --forward --tun-name --name --json --wg-config --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1733,6 +1922,10 @@ _fcdev() {
                     return 0
                     ;;
                 --socks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --http)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1749,6 +1942,10 @@ _fcdev() {
                     return 0
                     ;;
                 --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wg-config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

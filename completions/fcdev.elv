@@ -31,12 +31,15 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand images 'List the prepared images of the server'
             cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
             cand reset 'Put a cluster back to its onboarding snapshot'
+            cand exec 'Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code'
             cand down 'Delete a cluster: VMs, disks, its snapshots and this machine''s tunnel peer'
             cand stop 'Save the cluster to disk and end its VMs (memory, processes and disks kept; the host''s RAM freed)'
             cand start 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)'
             cand snapshot 'Named snapshots of a cluster: save, restore, list, rm'
             cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
+            cand logs 'Show a VM''s console log (-f follows it)'
+            cand doctor 'Check this machine''s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
@@ -86,10 +89,12 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;tunnel'= {
             cand --mode 'tun (a TUN device; needs root or CAP_NET_ADMIN), proxy (rootless: SOCKS5 + forwards) or auto'
             cand --socks 'Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself'
+            cand --http 'Also run an HTTP proxy here (proxy mode; implies it under `--mode auto`): CONNECT and plain http:// requests, names resolved like the SOCKS5 proxy''s, e.g. `HTTPS_PROXY=http://127.0.0.1:8888`'
             cand -L 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable'
             cand --forward 'Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable'
             cand --tun-name 'The TUN device''s name (TUN mode)'
             cand --name 'This machine''s peer name (default: the host name)'
+            cand --wg-config 'Write a wg-quick configuration for stock WireGuard clients to FILE (0600; stdout without FILE) instead of running the tunnel. It holds this machine''s private key (never sent to the server) and the same address as `fcdev tunnel`: use one or the other at a time. Calling it again gives the same key and address'
             cand --profile 'The profile (server + token) to use'
             cand --json 'Status as JSON lines on stdout instead of a status line'
             cand -v 'More log output (repeat for more)'
@@ -103,6 +108,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -y 'Do not ask for confirmation'
             cand --yes 'Do not ask for confirmation'
             cand --json 'Print the cluster as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;exec'= {
+            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -224,6 +237,26 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'fcdev;logs'= {
+            cand -n 'How many of the last lines to print first (at most 10000)'
+            cand --lines 'How many of the last lines to print first (at most 10000)'
+            cand --name 'The cluster (default: the profile''s cluster, `dev`)'
+            cand --profile 'The profile (server + token) to use'
+            cand -f 'Keep printing what the console prints next (Ctrl-C to stop)'
+            cand --follow 'Keep printing what the console prints next (Ctrl-C to stop)'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;doctor'= {
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print the checks as JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;image'= {
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
@@ -241,6 +274,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --profile 'The profile (server + token) to use'
             cand --no-ssh 'Leave dropbear (ssh) out'
             cand --force 'Build even when the output holds an image of the same recipe'
+            cand --json 'Print the result as JSON (progress stays on stderr)'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -250,6 +284,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --out 'Image folder (default: <data dir>/images/NAME)'
             cand --accel 'Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
             cand --profile 'The profile (server + token) to use'
+            cand --json 'Print the result as JSON (progress stays on stderr)'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -287,6 +322,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help (see more with ''--help'')'
             cand --help 'Print help (see more with ''--help'')'
             cand user 'Manage engineers and their tokens'
+            cand stop 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'fcdev;server;user'= {
@@ -337,6 +373,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;user;list'= {
             cand --data-dir 'data-dir'
             cand --profile 'The profile (server + token) to use'
+            cand --json 'Print JSON: `[{"name": …}]`'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -362,8 +399,18 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;help;help'= {
         }
+        &'fcdev;server;stop'= {
+            cand --data-dir 'data-dir'
+            cand --profile 'The profile (server + token) to use'
+            cand --local 'The server of this machine (the only kind `stop` knows)'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;server;help'= {
             cand user 'Manage engineers and their tokens'
+            cand stop 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'fcdev;server;help;user'= {
@@ -382,6 +429,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;help;user;remove'= {
         }
         &'fcdev;server;help;user;list'= {
+        }
+        &'fcdev;server;help;stop'= {
         }
         &'fcdev;server;help;help'= {
         }
@@ -416,12 +465,15 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand images 'List the prepared images of the server'
             cand tunnel 'Join your namespace''s network from this machine (userspace WireGuard)'
             cand reset 'Put a cluster back to its onboarding snapshot'
+            cand exec 'Run a command in a VM (no tunnel needed): `fcdev exec n1 -- uptime`; exits with its exit code'
             cand down 'Delete a cluster: VMs, disks, its snapshots and this machine''s tunnel peer'
             cand stop 'Save the cluster to disk and end its VMs (memory, processes and disks kept; the host''s RAM freed)'
             cand start 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)'
             cand snapshot 'Named snapshots of a cluster: save, restore, list, rm'
             cand hosts 'Print /etc/hosts lines for your VMs'
             cand ssh 'Open an ssh session to a VM'
+            cand logs 'Show a VM''s console log (-f follows it)'
+            cand doctor 'Check this machine''s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
@@ -440,6 +492,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;tunnel'= {
         }
         &'fcdev;help;reset'= {
+        }
+        &'fcdev;help;exec'= {
         }
         &'fcdev;help;down'= {
         }
@@ -465,6 +519,10 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;help;ssh'= {
         }
+        &'fcdev;help;logs'= {
+        }
+        &'fcdev;help;doctor'= {
+        }
         &'fcdev;help;image'= {
             cand build 'Build an image from Debian packages (recipes: tiny, press). press is skipped when already built from the same recipe (use --force)'
             cand snapshot 'Boot the image''s VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`'
@@ -475,6 +533,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;help;server'= {
             cand user 'Manage engineers and their tokens'
+            cand stop 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
         }
         &'fcdev;help;server;user'= {
             cand add 'Add an engineer and print their token (shown once; the server keeps only its hash)'
@@ -492,6 +551,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;user;remove'= {
         }
         &'fcdev;help;server;user;list'= {
+        }
+        &'fcdev;help;server;stop'= {
         }
         &'fcdev;help;completions'= {
         }

@@ -89,7 +89,10 @@ impl ApiClient {
                     .body(body.to_json());
             }
             match req.send().await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => {
+                    self.note_version(&resp);
+                    return Ok(resp);
+                }
                 Err(e) if e.is_connect() && attempt < 3 => {
                     attempt += 1;
                     tokio::time::sleep(delay).await;
@@ -101,6 +104,22 @@ impl ApiClient {
                         reason: root_cause(&e),
                     })
                 }
+            }
+        }
+    }
+
+    /// Says once per process when the server runs another minor version than this client.
+    fn note_version(&self, resp: &reqwest::Response) {
+        let Some(server) = resp
+            .headers()
+            .get(api::VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        if let Some(warning) = skew_warning(env!("CARGO_PKG_VERSION"), server, &self.base) {
+            if !VERSION_NOTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!("{warning}");
             }
         }
     }
@@ -156,6 +175,30 @@ impl ApiClient {
     ) -> Result<T, ClientError> {
         let resp = self.send(Method::PUT, path, Some(body)).await?;
         self.decode(resp).await
+    }
+
+    /// GET a byte stream (a console log), calling `on_chunk` with each piece as it arrives until the server
+    /// ends it or `on_chunk` returns false. An error status is decoded like any other answer.
+    pub async fn stream_bytes<F>(&self, path: &str, mut on_chunk: F) -> Result<(), ClientError>
+    where
+        F: FnMut(&[u8]) -> bool,
+    {
+        use futures::StreamExt;
+        let resp = self.send(Method::GET, path, None).await?;
+        if !resp.status().is_success() {
+            return self.decode::<serde_json::Value>(resp).await.map(|_| ());
+        }
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+            if !on_chunk(&chunk) {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// POST `body` and follow an NDJSON answer, calling `on_line` with each line until it returns false or the
@@ -231,6 +274,24 @@ impl ApiClient {
     }
 }
 
+/// Set once the version skew was reported (or is reported elsewhere, as by `fcdev doctor`).
+static VERSION_NOTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keep the version-skew warning for this process to oneself (a command that reports it its own way).
+pub fn quiet_version_warning() {
+    VERSION_NOTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The warning for a server of another major or minor version, if it is one.
+pub fn skew_warning(ours: &str, server: &str, url: &str) -> Option<String> {
+    (api::minor_version(ours) != api::minor_version(server)).then(|| {
+        format!(
+            "warning: this fcdev is {ours} and the server at {url} runs {server}: another version of the API may \
+             differ; install fcdev {server} here (`fcdev doctor` checks the setup)"
+        )
+    })
+}
+
 fn root_cause(e: &dyn std::error::Error) -> String {
     let mut cause = e;
     while let Some(next) = cause.source() {
@@ -248,5 +309,16 @@ mod erased {
         fn to_json(&self) -> Vec<u8> {
             serde_json::to_vec(self).unwrap_or_default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn skew_is_another_minor_or_major_version() {
+        assert!(super::skew_warning("0.1.0", "0.1.7", "u").is_none());
+        let w = super::skew_warning("0.1.0", "0.2.0", "http://h:7070").unwrap();
+        assert!(w.contains("0.2.0") && w.contains("http://h:7070"), "{w}");
+        assert!(super::skew_warning("1.1.0", "0.1.0", "u").is_some());
     }
 }

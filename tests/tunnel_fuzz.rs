@@ -207,6 +207,7 @@ async fn rootless_client_survives_garbage() {
         plan,
         "127.0.0.1:0".parse().unwrap(),
         Some("127.0.0.1:0".parse().unwrap()),
+        None,
         &[],
     )
     .await

@@ -11,6 +11,16 @@ pub use net::Subnet;
 /// The API version prefix every route lives under.
 pub const API_PREFIX: &str = "/v1";
 
+/// The response header carrying the server's fcdev version (on every response, errors included).
+pub const VERSION_HEADER: &str = "fcdev-version";
+
+/// `(major, minor)` of a version string (`0.1.0` → `("0", "1")`): clients and servers of one minor version
+/// speak the same API.
+pub fn minor_version(version: &str) -> (&str, &str) {
+    let mut parts = version.trim().split('.');
+    (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Health {
     pub status: String,

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+use crate::cli::output::print_json;
 use crate::image::build::{build, BuildOptions};
 use crate::image::snapshot::snapshot_image;
 use crate::server::backend::qemu::{Accel, QemuBackend, QemuConfig};
@@ -36,6 +37,9 @@ pub enum ImageCommand {
         /// Build even when the output holds an image of the same recipe.
         #[arg(long)]
         force: bool,
+        /// Print the result as JSON (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// Boot the image's VMs on an isolated NIC and save the onboarding snapshot restored by `fcdev up`.
     Snapshot {
@@ -46,7 +50,35 @@ pub enum ImageCommand {
         /// Accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg.
         #[arg(long, default_value = "auto", env = "FCDEV_ACCEL")]
         accel: Accel,
+        /// Print the result as JSON (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
     },
+}
+
+#[derive(serde::Serialize)]
+struct Built<'a> {
+    image: &'a str,
+    dir: &'a Path,
+    /// false: already built from the same recipe (press), nothing done.
+    built: bool,
+    seconds: f64,
+}
+
+#[derive(serde::Serialize)]
+struct Snapshotted<'a> {
+    image: &'a str,
+    dir: &'a Path,
+    accelerator: String,
+    snapshots: Vec<SnapshotEntry>,
+    seconds: f64,
+}
+
+#[derive(serde::Serialize)]
+struct SnapshotEntry {
+    key: String,
+    vms: Vec<String>,
+    saved_ms: u128,
 }
 
 fn image_dir(data_dir: &Path, name: &str, out: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -65,6 +97,7 @@ pub fn run(args: ImageArgs, data_dir: &Path) -> anyhow::Result<()> {
             no_ssh,
             hook,
             force,
+            json,
         } => {
             let dir = image_dir(data_dir, &name, out)?;
             let t0 = Instant::now();
@@ -79,14 +112,32 @@ pub fn run(args: ImageArgs, data_dir: &Path) -> anyhow::Result<()> {
                 let built = crate::image::press::build_press(&dir, &opts)
                     .with_context(|| format!("building image `{name}`"))?;
                 if !built {
-                    println!(
-                        "image {name} in {} is up to date (same recipe; --force rebuilds)",
-                        dir.display()
-                    );
+                    if json {
+                        print_json(&Built {
+                            image: &name,
+                            dir: &dir,
+                            built: false,
+                            seconds: t0.elapsed().as_secs_f64(),
+                        });
+                    } else {
+                        println!(
+                            "image {name} in {} is up to date (same recipe; --force rebuilds)",
+                            dir.display()
+                        );
+                    }
                     return Ok(());
                 }
             } else {
                 build(&name, &dir, &opts).with_context(|| format!("building image `{name}`"))?;
+            }
+            if json {
+                print_json(&Built {
+                    image: &name,
+                    dir: &dir,
+                    built: true,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+                return Ok(());
             }
             println!(
                 "built image {name} in {} ({:.1} s)",
@@ -95,17 +146,42 @@ pub fn run(args: ImageArgs, data_dir: &Path) -> anyhow::Result<()> {
             );
             println!("next: fcdev image snapshot {name}");
         }
-        ImageCommand::Snapshot { name, out, accel } => {
+        ImageCommand::Snapshot {
+            name,
+            out,
+            accel,
+            json,
+        } => {
             let dir = image_dir(data_dir, &name, out)?;
             let backend = QemuBackend::new(QemuConfig {
                 accel,
                 qemu_binary: None,
             })
             .context("qemu")?;
-            println!("accelerator: {}", backend.accel());
+            if !json {
+                println!("accelerator: {}", backend.accel());
+            }
             let t0 = Instant::now();
             let report = snapshot_image(&dir, &backend)
                 .with_context(|| format!("snapshotting image `{name}`"))?;
+            if json {
+                print_json(&Snapshotted {
+                    image: &name,
+                    dir: &dir,
+                    accelerator: backend.accel().to_string(),
+                    snapshots: report
+                        .snapshots
+                        .iter()
+                        .map(|(key, vms, ms)| SnapshotEntry {
+                            key: key.to_string(),
+                            vms: vms.iter().map(|v| v.to_string()).collect(),
+                            saved_ms: u128::from(*ms),
+                        })
+                        .collect(),
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+                return Ok(());
+            }
             for (key, vms, ms) in &report.snapshots {
                 println!("snapshot {key} for {} (saved in {ms} ms)", vms.join(", "));
             }

@@ -6,6 +6,7 @@ use crate::client::ApiClient;
 use crate::config::{self, Profile};
 
 pub mod completions;
+pub mod doctor;
 pub mod down;
 pub mod errors;
 pub mod exec;
@@ -13,6 +14,7 @@ pub mod hosts;
 pub mod image;
 pub mod images;
 pub mod login;
+pub mod logs;
 pub mod output;
 pub mod progress;
 pub mod reset;
@@ -75,6 +77,10 @@ pub enum Command {
     Hosts(hosts::HostsArgs),
     /// Open an ssh session to a VM.
     Ssh(ssh::SshArgs),
+    /// Show a VM's console log (-f follows it).
+    Logs(logs::LogsArgs),
+    /// Check this machine's setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh.
+    Doctor(doctor::DoctorArgs),
     /// Build or snapshot prepared images (host side).
     Image(image::ImageArgs),
     /// Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side).
@@ -185,6 +191,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Snapshot(args) => snapshot::run(args, Context::new(cli.profile)?).await,
         Command::Hosts(args) => hosts::run(args, Context::new(cli.profile)?).await,
         Command::Ssh(args) => ssh::run(args, Context::new(cli.profile)?).await,
+        Command::Logs(args) => logs::run(args, Context::new(cli.profile)?).await,
+        Command::Doctor(args) => doctor::run(args, Context::new(cli.profile)?).await,
         Command::Image(args) => {
             image::run(args, &crate::config::data_dir()?).map_err(CliError::from)
         }

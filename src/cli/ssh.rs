@@ -31,7 +31,8 @@ pub struct SshArgs {
     pub command: Vec<String>,
 }
 
-fn key_path(ctx: &Context) -> PathBuf {
+/// The private half of this laptop's fcdev ssh key pair (`keys/<profile>_ssh`).
+pub fn key_path(ctx: &Context) -> PathBuf {
     ctx.store
         .keys_dir()
         .join(format!("{}_ssh", ctx.profile_name))

@@ -4,7 +4,51 @@ use serde::Serialize;
 
 use crate::api;
 use crate::cli::output::{print_json, table, vm_table};
-use crate::cli::{CliError, Context};
+use crate::cli::server::local::{local_server, LocalServer};
+use crate::cli::{CliError, Context, ExitKind};
+
+/// Whether an API URL points at this machine (`fcdev up --local` uses 127.0.0.1).
+fn is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split('/').next().unwrap_or_default();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.split_once(']'))
+        .map_or_else(
+            || host.rsplit_once(':').map_or(host, |(h, _)| h),
+            |(h, _)| h,
+        );
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The local server's state, when the profile's server is on this machine.
+async fn local_of(server_url: &str) -> Result<Option<LocalServer>, CliError> {
+    if !is_loopback(server_url) {
+        return Ok(None);
+    }
+    let dir = crate::config::data_dir()?;
+    tokio::task::spawn_blocking(move || local_server(&dir))
+        .await
+        .map(Some)
+        .map_err(|e| CliError::new(ExitKind::Failure, e.to_string()))
+}
+
+fn describe_local(l: &LocalServer) -> String {
+    match (l.running, l.pid) {
+        (true, Some(pid)) => format!(
+            "running (pid {pid}, data {}; `fcdev server stop --local` stops it)",
+            l.data_dir.display()
+        ),
+        (true, None) => format!("running (data {})", l.data_dir.display()),
+        (false, _) => format!(
+            "none runs on {} (`fcdev up --local` starts one)",
+            l.data_dir.display()
+        ),
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -16,6 +60,9 @@ pub struct StatusArgs {
 #[derive(Serialize)]
 struct Status {
     server: String,
+    /// When the profile's server is on this machine: whether a server runs on the local data dir.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_server: Option<LocalServer>,
     user: String,
     namespace: Option<api::Namespace>,
     clusters: Vec<api::Cluster>,
@@ -24,7 +71,16 @@ struct Status {
 
 pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
     let (profile, client) = ctx.client()?;
-    let me: api::Me = client.get("/me").await?;
+    let local = local_of(&profile.server).await?;
+    let me: api::Me = match client.get("/me").await {
+        Ok(me) => me,
+        Err(e) => {
+            if let Some(l) = local.as_ref().filter(|l| !l.running && !args.json) {
+                println!("Local server: {}", describe_local(l));
+            }
+            return Err(e.into());
+        }
+    };
     let clusters: Vec<api::Cluster> = client.get("/clusters").await?;
     // GET /clusters/{name} re-checks that the VMs still run.
     let mut fresh = Vec::new();
@@ -39,6 +95,7 @@ pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
     let peers: Vec<api::Peer> = client.get("/peers").await?;
     let status = Status {
         server: profile.server,
+        local_server: local,
         user: me.user,
         namespace: me.namespace,
         clusters: fresh,
@@ -49,6 +106,9 @@ pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
         return Ok(());
     }
     println!("Server:    {}", status.server);
+    if let Some(l) = &status.local_server {
+        println!("Local:     {}", describe_local(l));
+    }
     println!("User:      {}", status.user);
     match &status.namespace {
         Some(ns) => println!(
@@ -128,5 +188,23 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_urls() {
+        for url in [
+            "http://127.0.0.1:7070",
+            "http://localhost:7070/",
+            "http://[::1]:7070",
+            "http://127.0.0.1",
+        ] {
+            assert!(super::is_loopback(url), "{url}");
+        }
+        for url in ["http://host.example:7070", "http://10.0.0.1:7070"] {
+            assert!(!super::is_loopback(url), "{url}");
+        }
     }
 }

@@ -18,6 +18,10 @@ pub struct TunnelArgs {
     /// Where the SOCKS5 proxy listens (proxy mode). It resolves `<vm>.<namespace>.fcdev` itself.
     #[arg(long, default_value = "127.0.0.1:1080")]
     pub socks: SocketAddr,
+    /// Also run an HTTP proxy here (proxy mode; implies it under `--mode auto`): CONNECT and plain http:// requests,
+    /// names resolved like the SOCKS5 proxy's, e.g. `HTTPS_PROXY=http://127.0.0.1:8888`.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
     /// Forward a local port to a VM (proxy mode): LOCALPORT:VM:PORT, e.g. -L 8080:n1:80. Repeatable.
     #[arg(short = 'L', long = "forward", value_parser = parse_forward)]
     pub forwards: Vec<Forward>,
@@ -30,6 +34,11 @@ pub struct TunnelArgs {
     /// Status as JSON lines on stdout instead of a status line.
     #[arg(long)]
     pub json: bool,
+    /// Write a wg-quick configuration for stock WireGuard clients to FILE (0600; stdout without FILE) instead of
+    /// running the tunnel. It holds this machine's private key (never sent to the server) and the same address as
+    /// `fcdev tunnel`: use one or the other at a time. Calling it again gives the same key and address.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub wg_config: Option<std::path::PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -121,12 +130,51 @@ fn mode_name(m: Mode) -> &'static str {
     }
 }
 
+/// `--wg-config [FILE]`: register (idempotent) and write the wg-quick file.
+async fn write_wg_config(
+    ctx: &Context,
+    name: Option<&str>,
+    file: &std::path::Path,
+) -> Result<(), CliError> {
+    let (key, config) = register(ctx, name).await?;
+    let text = crate::tunnel::wg_quick::render(&key, &config, &ctx.profile_name);
+    if file == std::path::Path::new("-") {
+        print!("{text}");
+        return Ok(());
+    }
+    crate::config::write_private(file, &text, 0o600)?;
+    eprintln!(
+        "Wrote {} (0600): this machine is {} in namespace {}. Load it with `sudo wg-quick up {}` (the file name \
+         is the interface name: at most 15 characters before .conf) or import it into the WireGuard app.",
+        file.display(),
+        config.address,
+        config.namespace,
+        file.display()
+    );
+    Ok(())
+}
+
 pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
+    if let Some(file) = &args.wg_config {
+        return write_wg_config(&ctx, args.name.as_deref(), file).await;
+    }
     let (key, config) = register(&ctx, args.name.as_deref()).await?;
     let address = config.address.clone();
     let mut opts = ClientOptions::new(key, config.clone());
-    opts.mode = args.mode;
+    opts.mode =
+        match (args.mode, args.http) {
+            (Mode::Tun, Some(_)) => return Err(CliError::new(
+                ExitKind::Usage,
+                "--http runs in proxy mode, not with --mode tun",
+            )
+            .hint(
+                "drop --http (in TUN mode programs reach the VMs directly), or use --mode proxy",
+            )),
+            (Mode::Auto, Some(_)) => Mode::Proxy,
+            (mode, _) => mode,
+        };
     opts.socks = Some(args.socks);
+    opts.http = args.http;
     opts.forwards = args.forwards.clone();
     opts.tun_name = args.tun_name.clone();
     let json = args.json;
@@ -194,6 +242,12 @@ fn describe(client: &Client, config: &PeerConfig, forwards: &[Forward]) {
         for h in &config.hosts {
             println!("    {}  {}", h.name, h.address);
         }
+    }
+    if let Some(http) = client.http_addr() {
+        println!(
+            "  HTTP proxy on {http}: curl -x http://{http} http://<vm>.{}.fcdev/ (HTTPS_PROXY=http://{http} for CONNECT)",
+            config.namespace
+        );
     }
     for (addr, f) in client.forward_addrs().iter().zip(forwards) {
         println!("  forward {addr} -> {}:{}", f.host, f.port);

@@ -319,6 +319,7 @@ pub fn router(state: AppState) -> Router {
         .route("/clusters/{name}", get(get_cluster).delete(delete_cluster))
         .route("/clusters/{name}/events", get(cluster_events))
         .route("/clusters/{name}/reset", post(reset_cluster))
+        .route("/clusters/{name}/vms/{vm}/console", get(vm_console))
         .route("/clusters/{name}/vms/{vm}/exec", post(exec_in_vm))
         .route("/clusters/{name}/stop", post(stop_cluster))
         .route("/clusters/{name}/start", post(start_cluster))
@@ -350,7 +351,17 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer(axum::middleware::map_response(version_header))
         .with_state(state)
+}
+
+/// Every response says which fcdev answered, so a client of another minor version can say so.
+async fn version_header(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        api::VERSION_HEADER,
+        axum::http::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
+    resp
 }
 
 async fn health(State(state): State<AppState>) -> Json<api::Health> {
@@ -812,14 +823,7 @@ async fn cluster_events(
     QueryParams(q): QueryParams<EventsQuery>,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
     let (_ns, row) = find_cluster(&state, &user, &name).await?;
-    let permit = limits.acquire(user.id).ok_or_else(|| {
-        ApiErr::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_streams",
-            format!("at most {MAX_STREAMS_PER_USER} event streams may be open at once"),
-        )
-        .hint("close other streams (`fcdev up` in other terminals) and try again")
-    })?;
+    let permit = limits.acquire(user.id).ok_or_else(too_many_streams)?;
     // Subscribe before reading the store, so no event falls between the two.
     let mut live = state.orchestrator.subscribe();
     let store = state.store.clone();
@@ -909,6 +913,133 @@ async fn cluster_events(
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[derive(Deserialize)]
+struct ConsoleQuery {
+    #[serde(default = "default_console_lines")]
+    lines: usize,
+    #[serde(default)]
+    follow: bool,
+}
+
+fn default_console_lines() -> usize {
+    100
+}
+
+/// How often a followed console log is read for what was appended.
+const CONSOLE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often a follow checks that the cluster still exists (it ends when the cluster is deleted).
+const CONSOLE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A VM's console log as `text/plain`: its last `?lines=N` lines (at most 10 000), and with `?follow=true` what is
+/// appended after them, until the cluster is deleted or the client goes away. A follow counts as one of the
+/// engineer's streams (like an event stream). An unknown VM is a 404 naming the cluster's VMs.
+async fn vm_console(
+    State(state): State<AppState>,
+    axum::Extension(limits): axum::Extension<Arc<StreamLimits>>,
+    AuthUser(user): AuthUser,
+    PathParam((name, vm)): PathParam<(String, String)>,
+    QueryParams(q): QueryParams<ConsoleQuery>,
+) -> ApiResult<Response> {
+    use crate::server::console;
+    let (ns, row) = find_cluster(&state, &user, &name).await?;
+    let store = state.store.clone();
+    let cid = row.id;
+    let vms = blocking(move || store.vms_of(cid)).await??;
+    let Some(vm_row) = vms.iter().find(|v| v.name == vm).cloned() else {
+        let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+        return Err(ApiErr::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no VM `{vm}` in cluster `{name}`; its VMs are: {}",
+                names.join(", ")
+            ),
+        )
+        .hint("`fcdev status` lists your clusters and their VMs"));
+    };
+    let orch = state.orchestrator.clone();
+    let (ns2, row2) = (ns.clone(), row.clone());
+    let path = blocking(move || orch.console_log(&ns2, &row2, &vm_row))
+        .await??
+        .ok_or_else(|| {
+            ApiErr::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("VM `{vm}` has no console log"),
+            )
+        })?;
+    let permit = if q.follow {
+        Some(limits.acquire(user.id).ok_or_else(too_many_streams)?)
+    } else {
+        None
+    };
+    let p = path.clone();
+    let lines = q.lines;
+    let first = blocking(move || console::tail(&p, lines))
+        .await?
+        .map_err(ApiErr::internal)?;
+    let text_plain = [(
+        axum::http::header::CONTENT_TYPE,
+        "text/plain; charset=utf-8",
+    )];
+    let Some(permit) = permit else {
+        return Ok((text_plain, first.bytes).into_response());
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, Infallible>>(16);
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        if !first.bytes.is_empty() && tx.send(Ok(first.bytes)).await.is_err() {
+            return;
+        }
+        let mut next = first.next;
+        let mut checked = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(CONSOLE_POLL) => {}
+            }
+            if checked.elapsed() >= CONSOLE_CHECK {
+                checked = tokio::time::Instant::now();
+                let s = store.clone();
+                let exists = tokio::task::spawn_blocking(move || s.cluster_by_id(cid))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|c| c.is_some());
+                // Gone (a store error is not "gone": keep following).
+                if exists == Some(false) {
+                    return;
+                }
+            }
+            let p = path.clone();
+            let from = next;
+            let Ok(Ok(chunk)) =
+                tokio::task::spawn_blocking(move || console::read_from(&p, from)).await
+            else {
+                continue;
+            };
+            next = chunk.next;
+            if !chunk.bytes.is_empty() && tx.send(Ok(chunk.bytes)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok((text_plain, body).into_response())
+}
+
+fn too_many_streams() -> ApiErr {
+    ApiErr::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_streams",
+        format!(
+            "at most {MAX_STREAMS_PER_USER} streams (events and followed logs) may be open at once"
+        ),
+    )
+    .hint("close other streams (`fcdev up`, `fcdev logs -f` in other terminals) and try again")
 }
 
 /// The longest ssh key line accepted (an ed25519 key with a comment is ~100 bytes).

@@ -2,6 +2,7 @@
 
 pub mod alloc;
 pub mod backend;
+pub mod console;
 pub mod follow;
 pub mod http;
 pub mod hub;

@@ -1358,6 +1358,17 @@ impl Orchestrator {
         });
     }
 
+    /// The console log file of one VM of a cluster (blocking: reads the store and the image catalog).
+    pub fn console_log(
+        &self,
+        ns: &NamespaceRow,
+        c: &ClusterRow,
+        vm: &VmRow,
+    ) -> Result<Option<PathBuf>, OrchestratorError> {
+        let image = self.catalog.get(&c.image)?;
+        Ok(self.backend.console_log(&self.vm_spec(ns, c, vm, &image)))
+    }
+
     /// The API view of a cluster.
     pub fn view(&self, ns: &NamespaceRow, c: &ClusterRow) -> Result<api::Cluster, StoreError> {
         let vms = self

@@ -16,6 +16,26 @@ use crate::server::store::Store;
 
 pub const STATE_FILE: &str = "state.db";
 pub const HUB_KEY_FILE: &str = "hub.key";
+/// The running server's pid (`fcdev server stop --local` reads it); removed when the server stops.
+pub const PID_FILE: &str = "server.pid";
+
+/// The pid file, removed on drop (the server's normal exit).
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(data_dir: &std::path::Path) -> anyhow::Result<PidFile> {
+        let path = data_dir.join(PID_FILE);
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
@@ -73,6 +93,7 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
     );
     let _lock = crate::server::follow::hold_server_lock(&opts.data_dir)
         .with_context(|| format!("cannot lock {}", opts.data_dir.display()))?;
+    let _pid_file = PidFile::write(&opts.data_dir)?;
     let login_token = if opts.dev {
         Some(match store.add_user(&opts.dev_user) {
             Ok((_, token)) => token,

@@ -48,6 +48,8 @@ pub struct ClientOptions {
     pub bind: SocketAddr,
     /// SOCKS5 listen address (proxy mode); None = no proxy.
     pub socks: Option<SocketAddr>,
+    /// HTTP proxy listen address (proxy mode); None = none.
+    pub http: Option<SocketAddr>,
     /// `-L` forwards (proxy mode).
     pub forwards: Vec<Forward>,
 }
@@ -61,6 +63,7 @@ impl ClientOptions {
             tun_name: "fcdev0".into(),
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             socks: Some(SocketAddr::from(([127, 0, 0, 1], 1080))),
+            http: None,
             forwards: Vec::new(),
         }
     }
@@ -101,6 +104,7 @@ impl Client {
                     plan,
                     opts.bind,
                     opts.socks,
+                    opts.http,
                     &opts.forwards,
                 )
                 .await?,
@@ -132,6 +136,14 @@ impl Client {
     pub fn socks_addr(&self) -> Option<SocketAddr> {
         match self {
             Client::Proxy(c) => c.socks_addr(),
+            Client::Tun(_) => None,
+        }
+    }
+
+    /// Proxy mode: where the HTTP proxy listens.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Client::Proxy(c) => c.http_addr(),
             Client::Tun(_) => None,
         }
     }

@@ -3,15 +3,18 @@
 
 pub mod client;
 pub mod error;
+pub mod http_proxy;
 pub mod hub;
 pub mod keys;
 pub mod packet;
 pub mod peer;
 pub mod plan;
+pub mod probe;
 pub mod rootless;
 pub mod tun_dev;
 pub mod tun_mode;
 pub mod udp;
+pub mod wg_quick;
 
 pub use client::{Client, ClientOptions, ClientStats, Mode};
 pub use error::TunnelError;

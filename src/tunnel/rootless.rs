@@ -1,6 +1,7 @@
 //! Client proxy mode: no TUN device and no privileges. A smoltcp TCP/IP stack in userspace speaks to the
 //! namespace through the tunnel; local programs reach it through a SOCKS5 proxy on loopback (which resolves
-//! `<vm>.<namespace>.fcdev` itself) and `-L local:vm:port` forwards.
+//! `<vm>.<namespace>.fcdev` itself), an HTTP proxy (CONNECT and plain requests, names resolved the same way;
+//! the protocol in `http_proxy.rs`) and `-L local:vm:port` forwards. All three open their streams the same way.
 //!
 //! One task (the "stack") owns the WireGuard peer, the UDP socket and the smoltcp interface; it drains all
 //! pending datagrams, polls smoltcp once, then moves data between smoltcp sockets and per-connection
@@ -96,7 +97,15 @@ pub struct RootlessClient {
     stats: Arc<Mutex<PeerStats>>,
     thread: Option<std::thread::JoinHandle<()>>,
     socks: Option<SocketAddr>,
+    http: Option<SocketAddr>,
     forwards: Vec<SocketAddr>,
+}
+
+/// What a local listener serves.
+enum Serve {
+    Socks,
+    Http,
+    Forward(SocketAddrV4),
 }
 
 impl RootlessClient {
@@ -108,6 +117,7 @@ impl RootlessClient {
         plan: Plan,
         bind: SocketAddr,
         socks: Option<SocketAddr>,
+        http: Option<SocketAddr>,
         forwards: &[Forward],
     ) -> Result<RootlessClient, TunnelError> {
         let udp = bind_std_udp(bind)?;
@@ -117,7 +127,13 @@ impl RootlessClient {
         if let Some(addr) = socks {
             let l = std_listener(addr, "SOCKS5 proxy")?;
             socks_addr = l.local_addr().ok();
-            listeners.push((l, None));
+            listeners.push((l, Serve::Socks));
+        }
+        let mut http_addr = None;
+        if let Some(addr) = http {
+            let l = std_listener(addr, "HTTP proxy")?;
+            http_addr = l.local_addr().ok();
+            listeners.push((l, Serve::Http));
         }
         let mut forward_addrs = Vec::new();
         for f in forwards {
@@ -126,7 +142,7 @@ impl RootlessClient {
             })?;
             let l = std_listener(f.local, "forward")?;
             forward_addrs.push(l.local_addr().unwrap_or(f.local));
-            listeners.push((l, Some(SocketAddrV4::new(dst, f.port))));
+            listeners.push((l, Serve::Forward(SocketAddrV4::new(dst, f.port))));
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let wake = Arc::new(Notify::new());
@@ -156,8 +172,9 @@ impl RootlessClient {
                         };
                         let h = thread_handle.clone();
                         match target {
-                            None => tokio::spawn(serve_socks(l, h)),
-                            Some(t) => tokio::spawn(serve_forward(l, t, h)),
+                            Serve::Socks => tokio::spawn(serve_socks(l, h)),
+                            Serve::Http => tokio::spawn(serve_http(l, h)),
+                            Serve::Forward(t) => tokio::spawn(serve_forward(l, t, h)),
                         };
                     }
                     let stack = Stack::new(&key, plan, udp, thread_stats);
@@ -170,12 +187,17 @@ impl RootlessClient {
             stats,
             thread: Some(thread),
             socks: socks_addr,
+            http: http_addr,
             forwards: forward_addrs,
         })
     }
 
     pub fn socks_addr(&self) -> Option<SocketAddr> {
         self.socks
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
     }
 
     pub fn forward_addrs(&self) -> &[SocketAddr] {
@@ -778,6 +800,89 @@ async fn serve_socks(listener: TcpListener, stack: StackHandle) {
             }
         });
     }
+}
+
+async fn serve_http(listener: TcpListener, stack: StackHandle) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let stack = stack.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http_session(stream, stack).await {
+                tracing::debug!("HTTP proxy: {e}");
+            }
+        });
+    }
+}
+
+/// One HTTP proxy connection: read the request head, resolve the VM like SOCKS5 does, open the stream through
+/// the stack, then either answer a CONNECT or send the rewritten request on, and splice.
+async fn http_session(mut stream: TcpStream, stack: StackHandle) -> std::io::Result<()> {
+    use super::http_proxy::{self, Request};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = http_proxy::head_end(&buf) {
+            break end;
+        }
+        if buf.len() > http_proxy::MAX_HEAD {
+            let answer = http_proxy::error_response(400, "request head too large");
+            return stream.write_all(&answer).await;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let (host, port, first) = match http_proxy::parse(&buf[..end]) {
+        Ok(Request::Connect { host, port }) => (host, port, None),
+        Ok(Request::Forward { host, port, head }) => (host, port, Some(head)),
+        Err(r) => {
+            return stream
+                .write_all(&http_proxy::error_response(r.status, &r.reason))
+                .await
+        }
+    };
+    let Some(ip) = stack.plan.resolve(&host) else {
+        let reason = format!(
+            "unknown host `{host}`: VMs are <vm>.{}.fcdev (or their addresses)",
+            stack.plan.namespace
+        );
+        return stream
+            .write_all(&http_proxy::error_response(502, &reason))
+            .await;
+    };
+    if !stack.plan.subnet.contains(ip) {
+        let reason = format!("{ip} is outside this namespace ({})", stack.plan.subnet);
+        return stream
+            .write_all(&http_proxy::error_response(403, &reason))
+            .await;
+    }
+    let Some((tx, rx)) = stack.open(SocketAddrV4::new(ip, port)).await else {
+        let reason = format!("{host}:{port} refused the connection or did not answer");
+        return stream
+            .write_all(&http_proxy::error_response(502, &reason))
+            .await;
+    };
+    // What goes first: the rewritten request, or for CONNECT the answer; then what the client sent after the head.
+    let mut ahead = match first {
+        Some(head) => head,
+        None => {
+            stream.write_all(http_proxy::CONNECTED).await?;
+            Vec::new()
+        }
+    };
+    ahead.extend_from_slice(&buf[end..]);
+    if !ahead.is_empty() {
+        if tx.send(ahead).await.is_err() {
+            return Ok(());
+        }
+        stack.wake.notify_one();
+    }
+    stack.splice(stream, tx, rx).await;
+    Ok(())
 }
 
 const SOCKS_OK: u8 = 0x00;

@@ -138,3 +138,82 @@ async fn start_server(data_dir: &std::path::Path, port: u16, talk: bool) -> Resu
     )
     .hint(format!("see {}", log_path.display())))
 }
+
+/// Whether a server runs on this machine's data dir, and its pid when it left one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LocalServer {
+    pub running: bool,
+    pub pid: Option<i32>,
+    pub data_dir: std::path::PathBuf,
+}
+
+/// The pid in the data dir's pid file when that process is an fcdev server.
+fn server_pid(data_dir: &std::path::Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(data_dir.join(crate::server::run::PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is_fcdev = args
+        .first()
+        .is_some_and(|a| String::from_utf8_lossy(a).ends_with("fcdev"));
+    (is_fcdev && args.contains(&&b"server"[..])).then_some(pid)
+}
+
+/// The local server of `data_dir` (blocking: reads files and takes a lock for a moment).
+pub fn local_server(data_dir: &std::path::Path) -> LocalServer {
+    LocalServer {
+        running: crate::server::follow::server_running(data_dir),
+        pid: server_pid(data_dir),
+        data_dir: data_dir.to_path_buf(),
+    }
+}
+
+/// How long `fcdev server stop --local` waits for the server to exit.
+const STOP_WAIT: Duration = Duration::from_secs(20);
+
+/// `fcdev server stop --local`: SIGTERM to the server of `data_dir`, then wait until it is gone. Its VMs run on
+/// (they are their own processes) and the next start re-adopts them.
+pub fn stop(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let local = local_server(data_dir);
+    if !local.running {
+        println!(
+            "No local fcdev server runs on {} (start one with `fcdev up --local`).",
+            data_dir.display()
+        );
+        return Ok(());
+    }
+    let Some(pid) = local.pid else {
+        anyhow::bail!(
+            "a server runs on {} but left no pid file (an older fcdev?): stop it with Ctrl-C where it runs, or \
+             find it with `fuser {}`",
+            data_dir.display(),
+            data_dir.join(crate::server::follow::LOCK_FILE).display()
+        );
+    };
+    // SAFETY: kill(2) with a pid checked above to be an fcdev server; no memory is touched.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        anyhow::bail!(
+            "cannot signal the server (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let start = Instant::now();
+    while crate::server::follow::server_running(data_dir) {
+        if start.elapsed() > STOP_WAIT {
+            anyhow::bail!(
+                "the server (pid {pid}) did not stop within {} s; see {}",
+                STOP_WAIT.as_secs(),
+                data_dir.join("server.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "Stopped the local fcdev server (pid {pid}). Its VMs keep running and are re-adopted when it starts again \
+         (`fcdev up --local`); tunnels reconnect then. `fcdev down` removes a cluster."
+    );
+    Ok(())
+}

@@ -81,6 +81,15 @@ pub enum ServerCommand {
     /// Manage engineers and their tokens.
     #[command(subcommand)]
     User(UserCommand),
+    /// Stop the server running on this machine's data dir (the one `fcdev up --local` started). Its VMs keep
+    /// running and are re-adopted at the next start.
+    Stop {
+        /// The server of this machine (the only kind `stop` knows).
+        #[arg(long, required = true)]
+        local: bool,
+        #[arg(long, env = "FCDEV_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +123,9 @@ pub enum UserCommand {
     List {
         #[arg(long, env = "FCDEV_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Print JSON: `[{"name": …}]`.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -166,6 +178,7 @@ pub fn default_user_name() -> String {
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     match args.command {
         Some(ServerCommand::User(cmd)) => user(cmd),
+        Some(ServerCommand::Stop { data_dir: d, .. }) => local::stop(&data_dir(d)?),
         None => {
             let r = args.run;
             if let Some(user) = &r.user {
@@ -328,9 +341,18 @@ fn user(cmd: UserCommand) -> anyhow::Result<()> {
             Ok(())
         }
         UserCommand::Remove { name, data_dir: d } => remove_user(&data_dir(d)?, &name),
-        UserCommand::List { data_dir: d } => {
+        UserCommand::List { data_dir: d, json } => {
             let store = open_store(&data_dir(d)?)?;
-            for u in store.list_users()? {
+            let users = store.list_users()?;
+            if json {
+                let list: Vec<serde_json::Value> = users
+                    .iter()
+                    .map(|u| serde_json::json!({ "name": u.name }))
+                    .collect();
+                crate::cli::output::print_json(&list);
+                return Ok(());
+            }
+            for u in users {
                 println!("{}", u.name);
             }
             Ok(())

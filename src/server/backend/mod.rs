@@ -169,6 +169,10 @@ pub trait Backend: Send + Sync {
     /// The last lines of the VM's log, for error messages.
     fn log_tail(&self, vm: &VmSpec) -> Option<String>;
 
+    /// The file the VM's console (its serial port, or the test VM's output) is written to, for `fcdev logs`.
+    /// It may not exist yet; a restart of the VM may start it over.
+    fn console_log(&self, vm: &VmSpec) -> Option<PathBuf>;
+
     /// Run `command` in the VM, handing its output to `out` as it comes (`out` returning false stops it);
     /// returns its exit code. Blocks until the command ends.
     fn exec(

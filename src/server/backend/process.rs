@@ -202,6 +202,10 @@ impl Backend for ProcessBackend {
         let tail = lines[lines.len().saturating_sub(20)..].join("\n");
         (!tail.is_empty()).then_some(tail)
     }
+
+    fn console_log(&self, vm: &VmSpec) -> Option<std::path::PathBuf> {
+        Some(vm.run_dir.join(LOG_FILE))
+    }
 }
 
 /// The body of `fcdev __test-vm`: serve `fcdev test VM <name>` over HTTP on a loopback port written to the port
@@ -232,7 +236,12 @@ pub fn run_test_vm(name: &str, run_dir: &Path, cmdline: &str) -> std::io::Result
         let Ok(mut stream) = stream else { continue };
         let mut buf = [0u8; 1024];
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = stream.read(&mut buf);
+        let n = stream.read(&mut buf).unwrap_or(0);
+        // A console line per HTTP request, so `fcdev logs -f` has something to follow.
+        let request = String::from_utf8_lossy(&buf[..n]);
+        if let Some(line) = request.lines().next().filter(|l| !l.is_empty()) {
+            println!("test VM {name}: {line}");
+        }
         let body = format!("fcdev test VM {name}\n");
         let _ = write!(
             stream,

@@ -913,6 +913,10 @@ impl Backend for QemuBackend {
         log_tail_of(&vm.run_dir)
     }
 
+    fn console_log(&self, vm: &VmSpec) -> Option<PathBuf> {
+        Some(vm.run_dir.join(files::CONSOLE))
+    }
+
     fn exec(
         &self,
         vm: &VmSpec,
