@@ -291,6 +291,24 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
     assert!(reset.contains("\"ready\""), "{reset}");
     let after = alice.sql_eventually("SELECT COUNT(*) FROM site");
     assert_eq!(after.as_deref(), Some("3"), "reset drops the inserted row");
+
+    // A named snapshot of the whole press cluster: save, change the database, restore: the change is gone and
+    // every service still works together.
+    let t_save = Instant::now();
+    alice.ok(&["snapshot", "save", "clean"]);
+    eprintln!("press snapshot save: {:.2} s", t_save.elapsed().as_secs_f64());
+    alice.sql("INSERT INTO site (name, bench, status) VALUES ('epsilon.fcdev.local', 1, 'Active')");
+    let t_restore = Instant::now();
+    alice.ok(&["snapshot", "restore", "clean", "--yes"]);
+    eprintln!(
+        "press snapshot restore: {:.2} s",
+        t_restore.elapsed().as_secs_f64()
+    );
+    let restored = alice.sql_eventually("SELECT COUNT(*) FROM site");
+    assert_eq!(restored.as_deref(), Some("3"), "the snapshot's rows are back");
+    // And a command in a VM with no tunnel: n1's health page through f1 to m1.
+    let health = alice.ok(&["exec", "n1", "--", "curl -fsS -m 10 http://127.0.0.1/health"]);
+    assert!(health.starts_with("ok sites=3"), "{health}");
     drop(tunnel);
 
     // A second engineer's press cluster: restored from the same snapshot, yet its own host keys and RNG.
