@@ -213,8 +213,27 @@ impl ApiClient {
         B: Serialize + Sync,
         F: FnMut(&str) -> bool,
     {
-        use futures::StreamExt;
         let resp = self.send(Method::POST, path, Some(body)).await?;
+        self.frames(resp, b"\n", |raw| {
+            let line = String::from_utf8_lossy(raw);
+            line.trim().is_empty() || on_line(line.trim())
+        })
+        .await
+    }
+
+    /// Read a streamed answer frame by frame (frames end with `sep`), calling `on_frame` with each until it
+    /// returns false or the server closes the stream. Bytes, not text: a multi-byte character may be split
+    /// across chunks. An error status is decoded into its error.
+    async fn frames<F>(
+        &self,
+        resp: reqwest::Response,
+        sep: &[u8],
+        mut on_frame: F,
+    ) -> Result<(), ClientError>
+    where
+        F: FnMut(&[u8]) -> bool,
+    {
+        use futures::StreamExt;
         if !resp.status().is_success() {
             return self.decode::<serde_json::Value>(resp).await.map(|_| ());
         }
@@ -226,10 +245,9 @@ impl ApiClient {
                 reason: root_cause(&e),
             })?;
             buf.extend_from_slice(&chunk);
-            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                let raw: Vec<u8> = buf.drain(..=end).collect();
-                let line = String::from_utf8_lossy(&raw);
-                if !line.trim().is_empty() && !on_line(line.trim()) {
+            while let Some(end) = buf.windows(sep.len()).position(|w| w == sep) {
+                let raw: Vec<u8> = buf.drain(..end + sep.len()).collect();
+                if !on_frame(&raw) {
                     return Ok(());
                 }
             }
@@ -243,34 +261,18 @@ impl ApiClient {
     where
         F: FnMut(&str) -> bool,
     {
-        use futures::StreamExt;
         let resp = self.send(Method::GET, path, None).await?;
-        if !resp.status().is_success() {
-            return self.decode::<serde_json::Value>(resp).await.map(|_| ());
-        }
-        let mut stream = resp.bytes_stream();
-        // Bytes, not text: a multi-byte character may be split across chunks; frames end at a blank line.
-        let mut buf: Vec<u8> = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: root_cause(&e),
-            })?;
-            buf.extend_from_slice(&chunk);
-            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                let raw: Vec<u8> = buf.drain(..end + 2).collect();
-                let frame = String::from_utf8_lossy(&raw);
-                let data: Vec<&str> = frame
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(|l| l.strip_prefix(' ').unwrap_or(l))
-                    .collect();
-                if !data.is_empty() && !on_event(&data.join("\n")) {
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
+        // Frames end at a blank line.
+        self.frames(resp, b"\n\n", |raw| {
+            let frame = String::from_utf8_lossy(raw);
+            let data: Vec<&str> = frame
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|l| l.strip_prefix(' ').unwrap_or(l))
+                .collect();
+            data.is_empty() || on_event(&data.join("\n"))
+        })
+        .await
     }
 }
 

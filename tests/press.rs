@@ -296,7 +296,10 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
     // every service still works together.
     let t_save = Instant::now();
     alice.ok(&["snapshot", "save", "clean"]);
-    eprintln!("press snapshot save: {:.2} s", t_save.elapsed().as_secs_f64());
+    eprintln!(
+        "press snapshot save: {:.2} s",
+        t_save.elapsed().as_secs_f64()
+    );
     alice.sql("INSERT INTO site (name, bench, status) VALUES ('epsilon.fcdev.local', 1, 'Active')");
     let t_restore = Instant::now();
     alice.ok(&["snapshot", "restore", "clean", "--yes"]);
@@ -305,9 +308,18 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
         t_restore.elapsed().as_secs_f64()
     );
     let restored = alice.sql_eventually("SELECT COUNT(*) FROM site");
-    assert_eq!(restored.as_deref(), Some("3"), "the snapshot's rows are back");
+    assert_eq!(
+        restored.as_deref(),
+        Some("3"),
+        "the snapshot's rows are back"
+    );
     // And a command in a VM with no tunnel: n1's health page through f1 to m1.
-    let health = alice.ok(&["exec", "n1", "--", "curl -fsS -m 10 http://127.0.0.1/health"]);
+    let health = alice.ok(&[
+        "exec",
+        "n1",
+        "--",
+        "curl -fsS -m 10 http://127.0.0.1/health",
+    ]);
     assert!(health.starts_with("ok sites=3"), "{health}");
     drop(tunnel);
 

@@ -60,6 +60,21 @@ pub enum OrchestratorError {
     SaveFailed(String),
 }
 
+/// A save or a stop needs a ready cluster: busy while another operation runs, refused in any other state.
+fn require_ready(cluster: &ClusterRow) -> Result<(), OrchestratorError> {
+    match cluster.state {
+        ClusterState::Ready => Ok(()),
+        state if state.is_transient() => Err(OrchestratorError::Busy {
+            name: cluster.name.clone(),
+            what: format!("it is {}", state.as_str()),
+        }),
+        state => Err(OrchestratorError::NotRunning {
+            name: cluster.name.clone(),
+            state: state.as_str().to_string(),
+        }),
+    }
+}
+
 /// `1.2 GiB`
 pub fn human(n: u64) -> String {
     let mut v = n as f64;
@@ -929,21 +944,7 @@ impl Orchestrator {
             .store
             .cluster_by_id(cluster_id)?
             .ok_or_else(|| OrchestratorError::NotFound(format!("#{cluster_id}")))?;
-        match cluster.state {
-            ClusterState::Ready => {}
-            state if state.is_transient() => {
-                return Err(OrchestratorError::Busy {
-                    name: cluster.name.clone(),
-                    what: format!("it is {}", state.as_str()),
-                })
-            }
-            state => {
-                return Err(OrchestratorError::NotRunning {
-                    name: cluster.name.clone(),
-                    state: state.as_str().to_string(),
-                })
-            }
-        }
+        require_ready(&cluster)?;
         if self.store.snapshot(cluster.id, &name)?.is_some() {
             return Err(OrchestratorError::SnapshotExists {
                 cluster: cluster.name.clone(),
@@ -1152,22 +1153,10 @@ impl Orchestrator {
     /// Stop a ready cluster: its VMs' memory and device state go to disk and their processes end (`stopping`,
     /// then `stopped`). Returns false when it already is stopped.
     pub fn stop(self: &Arc<Self>, cluster: &ClusterRow) -> Result<bool, OrchestratorError> {
-        match cluster.state {
-            ClusterState::Stopped => return Ok(false),
-            ClusterState::Ready => {}
-            state if state.is_transient() => {
-                return Err(OrchestratorError::Busy {
-                    name: cluster.name.clone(),
-                    what: format!("it is {}", state.as_str()),
-                })
-            }
-            state => {
-                return Err(OrchestratorError::NotRunning {
-                    name: cluster.name.clone(),
-                    state: state.as_str().to_string(),
-                })
-            }
+        if cluster.state == ClusterState::Stopped {
+            return Ok(false);
         }
+        require_ready(cluster)?;
         self.set_cluster(cluster, ClusterState::Stopping, None);
         self.spawn_stop(cluster.id);
         Ok(true)
