@@ -248,6 +248,9 @@ pub fn run(socket: &Path, command: &str, timeout: Duration) -> Result<(i32, Stri
     parse_run_reply(&reply, &id)
 }
 
+/// How long a guest agent may take to start an `exec`.
+const EXEC_START: Duration = Duration::from_secs(15);
+
 /// Run a command in the guest and hand its output (stdout and stderr together) to `out` as it comes; returns
 /// its exit code. `out` returning false (nobody reads any more) stops the command (SIGTERM to its process
 /// group). The request is re-sent until the guest says it started; `limit` bounds the whole run.
@@ -320,6 +323,13 @@ pub fn exec(
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(e) => return Err(e.into()),
+        }
+        if !started && start.elapsed() >= EXEC_START {
+            // An agent that never says `started` does not know the verb (an image built before it).
+            return Err(AgentError::Timeout {
+                command: "exec (the guest agent never started it: an image built before `exec` needs `fcdev image build` again)".into(),
+                secs: EXEC_START.as_secs_f64(),
+            });
         }
         if !started && last_send.elapsed() >= Duration::from_secs(2) {
             writer.write_all(format!("\n{line}\n").as_bytes())?;
