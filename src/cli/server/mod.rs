@@ -216,49 +216,50 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
 
 /// `8h`, `30m`, `90s` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult: u64 = match c {
-                's' => 1,
-                'm' => 60,
-                'h' => 3600,
-                'd' => 86400,
-                _ => return Err(format!("`{s}`: use a number with s, m, h or d")),
-            };
-            (&s[..i], mult)
-        }
-        _ => (s, 1),
+    let unit = |c: char| match c {
+        's' => Some(1),
+        'm' => Some(60),
+        'h' => Some(3600),
+        'd' => Some(86400),
+        _ => None,
     };
-    num.trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
+    number_with_unit(s, unit, "s, m, h or d", "a duration (e.g. 8h, 30m, 0)")
         .map(std::time::Duration::from_secs)
-        .ok_or_else(|| format!("`{s}` is not a duration (e.g. 8h, 30m, 0)"))
 }
 
 /// `20G`, `512M`, `100K` or plain bytes (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    let unit = |c: char| match c.to_ascii_uppercase() {
+        'K' => Some(1 << 10),
+        'M' => Some(1 << 20),
+        'G' => Some(1 << 30),
+        'T' => Some(1 << 40),
+        _ => None,
+    };
+    number_with_unit(s, unit, "K, M, G or T", "a size (e.g. 20G, 512M, 0)")
+}
+
+/// A whole number with an optional one-letter unit (`unit` gives its multiplier); `units` and `what` word the
+/// errors.
+fn number_with_unit(
+    s: &str,
+    unit: impl Fn(char) -> Option<u64>,
+    units: &str,
+    what: &str,
+) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("`{s}`: use a number with K, M, G or T")),
-            };
-            (&s[..i], mult)
-        }
+        Some((i, c)) if c.is_ascii_alphabetic() => match unit(c) {
+            Some(mult) => (&s[..i], mult),
+            None => return Err(format!("`{s}`: use a number with {units}")),
+        },
         _ => (s, 1),
     };
     num.trim()
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("`{s}` is not a size (e.g. 20G, 512M, 0)"))
+        .ok_or_else(|| format!("`{s}` is not {what}"))
 }
 
 /// How long `user remove` waits for the running server to stop the engineer's clusters.
