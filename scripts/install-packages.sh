@@ -15,14 +15,15 @@
 set -euo pipefail
 
 HOST_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static dropbear-bin iproute2 nftables
-               procps curl ca-certificates openssh-client xz-utils zstd gcc debootstrap e2fsprogs)
+               procps curl ca-certificates openssh-client openssh-sftp-server rsync xz-utils zstd gcc debootstrap
+               e2fsprogs)
 CI_PACKAGES=(socat iperf3 wireguard-tools wireguard-go mariadb-client-core)
 
 # Program -> the package that ships it (the programs fcdev, the image builds, the tests and the benches run).
 declare -A HOST_PROGRAMS=(
   [qemu-system-x86_64]=qemu-system-x86 [qemu-img]=qemu-utils [busybox]=busybox-static [dropbear]=dropbear-bin
   [dropbearkey]=dropbear-bin [ip]=iproute2 [nft]=nftables [pgrep]=procps [curl]=curl [ssh]=openssh-client
-  [xz]=xz-utils [zstd]=zstd [gcc]=gcc [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs
+  [rsync]=rsync [xz]=xz-utils [zstd]=zstd [gcc]=gcc [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs
 )
 declare -A CI_PROGRAMS=(
   [mariadb]=mariadb-client-core [dbclient]=dropbear-bin [socat]=socat [iperf3]=iperf3 [wg]=wireguard-tools [wireguard-go]=wireguard-go

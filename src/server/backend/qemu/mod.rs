@@ -226,7 +226,10 @@ fn restore_config(vm: &VmSpec) -> agent::GuestConfig {
     )
     .is_ok()
     {
-        cfg.host_key = Some(key.private_pem(&vm.name));
+        cfg.host_key = Some(agent::GuestHostKey {
+            openssh_pem: key.private_pem(&vm.name),
+            dropbear: key.dropbear_private(),
+        });
     }
     cfg
 }
@@ -911,6 +914,12 @@ impl Backend for QemuBackend {
 
     fn log_tail(&self, vm: &VmSpec) -> Option<String> {
         log_tail_of(&vm.run_dir)
+    }
+
+    fn host_key(&self, run_dir: &Path) -> Option<String> {
+        let line = std::fs::read_to_string(run_dir.join(files::HOST_KEY_PUB)).ok()?;
+        let line = line.trim();
+        line.starts_with("ssh-").then(|| line.to_string())
     }
 
     fn console_log(&self, vm: &VmSpec) -> Option<PathBuf> {
