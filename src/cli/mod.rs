@@ -15,6 +15,7 @@ pub mod image;
 pub mod images;
 pub mod login;
 pub mod logs;
+pub mod marked;
 pub mod output;
 pub mod progress;
 pub mod reset;

@@ -83,47 +83,17 @@ pub fn render(ctx: &Context, hosts: &[String]) -> Result<String, CliError> {
 /// `text` with the profile's block replaced by `block` (or removed when None), every other line as it was.
 /// Returns None when the block's markers are broken (a begin without an end).
 pub fn splice(text: &str, profile: &str, block: Option<&str>) -> Option<String> {
-    let (begin, end) = (begin_marker(profile), end_marker(profile));
-    let lines: Vec<&str> = text.split_inclusive('\n').collect();
-    let start = lines.iter().position(|l| l.trim_end() == begin);
-    let mut out = String::new();
-    match start {
-        Some(i) => {
-            let j = i + lines[i..].iter().position(|l| l.trim_end() == end)?;
-            out.extend(lines[..i].iter().copied());
-            if let Some(b) = block {
-                out.push_str(b);
-            }
-            out.extend(lines[j + 1..].iter().copied());
-            if block.is_none() && i > 0 && out.ends_with("\n\n") && lines.get(j + 1).is_none() {
-                out.pop();
-            }
-        }
-        None => {
-            out.push_str(text);
-            if let Some(b) = block {
-                if !out.is_empty() && !out.ends_with('\n') {
-                    out.push('\n');
-                }
-                if !out.is_empty() {
-                    out.push('\n');
-                }
-                out.push_str(b);
-            }
-        }
-    }
-    Some(out)
+    crate::cli::marked::splice(text, &begin_marker(profile), &end_marker(profile), block)
 }
 
 /// The host names of every VM of my clusters.
 pub async fn vm_hosts(client: &crate::client::ApiClient) -> Result<Vec<String>, CliError> {
     let clusters: Vec<api::Cluster> = client.get("/clusters").await?;
-    let mut hosts = Vec::new();
-    for c in clusters {
-        let full: api::Cluster = client.get(&format!("/clusters/{}", c.name)).await?;
-        hosts.extend(full.vms.into_iter().map(|v| v.hostname));
-    }
-    Ok(hosts)
+    Ok(clusters
+        .into_iter()
+        .flat_map(|c| c.vms)
+        .map(|v| v.hostname)
+        .collect())
 }
 
 /// Whether `file` holds the block as it would be written now (for `fcdev doctor`). None: no block at all.

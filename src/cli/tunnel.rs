@@ -221,6 +221,9 @@ pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
     // The running tunnel's record, removed when this function returns.
     let published: std::cell::RefCell<Option<tunnel_state::Published>> = Default::default();
     let published_ref = &published;
+    // TUN mode: the VM names in the hosts file while the tunnel runs.
+    let hosts_block: std::cell::RefCell<Option<crate::cli::hosts::HostsBlock>> = Default::default();
+    let hosts_ref = &hosts_block;
     let state_ctx = &ctx;
     let forwards = args.forwards.clone();
     let tty = std::io::stderr().is_terminal();
@@ -240,8 +243,23 @@ pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
                 Ok(p) => *published_ref.borrow_mut() = Some(p),
                 Err(e) => tracing::warn!("cannot record the running tunnel: {}", e.message),
             }
+            if client.mode() == Mode::Tun {
+                match crate::cli::hosts::HostsBlock::install(&state_ctx.profile_name, &config.hosts)
+                {
+                    Ok(b) => *hosts_ref.borrow_mut() = Some(b),
+                    Err(e) => eprintln!(
+                        "note: cannot add the VM names to {}: {e} (`fcdev hosts` prints the lines)",
+                        crate::cli::hosts::hosts_file().display()
+                    ),
+                }
+            }
             if !json && !background {
-                describe(client, &config, &forwards);
+                describe(
+                    client,
+                    &config,
+                    &forwards,
+                    hosts_ref.borrow().as_ref().map(|b| b.path()),
+                );
             }
         }
         let line = StatusLine {
@@ -276,7 +294,12 @@ pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
     Ok(())
 }
 
-fn describe(client: &Client, config: &PeerConfig, forwards: &[Forward]) {
+fn describe(
+    client: &Client,
+    config: &PeerConfig,
+    forwards: &[Forward],
+    hosts_file: Option<&std::path::Path>,
+) {
     println!(
         "Tunnel up ({} mode): this machine is {} in namespace {} (Ctrl-C to stop)",
         mode_name(client.mode()),
@@ -288,7 +311,13 @@ fn describe(client: &Client, config: &PeerConfig, forwards: &[Forward]) {
         for h in &config.hosts {
             println!("  {}  {}", h.address, h.name);
         }
-        println!("  (add these lines to /etc/hosts to use the names)");
+        match hosts_file {
+            Some(f) => println!(
+                "  (these names are in {} until the tunnel ends)",
+                f.display()
+            ),
+            None => println!("  (add these lines to /etc/hosts to use the names)"),
+        }
     }
     if let Some(socks) = client.socks_addr() {
         println!(
