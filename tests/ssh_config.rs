@@ -54,24 +54,9 @@ impl Drop for EtcNetns {
 
 #[test]
 fn ssh_config_scp_rsync_and_names_work_with_no_tunnel_running() {
-    require_root_and_tun();
-    require_vm_tools();
     require_ssh_tools();
-    let image = tiny_image();
-    let (tmp, data_dir, images) = workdir_with_image("tiny", &image);
-
-    let nss = Namespaces::new(&["shost", "slap"]);
-    let host = nss.name("shost");
-    lan(&nss, "shost", "192.168.86", &["slap"]);
-    let (server, token) = spawn_server_at(&host, &data_dir, &images, "192.168.86.1");
-    let token = token.expect("the server printed a login token");
-    let alice = Laptop {
-        ns: nss.name("slap"),
-        cfg: tmp.path().join("alice"),
-        nss: &nss,
-        role: "slap",
-    };
-    alice.login("http://192.168.86.1:7070", &token);
+    let lab = TinyLab::start("shost", "slap", "192.168.86");
+    let (tmp, alice) = (&lab.tmp, lab.alice());
     let up: serde_json::Value = serde_json::from_str(&alice.ok(&["up", "--json"])).unwrap();
     assert_eq!(up["state"], "ready", "{up}");
     let key_of = |status: &serde_json::Value, vm: &str| -> String {
@@ -279,5 +264,4 @@ fn ssh_config_scp_rsync_and_names_work_with_no_tunnel_running() {
     assert_eq!(std::fs::read_to_string(&config).unwrap(), mine);
 
     alice.ok(&["down", "--yes"]);
-    drop(server);
 }
