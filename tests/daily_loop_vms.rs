@@ -16,16 +16,11 @@ use lab::*;
 use netns::*;
 
 fn require_wireguard_tools() {
-    for (tool, package) in [
+    require_tools(&[
         ("wireguard-go", "wireguard-go"),
         ("wg", "wireguard-tools"),
         ("wg-quick", "wireguard-tools"),
-    ] {
-        assert!(
-            run(&format!("command -v {tool}")).status.success(),
-            "this test needs `{tool}` (Debian package {package}; scripts/install-packages.sh installs it)"
-        );
-    }
+    ]);
 }
 
 #[test]

@@ -19,16 +19,11 @@ use lab::*;
 use netns::*;
 
 fn require_ssh_tools() {
-    for (tool, package) in [
+    require_tools(&[
         ("ssh", "openssh-client"),
         ("scp", "openssh-client"),
         ("rsync", "rsync"),
-    ] {
-        assert!(
-            run(&format!("command -v {tool}")).status.success(),
-            "this test needs `{tool}` (Debian package {package}; scripts/install-packages.sh installs it)"
-        );
-    }
+    ]);
 }
 
 /// The `fcdev tunnel` processes running in a namespace (pid, command line).

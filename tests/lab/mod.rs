@@ -327,3 +327,13 @@ impl TinyLab {
         }
     }
 }
+
+/// Each `(program, Debian package)` is on PATH, or the test fails naming the package.
+pub fn require_tools(tools: &[(&str, &str)]) {
+    for (tool, package) in tools {
+        assert!(
+            run(&format!("command -v {tool}")).status.success(),
+            "this test needs `{tool}` (Debian package {package}; scripts/install-packages.sh installs it)"
+        );
+    }
+}
