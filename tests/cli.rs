@@ -435,8 +435,16 @@ fn concurrent_ups_of_one_cluster_join_and_reset_waits_its_turn() {
             std::thread::spawn(move || cmd.output().unwrap())
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    // While it boots, a reset is refused rather than mixed into the boot.
+    // Once the cluster exists (it boots for 1.5 s), a reset is refused rather than mixed into the boot. (Wait
+    // for it rather than a fixed time: on a loaded machine the ups may take longer to create it.)
+    let t0 = std::time::Instant::now();
+    while server.status_json()["clusters"]
+        .as_array()
+        .is_none_or(|c| c.is_empty())
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no cluster after 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server
         .fcdev()
         .args(["reset", "--yes"])
