@@ -442,7 +442,10 @@ fn concurrent_ups_of_one_cluster_join_and_reset_waits_its_turn() {
         .as_array()
         .is_none_or(|c| c.is_empty())
     {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no cluster after 10 s");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no cluster after 10 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     server

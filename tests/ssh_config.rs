@@ -247,6 +247,22 @@ fn ssh_config_scp_rsync_and_names_work_with_no_tunnel_running() {
         "n1 by name in TUN mode: {page:?}\n{}",
         std::fs::read_to_string(&hosts_file).unwrap_or_default()
     );
+    // …and answers DNS for them on its own address (what systemd-resolved is given where it runs).
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(alice.cfg.join("run/tunnel-default.json")).unwrap(),
+    )
+    .unwrap();
+    let own = state["address"].as_str().unwrap().to_string();
+    let lookup = alice.nss.sh(
+        alice.role,
+        &format!("busybox nslookup f1.alice.fcdev {own}"),
+    );
+    let lookup = String::from_utf8_lossy(&lookup.stdout).to_string();
+    let f1 = alice.status()["clusters"][0]["vms"][1]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(lookup.contains(&f1), "nslookup f1 at {own}: {lookup}");
     drop(tunnel);
     assert_eq!(
         std::fs::read_to_string(&hosts_file).unwrap(),

@@ -243,23 +243,17 @@ pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
                 Ok(p) => *published_ref.borrow_mut() = Some(p),
                 Err(e) => tracing::warn!("cannot record the running tunnel: {}", e.message),
             }
+            let mut names = None;
             if client.mode() == Mode::Tun {
-                match crate::cli::hosts::HostsBlock::install(&state_ctx.profile_name, &config.hosts)
-                {
-                    Ok(b) => *hosts_ref.borrow_mut() = Some(b),
-                    Err(e) => eprintln!(
-                        "note: cannot add the VM names to {}: {e} (`fcdev hosts` prints the lines)",
-                        crate::cli::hosts::hosts_file().display()
-                    ),
-                }
-            }
-            if !json && !background {
-                describe(
+                names = Some(name_service(
                     client,
                     &config,
-                    &forwards,
-                    hosts_ref.borrow().as_ref().map(|b| b.path()),
-                );
+                    &state_ctx.profile_name,
+                    hosts_ref,
+                ));
+            }
+            if !json && !background {
+                describe(client, &config, &forwards, names.as_deref());
             }
         }
         let line = StatusLine {
@@ -294,12 +288,57 @@ pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
     Ok(())
 }
 
-fn describe(
+/// TUN mode: the VM names resolve on this machine while the tunnel runs. A DNS responder on the tunnel's own
+/// address answers them; where systemd-resolved runs, the TUN link gets it for `~<namespace>.fcdev`, otherwise
+/// a marked block of /etc/hosts holds them (removed when the tunnel ends). Returns how, for the user.
+fn name_service(
     client: &Client,
     config: &PeerConfig,
-    forwards: &[Forward],
-    hosts_file: Option<&std::path::Path>,
-) {
+    profile: &str,
+    hosts_block: &std::cell::RefCell<Option<crate::cli::hosts::HostsBlock>>,
+) -> String {
+    let domain = format!("{}.{}", config.namespace, crate::names::DNS_SUFFIX);
+    let dns = crate::tunnel::plan::Plan::from_config(config)
+        .map_err(|e| e.to_string())
+        .and_then(|plan| {
+            let addr = std::net::SocketAddr::from((plan.address, 53));
+            crate::tunnel::dns::serve(addr, std::sync::Arc::new(plan)).map_err(|e| e.to_string())
+        });
+    let resolvectl = |args: &[&str]| {
+        std::process::Command::new("resolvectl")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let resolved = std::path::Path::new("/run/systemd/resolve").is_dir();
+    if let (Ok(dns), true, Some(dev)) = (&dns, resolved, client.device_name()) {
+        let ip = dns.ip().to_string();
+        if resolvectl(&["dns", &dev, &ip]) && resolvectl(&["domain", &dev, &format!("~{domain}")]) {
+            return format!(
+                "names: *.{domain} resolved by systemd-resolved through the tunnel's DNS on {dns}"
+            );
+        }
+    }
+    let hosts = match crate::cli::hosts::HostsBlock::install(profile, &config.hosts) {
+        Ok(b) => {
+            let line = format!("names: in {} until the tunnel ends", b.path().display());
+            *hosts_block.borrow_mut() = Some(b);
+            line
+        }
+        Err(e) => format!(
+            "names: cannot add them to {}: {e} (`fcdev hosts` prints the lines)",
+            crate::cli::hosts::hosts_file().display()
+        ),
+    };
+    match dns {
+        Ok(dns) => format!("{hosts}; DNS for *.{domain} on {dns}"),
+        Err(_) => hosts,
+    }
+}
+
+fn describe(client: &Client, config: &PeerConfig, forwards: &[Forward], names: Option<&str>) {
     println!(
         "Tunnel up ({} mode): this machine is {} in namespace {} (Ctrl-C to stop)",
         mode_name(client.mode()),
@@ -311,11 +350,8 @@ fn describe(
         for h in &config.hosts {
             println!("  {}  {}", h.address, h.name);
         }
-        match hosts_file {
-            Some(f) => println!(
-                "  (these names are in {} until the tunnel ends)",
-                f.display()
-            ),
+        match names {
+            Some(n) => println!("  ({n})"),
             None => println!("  (add these lines to /etc/hosts to use the names)"),
         }
     }

@@ -2,6 +2,7 @@
 //! on the laptop.
 
 pub mod client;
+pub mod dns;
 pub mod error;
 pub mod http_proxy;
 pub mod hub;
