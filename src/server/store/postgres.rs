@@ -367,10 +367,8 @@ impl PgStore {
         map: fn(&Row) -> StoreResult<T>,
     ) -> StoreResult<Vec<T>> {
         self.run(move |c| {
-            let refs: Vec<&(dyn ToSql + Sync)> = params
-                .iter()
-                .map(|p| &**p as &(dyn ToSql + Sync))
-                .collect();
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
             c.query(&sql, &refs)?.iter().map(map).collect()
         })
     }
@@ -386,12 +384,14 @@ impl PgStore {
     }
 
     /// Rows changed by one statement.
-    fn exec(&self, sql: &'static str, params: Vec<Box<dyn ToSql + Sync + Send>>) -> StoreResult<u64> {
+    fn exec(
+        &self,
+        sql: &'static str,
+        params: Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> StoreResult<u64> {
         self.run(move |c| {
-            let refs: Vec<&(dyn ToSql + Sync)> = params
-                .iter()
-                .map(|p| &**p as &(dyn ToSql + Sync))
-                .collect();
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
             Ok(c.execute(sql, &refs)?)
         })
     }
@@ -527,11 +527,7 @@ fn user_id(c: &mut impl GenericClient, name: &str) -> StoreResult<i64> {
 }
 
 /// Host numbers (offsets in the namespace /24), sorted, already taken by the rows of `table` (`vms` or `peers`).
-fn used_hosts(
-    c: &mut impl GenericClient,
-    table: &str,
-    ns: &NamespaceRow,
-) -> StoreResult<Vec<u32>> {
+fn used_hosts(c: &mut impl GenericClient, table: &str, ns: &NamespaceRow) -> StoreResult<Vec<u32>> {
     let rows = c.query(
         &format!("SELECT address FROM {table} WHERE namespace_id = $1"),
         &[&ns.id],
@@ -549,7 +545,10 @@ fn used_hosts(
 
 /// Lock the namespace row for the rest of the transaction: allocations in one namespace queue behind it.
 fn lock_namespace(c: &mut impl GenericClient, ns_id: i64) -> StoreResult<()> {
-    match c.query_opt("SELECT id FROM namespaces WHERE id = $1 FOR UPDATE", &[&ns_id])? {
+    match c.query_opt(
+        "SELECT id FROM namespaces WHERE id = $1 FOR UPDATE",
+        &[&ns_id],
+    )? {
         Some(_) => Ok(()),
         None => Err(StoreError::NotFound(format!("namespace #{ns_id}"))),
     }
@@ -714,8 +713,10 @@ impl StoreEngine for PgStore {
 
     fn data_version(&self) -> StoreResult<i64> {
         self.run(|c| {
-            Ok(c.query_one("SELECT version FROM admin_changes WHERE id = 1", &[])?
-                .try_get(0)?)
+            Ok(
+                c.query_one("SELECT version FROM admin_changes WHERE id = 1", &[])?
+                    .try_get(0)?,
+            )
         })
     }
 

@@ -16,7 +16,6 @@ use super::{
 use crate::api::{ClusterState, VmState};
 use crate::server::alloc;
 
-
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY,
@@ -172,7 +171,6 @@ fn make_private(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-
 pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
@@ -289,7 +287,6 @@ fn user_id(conn: &Connection, name: &str) -> StoreResult<i64> {
         .ok_or_else(|| StoreError::NotFound(format!("user `{name}`")))
 }
 
-
 /// Schema version 1 is `SCHEMA` with the fix-ups of `migrate` and `MIGRATE_EVENTS` (state files made before the
 /// version table get them at open and are then version 1). Later versions are `MIGRATIONS[n - 2]`.
 const MIGRATIONS: &[&str] = &[];
@@ -345,7 +342,6 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     }
     Ok(())
 }
-
 
 impl SqliteStore {
     pub fn open(path: &Path) -> StoreResult<SqliteStore> {
@@ -971,12 +967,7 @@ impl StoreEngine for SqliteStore {
     // ---- peers ----
 
     /// Register a peer with the lowest free peer address (.2–.9) of the namespace.
-    fn add_peer(
-        &self,
-        ns: &NamespaceRow,
-        name: &str,
-        public_key: &str,
-    ) -> StoreResult<PeerRow> {
+    fn add_peer(&self, ns: &NamespaceRow, name: &str, public_key: &str) -> StoreResult<PeerRow> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let existing = tx
@@ -1118,54 +1109,6 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_are_per_cluster_and_go_with_it() {
-        let (_dir, store) = store();
-        let (a, _) = store.add_user("a").unwrap();
-        let (b, _) = store.add_user("b").unwrap();
-        let na = store.ensure_namespace(&a).unwrap();
-        let nb = store.ensure_namespace(&b).unwrap();
-        let vms = [NewVm {
-            name: "n1",
-            role: "proxy",
-        }];
-        let ca = store.create_cluster(&na, "dev", "tiny", &vms).unwrap();
-        let cb = store.create_cluster(&nb, "dev", "tiny", &vms).unwrap();
-        let s1 = store.add_snapshot(ca.id, "s1", "tiny", 10 << 20).unwrap();
-        assert_eq!((s1.cluster.as_str(), s1.size_bytes), ("dev", 10 << 20));
-        assert!(matches!(
-            store.add_snapshot(ca.id, "s1", "tiny", 1),
-            Err(StoreError::Exists(_))
-        ));
-        store.add_snapshot(ca.id, "s2", "tiny", 20 << 20).unwrap();
-        assert!(
-            store.snapshot(cb.id, "s1").unwrap().is_none(),
-            "per cluster"
-        );
-        assert!(store.snapshots_in(nb.id).unwrap().is_empty());
-        let largest: Vec<String> = store
-            .snapshots_in(na.id)
-            .unwrap()
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
-        assert_eq!(largest, ["s2", "s1"]);
-        // Stopped: its size, cleared by the next state.
-        store.set_cluster_stopped(ca.id, 42, "stopped").unwrap();
-        let c = store.cluster_by_id(ca.id).unwrap().unwrap();
-        assert_eq!((c.state, c.disk_bytes), (ClusterState::Stopped, Some(42)));
-        store
-            .set_cluster_state_event(ca.id, ClusterState::Ready, None, "ready")
-            .unwrap();
-        assert_eq!(
-            store.cluster_by_id(ca.id).unwrap().unwrap().disk_bytes,
-            None
-        );
-        assert!(store.delete_snapshot(s1.id).unwrap());
-        store.delete_cluster(ca.id).unwrap();
-        assert!(store.snapshots_in(na.id).unwrap().is_empty());
-    }
-
-    #[test]
     fn tokens_are_hashed_and_revocable() {
         let (dir, store) = store();
         let (user, token) = store.add_user("alice").unwrap();
@@ -1182,61 +1125,6 @@ mod tests {
         );
         assert_eq!(store.revoke_user("alice").unwrap(), (1, 0));
         assert_eq!(store.user_by_token(&token).unwrap(), None);
-    }
-
-    #[test]
-    fn allocation_fills_gaps_and_survives_reopen() {
-        let (dir, store) = store();
-        let (a, _) = store.add_user("a").unwrap();
-        let (b, _) = store.add_user("b").unwrap();
-        let na = store.ensure_namespace(&a).unwrap();
-        let nb = store.ensure_namespace(&b).unwrap();
-        assert_eq!(na.subnet.to_string(), "10.240.0.0/24");
-        assert_eq!(nb.subnet.to_string(), "10.240.1.0/24");
-        assert_eq!(store.ensure_namespace(&a).unwrap(), na, "idempotent");
-        let vms = [
-            NewVm {
-                name: "n1",
-                role: "proxy",
-            },
-            NewVm {
-                name: "f1",
-                role: "app",
-            },
-        ];
-        let c1 = store.create_cluster(&na, "one", "tiny", &vms).unwrap();
-        let c2 = store.create_cluster(&na, "two", "tiny", &vms).unwrap();
-        let addr = |c: &ClusterRow| -> Vec<String> {
-            store
-                .vms_of(c.id)
-                .unwrap()
-                .iter()
-                .map(|v| v.address.to_string())
-                .collect()
-        };
-        assert_eq!(addr(&c1), ["10.240.0.10", "10.240.0.11"]);
-        assert_eq!(addr(&c2), ["10.240.0.12", "10.240.0.13"]);
-        store.delete_cluster(c1.id).unwrap();
-        let c3 = store
-            .create_cluster(&na, "three", "tiny", &vms[..1])
-            .unwrap();
-        assert_eq!(addr(&c3), ["10.240.0.10"], "freed addresses are reused");
-        let key = "x".repeat(44);
-        let p = store.add_peer(&na, "laptop", &key).unwrap();
-        assert_eq!(p.address.to_string(), "10.240.0.2");
-        assert_eq!(
-            store.add_peer(&na, "laptop2", &key).unwrap().address,
-            p.address,
-            "same key, same address"
-        );
-        assert!(matches!(
-            store.add_peer(&nb, "x", &key),
-            Err(StoreError::Exists(_))
-        ));
-        drop(store);
-        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
-        assert_eq!(store.namespace_of(b.id).unwrap(), Some(nb));
-        assert_eq!(store.peers_in(na.id).unwrap().len(), 1);
     }
 
     #[test]
@@ -1295,16 +1183,29 @@ mod tests {
     }
 
     #[test]
-    fn peer_addresses_run_out_cleanly() {
-        let (_dir, store) = store();
-        let (a, _) = store.add_user("a").unwrap();
-        let ns = store.ensure_namespace(&a).unwrap();
-        for i in 0..8 {
-            store.add_peer(&ns, "p", &format!("{i:0>44}")).unwrap();
-        }
+    fn a_file_from_before_schema_versions_is_version_1_and_a_newer_one_is_refused() {
+        let (dir, store) = store();
+        store.add_user("a").unwrap();
+        drop(store);
+        let path = dir.path().join("state.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE schema_version").unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.user_exists("a").unwrap());
+        let version: i64 = store
+            .conn()
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("UPDATE schema_version SET version = 99")
+            .unwrap();
+        drop(conn);
         assert!(matches!(
-            store.add_peer(&ns, "p", &"9".repeat(44)),
-            Err(StoreError::Exhausted(_))
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
         ));
     }
 }
