@@ -1181,7 +1181,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server)
-            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --profile --verbose --help user stop help"
+            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --database --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --profile --verbose --help user stop help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1204,6 +1204,10 @@ _fcdev() {
                     return 0
                     ;;
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1417,13 +1421,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__add)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --database --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1537,13 +1545,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__list)
-            opts="-v -h --data-dir --json --profile --verbose --help"
+            opts="-v -h --data-dir --database --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1559,13 +1571,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__remove)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --database --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1581,13 +1597,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__revoke)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --database --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1603,13 +1623,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__token)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --database --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

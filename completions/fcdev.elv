@@ -307,6 +307,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --hub-endpoint 'The endpoint peers are told to send to (default: the hub''s listen address)'
             cand --hub-tun 'The hub''s TUN device towards the VM bridges, or `none` to run the hub without one'
             cand --data-dir 'State, images and VM folders (default: the user data dir, or FCDEV_DATA_DIR)'
+            cand --database 'Keep the state in this PostgreSQL database (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, or a unix socket: `postgres:///DB?host=/run/postgresql`) instead of the SQLite file DATA_DIR/state.db. The admin commands (`fcdev server user …`) take the same flag'
             cand --images 'The image catalog (default: DATA_DIR/images)'
             cand --backend 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)'
             cand --accel 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
@@ -340,6 +341,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;add'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -348,6 +350,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;token'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -356,6 +359,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;revoke'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -364,6 +368,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;remove'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -372,6 +377,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;list'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand --json 'Print JSON: `[{"name": …}]`'
             cand -v 'More log output (repeat for more)'

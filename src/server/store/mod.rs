@@ -26,7 +26,7 @@ pub mod sqlite;
 pub enum StoreError {
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("database error: {0}")]
+    #[error("database error: {}", postgres::describe(.0))]
     Pg(#[from] ::postgres::Error),
     /// The database cannot be reached (PostgreSQL down or unreachable); the next call tries again.
     #[error("the database is unreachable: {0}")]

@@ -143,6 +143,17 @@ INSERT INTO admin_changes (id, version) VALUES (1, 0);
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// An error with the server's message and code (the crate's own text for those is only "db error").
+pub fn describe(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
+}
+
 /// A URL without its password, for messages.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -180,10 +191,9 @@ impl Conn {
         self.last_used = Instant::now();
         let client = match self.client.take() {
             Some(c) if healthy => c,
-            _ => self
-                .config
-                .connect(NoTls)
-                .map_err(|e| StoreError::Unavailable(format!("{}: {e}", self.target)))?,
+            _ => self.config.connect(NoTls).map_err(|e| {
+                StoreError::Unavailable(format!("{}: {}", self.target, describe(&e)))
+            })?,
         };
         Ok(self.client.insert(client))
     }
@@ -195,7 +205,11 @@ impl Conn {
                 if connection_lost(&e) || self.client.as_ref().is_none_or(|c| c.is_closed()) =>
             {
                 self.client = None;
-                Err(StoreError::Unavailable(format!("{}: {e}", self.target)))
+                Err(StoreError::Unavailable(format!(
+                    "{}: {}",
+                    self.target,
+                    describe(&e)
+                )))
             }
             r => r,
         }
