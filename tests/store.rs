@@ -596,3 +596,10 @@ fn postgres_schema_is_versioned_and_a_newer_one_or_no_database_is_refused() {
         Err(StoreError::BadLocation(_))
     ));
 }
+
+#[test]
+fn twenty_engineers_up_at_once_on_postgres_never_share_addresses() {
+    let url = pg::shared().database();
+    let server = start_server_on(&url);
+    common::twenty_engineers_up_at_once(&server, &["--database", &url]);
+}
