@@ -603,3 +603,33 @@ fn twenty_engineers_up_at_once_on_postgres_never_share_addresses() {
     let server = start_server_on(&url);
     common::twenty_engineers_up_at_once(&server, &["--database", &url]);
 }
+
+/// The `postgres` crate runs a runtime of its own and panics when called on a thread of another one; the HTTP
+/// handlers call the store on the server's runtime threads, so the engine must hand its work to its own threads.
+#[tokio::test(flavor = "current_thread")]
+async fn postgres_store_works_when_called_on_an_async_runtime_thread() {
+    let store = Store::open_postgres(&pg::shared().database()).unwrap();
+    let (user, token) = store.add_user("a").unwrap();
+    assert_eq!(store.user_by_token(&token).unwrap(), Some(user));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_works_when_called_on_a_multi_threaded_runtime() {
+    let store = Arc::new(Store::open_postgres(&pg::shared().database()).unwrap());
+    let (user, _) = store.add_user("a").unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (store, user) = (store.clone(), user.clone());
+            tokio::spawn(async move {
+                let ns = store.ensure_namespace(&user).unwrap();
+                store
+                    .create_cluster(&ns, &format!("c{i}"), "tiny", &ONE_VM)
+                    .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.all_clusters().unwrap().len(), 8);
+}
