@@ -46,6 +46,9 @@ _fcdev() {
             fcdev,images)
                 cmd="fcdev__subcmd__images"
                 ;;
+            fcdev,known-hosts)
+                cmd="fcdev__subcmd__known__subcmd__hosts"
+                ;;
             fcdev,login)
                 cmd="fcdev__subcmd__login"
                 ;;
@@ -63,6 +66,9 @@ _fcdev() {
                 ;;
             fcdev,ssh)
                 cmd="fcdev__subcmd__ssh"
+                ;;
+            fcdev,ssh-config)
+                cmd="fcdev__subcmd__ssh__subcmd__config"
                 ;;
             fcdev,start)
                 cmd="fcdev__subcmd__start"
@@ -109,6 +115,9 @@ _fcdev() {
             fcdev__subcmd__help,images)
                 cmd="fcdev__subcmd__help__subcmd__images"
                 ;;
+            fcdev__subcmd__help,known-hosts)
+                cmd="fcdev__subcmd__help__subcmd__known__subcmd__hosts"
+                ;;
             fcdev__subcmd__help,login)
                 cmd="fcdev__subcmd__help__subcmd__login"
                 ;;
@@ -126,6 +135,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help,ssh)
                 cmd="fcdev__subcmd__help__subcmd__ssh"
+                ;;
+            fcdev__subcmd__help,ssh-config)
+                cmd="fcdev__subcmd__help__subcmd__ssh__subcmd__config"
                 ;;
             fcdev__subcmd__help,start)
                 cmd="fcdev__subcmd__help__subcmd__start"
@@ -305,7 +317,7 @@ _fcdev() {
 
     case "${cmd}" in
         fcdev)
-            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help"
+            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset exec down stop start snapshot hosts ssh ssh-config logs doctor image server completions known-hosts __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -451,7 +463,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help)
-            opts="login up status images tunnel reset exec down stop start snapshot hosts ssh logs doctor image server completions __socks-connect __test-vm help"
+            opts="login up status images tunnel reset exec down stop start snapshot hosts ssh ssh-config logs doctor image server completions known-hosts __socks-connect __test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -619,6 +631,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__images)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__known__subcmd__hosts)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -870,6 +896,20 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__help__subcmd__ssh__subcmd__config)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__help__subcmd__start)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -1106,6 +1146,24 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__known__subcmd__hosts)
+            opts="-v -h --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__login)
             opts="-v -h --server --token-stdin --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -1129,7 +1187,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__logs)
-            opts="-f -n -v -h --follow --lines --name --profile --verbose --help"
+            opts="-f -n -v -h --follow --lines --name --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1839,7 +1897,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__ssh)
-            opts="-u -v -h --name --user --socks --profile --verbose --help"
+            opts="-u -v -h --name --user --stdio --port --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1857,7 +1915,29 @@ _fcdev() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --socks)
+                --port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__ssh__subcmd__config)
+            opts="-v -h --file --remove --dry-run --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1935,7 +2015,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__tunnel)
-            opts="-L -v -h --mode --socks --http --forward --tun-name --name --json --wg-config --profile --verbose --help"
+            opts="-L -v -h --mode --socks --http --forward --tun-name --name --json --wg-config --stop --background --idle-exit --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1970,6 +2050,10 @@ _fcdev() {
                     return 0
                     ;;
                 --wg-config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --idle-exit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -37,12 +37,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand start 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)'
             cand snapshot 'Named snapshots of a cluster: save, restore, list, rm'
             cand hosts 'Print /etc/hosts lines for your VMs'
-            cand ssh 'Open an ssh session to a VM'
+            cand ssh 'Open an ssh session to a VM (no tunnel needed: it uses the running one or starts one in the background)'
+            cand ssh-config 'Write ssh config entries for your VMs (`ssh n1.<namespace>.fcdev`, scp, rsync, VS Code Remote-SSH)'
             cand logs 'Show a VM''s console log (-f follows it)'
             cand doctor 'Check this machine''s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
+            cand known-hosts 'Internal: ssh''s KnownHostsCommand (a VM''s host key as the server knows it)'
             cand __socks-connect 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy'
             cand __test-vm 'Internal: the process behind one VM of the test backend'
             cand help 'Print this message or the help of the given subcommand(s)'
@@ -95,8 +97,11 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --tun-name 'The TUN device''s name (TUN mode)'
             cand --name 'This machine''s peer name (default: the host name)'
             cand --wg-config 'Write a wg-quick configuration for stock WireGuard clients to FILE (0600; stdout without FILE) instead of running the tunnel. It holds this machine''s private key (never sent to the server) and the same address as `fcdev tunnel`: use one or the other at a time. Calling it again gives the same key and address'
+            cand --idle-exit 'Internal: end once no local connection has been open for SECS (proxy mode)'
             cand --profile 'The profile (server + token) to use'
             cand --json 'Status as JSON lines on stdout instead of a status line'
+            cand --stop 'Stop the background tunnel `fcdev ssh` started for this profile (it also ends by itself when idle)'
+            cand --background 'Internal: this is the shared background tunnel of `fcdev ssh --stdio`'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -227,11 +232,23 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --help 'Print help'
         }
         &'fcdev;ssh'= {
-            cand --name 'The cluster (default: the profile''s cluster)'
+            cand --name 'The cluster (default: the profile''s cluster, or the one the host name names)'
             cand -u 'The user in the VM'
             cand --user 'The user in the VM'
-            cand --socks 'The SOCKS5 proxy of a rootless `fcdev tunnel`, used when the VM is not routed here'
+            cand --port 'The VM''s port (with --stdio)'
             cand --profile 'The profile (server + token) to use'
+            cand --stdio 'Relay one connection to the VM''s ssh port on stdin/stdout (ssh''s ProxyCommand; what `fcdev ssh-config` writes). Uses the running tunnel, or starts a shared background one that ends when idle'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;ssh-config'= {
+            cand --file 'The ssh config file (default: ~/.ssh/config)'
+            cand --profile 'The profile (server + token) to use'
+            cand --remove 'Remove the block instead'
+            cand --dry-run 'Print the block instead of writing it'
+            cand --json 'Print the result as JSON'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -244,6 +261,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --profile 'The profile (server + token) to use'
             cand -f 'Keep printing what the console prints next (Ctrl-C to stop)'
             cand --follow 'Keep printing what the console prints next (Ctrl-C to stop)'
+            cand --json 'One JSON object per line (`{"vm":"n1","line":"…"}`), as lines come'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
             cand -h 'Print help'
@@ -447,6 +465,13 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'fcdev;known-hosts'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;__socks-connect'= {
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
@@ -477,12 +502,14 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand start 'Resume a stopped cluster where it was (also what `fcdev up` does to a stopped cluster)'
             cand snapshot 'Named snapshots of a cluster: save, restore, list, rm'
             cand hosts 'Print /etc/hosts lines for your VMs'
-            cand ssh 'Open an ssh session to a VM'
+            cand ssh 'Open an ssh session to a VM (no tunnel needed: it uses the running one or starts one in the background)'
+            cand ssh-config 'Write ssh config entries for your VMs (`ssh n1.<namespace>.fcdev`, scp, rsync, VS Code Remote-SSH)'
             cand logs 'Show a VM''s console log (-f follows it)'
             cand doctor 'Check this machine''s setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh'
             cand image 'Build or snapshot prepared images (host side)'
             cand server 'Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side)'
             cand completions 'Print a shell completion script'
+            cand known-hosts 'Internal: ssh''s KnownHostsCommand (a VM''s host key as the server knows it)'
             cand __socks-connect 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy'
             cand __test-vm 'Internal: the process behind one VM of the test backend'
             cand help 'Print this message or the help of the given subcommand(s)'
@@ -525,6 +552,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;help;ssh'= {
         }
+        &'fcdev;help;ssh-config'= {
+        }
         &'fcdev;help;logs'= {
         }
         &'fcdev;help;doctor'= {
@@ -561,6 +590,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;stop'= {
         }
         &'fcdev;help;completions'= {
+        }
+        &'fcdev;help;known-hosts'= {
         }
         &'fcdev;help;__socks-connect'= {
         }

@@ -15,7 +15,8 @@
 set -euo pipefail
 
 HOST_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static dropbear-bin iproute2 nftables
-               procps curl ca-certificates openssh-client xz-utils zstd gcc debootstrap e2fsprogs)
+               procps curl ca-certificates openssh-client openssh-sftp-server rsync xz-utils zstd gcc debootstrap
+               e2fsprogs)
 # postgresql-15: the store tests start a real PostgreSQL (initdb, pg_ctl from /usr/lib/postgresql/15/bin, checked
 # as packages: those programs are not on PATH).
 CI_PACKAGES=(socat iperf3 wireguard-tools wireguard-go mariadb-client-core postgresql-15 postgresql-client-15)
@@ -24,7 +25,7 @@ CI_PACKAGES=(socat iperf3 wireguard-tools wireguard-go mariadb-client-core postg
 declare -A HOST_PROGRAMS=(
   [qemu-system-x86_64]=qemu-system-x86 [qemu-img]=qemu-utils [busybox]=busybox-static [dropbear]=dropbear-bin
   [dropbearkey]=dropbear-bin [ip]=iproute2 [nft]=nftables [pgrep]=procps [curl]=curl [ssh]=openssh-client
-  [xz]=xz-utils [zstd]=zstd [gcc]=gcc [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs
+  [rsync]=rsync [xz]=xz-utils [zstd]=zstd [gcc]=gcc [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs
 )
 declare -A CI_PROGRAMS=(
   [mariadb]=mariadb-client-core [dbclient]=dropbear-bin [socat]=socat [iperf3]=iperf3 [wg]=wireguard-tools [wireguard-go]=wireguard-go

@@ -30,24 +30,9 @@ fn require_wireguard_tools() {
 
 #[test]
 fn logs_stock_wireguard_and_the_http_proxy_reach_real_vms() {
-    require_root_and_tun();
-    require_vm_tools();
     require_wireguard_tools();
-    let image = tiny_image();
-    let (tmp, data_dir, images) = workdir_with_image("tiny", &image);
-
-    let nss = Namespaces::new(&["dhost", "dlaptop"]);
-    let host = nss.name("dhost");
-    lan(&nss, "dhost", "192.168.85", &["dlaptop"]);
-    let (server, token) = spawn_server_at(&host, &data_dir, &images, "192.168.85.1");
-    let token = token.expect("the server printed a login token");
-    let alice = Laptop {
-        ns: nss.name("dlaptop"),
-        cfg: tmp.path().join("alice"),
-        nss: &nss,
-        role: "dlaptop",
-    };
-    alice.login("http://192.168.85.1:7070", &token);
+    let lab = TinyLab::start("dhost", "dlaptop", "192.168.85");
+    let (tmp, data_dir, nss, alice) = (&lab.tmp, &lab.data_dir, &lab.nss, lab.alice());
     let up: serde_json::Value = serde_json::from_str(&alice.ok(&["up", "--json"])).unwrap();
     assert_eq!(up["state"], "ready", "{up}");
     let n1 = up["vms"][0]["address"].as_str().unwrap().to_string();
@@ -164,5 +149,4 @@ fn logs_stock_wireguard_and_the_http_proxy_reach_real_vms() {
     drop(tunnel);
 
     alice.ok(&["down", "--yes"]);
-    drop(server);
 }

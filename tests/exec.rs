@@ -10,26 +10,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lab::*;
-use netns::*;
 
 #[test]
 fn exec_streams_output_as_it_comes_and_returns_the_exit_code() {
-    require_root_and_tun();
-    require_vm_tools();
-    let image = tiny_image();
-    let (tmp, data_dir, images) = workdir_with_image("tiny", &image);
-    let nss = Namespaces::new(&["xhost", "xalice"]);
-    let host = nss.name("xhost");
-    lan(&nss, "xhost", "192.168.83", &["xalice"]);
-    let (_server, token) = spawn_server_at(&host, &data_dir, &images, "192.168.83.1");
-    let token = token.expect("the server printed a login token");
-    let alice = Laptop {
-        ns: nss.name("xalice"),
-        cfg: tmp.path().join("alice"),
-        nss: &nss,
-        role: "xalice",
-    };
-    alice.login("http://192.168.83.1:7070", &token);
+    let lab = TinyLab::start("xhost", "xalice", "192.168.83");
+    let alice = lab.alice();
     alice.ok(&["up", "--json"]);
 
     // A command printing a line a second: the first line arrives long before the command ends.

@@ -30,6 +30,8 @@ const HOST_PACKAGES: &[&str] = &[
     "curl",
     "ca-certificates",
     "openssh-client",
+    "openssh-sftp-server",
+    "rsync",
     "xz-utils",
     "zstd",
     "gcc",

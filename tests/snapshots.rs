@@ -125,6 +125,14 @@ fn snapshots_bring_back_files_and_processes_and_stop_start_resumes_them() {
     assert_eq!(value, "original");
 
     // Save s1; the cluster runs on.
+    let host_key = |alice: &Laptop| {
+        alice.status()["clusters"][0]["vms"][1]["host_key"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let saved_key = host_key(&alice);
+    assert!(saved_key.starts_with("ssh-ed25519 "), "{saved_key}");
     let t0 = Instant::now();
     let snap = json_of(&alice.ok(&["snapshot", "save", "s1", "--json"]));
     let save_secs = t0.elapsed().as_secs_f64();
@@ -384,10 +392,12 @@ fn snapshots_bring_back_files_and_processes_and_stop_start_resumes_them() {
         guest(&data_dir, "f1", "cat /run/report 2>/dev/null || echo gone"),
         "gone"
     );
-    // …and s1 still restores after a reset.
+    assert_ne!(host_key(&alice), saved_key, "a reset makes a new host key");
+    // …and s1 still restores after a reset, with the host key its guest holds.
     alice.ok(&["snapshot", "restore", "s1", "--yes"]);
     assert_eq!(guest(&data_dir, "f1", "cat /data/file"), "one");
     assert_eq!(report(&data_dir).0, pid);
+    assert_eq!(host_key(&alice), saved_key, "the saved guest's host key");
 
     // rm, then deleting the cluster removes the rest of its snapshots.
     alice.ok(&["snapshot", "rm", "s1"]);

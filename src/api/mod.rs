@@ -240,6 +240,10 @@ pub struct Vm {
     pub hostname: String,
     pub state: VmState,
     pub detail: Option<String>,
+    /// The VM's ssh host public key (`ssh-ed25519 AAAA…`) when the server made it (restored VMs): what
+    /// `fcdev ssh` and the ssh config of `fcdev ssh-config` check the VM against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
 }
 
 /// One progress event of a cluster, sent over `GET /v1/clusters/{name}/events` (server-sent events).

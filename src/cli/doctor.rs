@@ -365,7 +365,47 @@ async fn run_checks(ctx: &Context) -> Vec<Check> {
         )
         .fix("install OpenSSH's client (Debian: apt install openssh-client)")
     });
+    if token_ok.is_some() {
+        checks.push(ssh_config_check(ctx).await);
+    }
     checks
+}
+
+/// Whether ~/.ssh/config holds the profile's block as `fcdev ssh-config` would write it now.
+async fn ssh_config_check(ctx: &Context) -> Check {
+    let file = match crate::cli::ssh_config::default_file() {
+        Ok(f) => f,
+        Err(e) => return check("ssh-config", Verdict::Skip, e.message),
+    };
+    match crate::cli::ssh_config::is_current(ctx, &file).await {
+        Ok(Some(true)) => check(
+            "ssh-config",
+            Verdict::Ok,
+            format!(
+                "{} has every VM (`ssh <vm>.<namespace>.fcdev`)",
+                file.display()
+            ),
+        ),
+        Ok(Some(false)) => check(
+            "ssh-config",
+            Verdict::Warn,
+            format!(
+                "the fcdev block of {} is out of date (clusters or VMs changed)",
+                file.display()
+            ),
+        )
+        .fix("`fcdev ssh-config`"),
+        Ok(None) => check(
+            "ssh-config",
+            Verdict::Warn,
+            format!(
+                "no fcdev block in {}: ssh, scp and IDEs do not know your VMs",
+                file.display()
+            ),
+        )
+        .fix("`fcdev ssh-config` (`fcdev ssh VM` works without it)"),
+        Err(e) => check("ssh-config", Verdict::Skip, e.message),
+    }
 }
 
 pub async fn run(args: DoctorArgs, ctx: Context) -> Result<(), CliError> {

@@ -18,6 +18,32 @@ pub struct LogsArgs {
     /// The cluster (default: the profile's cluster, `dev`).
     #[arg(long)]
     pub name: Option<String>,
+    /// One JSON object per line (`{"vm":"n1","line":"…"}`), as lines come.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Complete console lines as JSON objects; the bytes after the last newline wait for the next chunk.
+struct JsonLines {
+    vm: String,
+    pending: Vec<u8>,
+}
+
+impl JsonLines {
+    fn feed(&mut self, chunk: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+        self.pending.extend_from_slice(chunk);
+        while let Some(i) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=i).collect();
+            self.emit(&line[..i], out)?;
+        }
+        out.flush()
+    }
+
+    fn emit(&self, line: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+        let text = String::from_utf8_lossy(line);
+        let obj = serde_json::json!({ "vm": self.vm, "line": text.trim_end_matches('\r') });
+        writeln!(out, "{obj}")
+    }
 }
 
 pub async fn run(args: LogsArgs, ctx: Context) -> Result<(), CliError> {
@@ -28,6 +54,19 @@ pub async fn run(args: LogsArgs, ctx: Context) -> Result<(), CliError> {
         args.vm, args.lines, args.follow
     );
     let mut stdout = std::io::stdout();
+    if args.json {
+        let mut lines = JsonLines {
+            vm: args.vm.clone(),
+            pending: Vec::new(),
+        };
+        client
+            .stream_bytes(&path, |chunk| lines.feed(chunk, &mut stdout).is_ok())
+            .await?;
+        if !lines.pending.is_empty() {
+            let _ = lines.emit(&lines.pending, &mut stdout);
+        }
+        return Ok(());
+    }
     let mut last = b'\n';
     client
         .stream_bytes(&path, |chunk| {

@@ -15,15 +15,18 @@ pub mod image;
 pub mod images;
 pub mod login;
 pub mod logs;
+pub mod marked;
 pub mod output;
 pub mod progress;
 pub mod reset;
 pub mod server;
 pub mod snapshot;
 pub mod ssh;
+pub mod ssh_config;
 pub mod status;
 pub mod stop;
 pub mod tunnel;
+pub mod tunnel_state;
 pub mod up;
 
 pub use errors::{CliError, ExitKind};
@@ -75,8 +78,10 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Print /etc/hosts lines for your VMs.
     Hosts(hosts::HostsArgs),
-    /// Open an ssh session to a VM.
+    /// Open an ssh session to a VM (no tunnel needed: it uses the running one or starts one in the background).
     Ssh(ssh::SshArgs),
+    /// Write ssh config entries for your VMs (`ssh n1.<namespace>.fcdev`, scp, rsync, VS Code Remote-SSH).
+    SshConfig(ssh_config::SshConfigArgs),
     /// Show a VM's console log (-f follows it).
     Logs(logs::LogsArgs),
     /// Check this machine's setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh.
@@ -87,6 +92,9 @@ pub enum Command {
     Server(Box<server::ServerArgs>),
     /// Print a shell completion script.
     Completions(completions::CompletionsArgs),
+    /// Internal: ssh's KnownHostsCommand (a VM's host key as the server knows it).
+    #[command(name = "known-hosts", hide = true)]
+    KnownHosts(ssh::KnownHostsArgs),
     /// Internal: ssh's ProxyCommand through the rootless tunnel's SOCKS5 proxy.
     #[command(name = "__socks-connect", hide = true)]
     SocksConnect(ssh::SocksConnectArgs),
@@ -191,6 +199,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Snapshot(args) => snapshot::run(args, Context::new(cli.profile)?).await,
         Command::Hosts(args) => hosts::run(args, Context::new(cli.profile)?).await,
         Command::Ssh(args) => ssh::run(args, Context::new(cli.profile)?).await,
+        Command::SshConfig(args) => ssh_config::run(args, Context::new(cli.profile)?).await,
+        Command::KnownHosts(args) => ssh::known_hosts(args, Context::new(cli.profile)?).await,
         Command::Logs(args) => logs::run(args, Context::new(cli.profile)?).await,
         Command::Doctor(args) => doctor::run(args, Context::new(cli.profile)?).await,
         Command::Image(args) => {

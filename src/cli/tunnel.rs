@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use crate::api::{CreatePeer, PeerConfig};
-use crate::cli::{CliError, Context, ExitKind};
+use crate::cli::{tunnel_state, CliError, Context, ExitKind};
 use crate::tunnel::{Client, ClientOptions, ClientStats, Forward, Mode, PrivateKey, TunnelError};
 
 #[derive(Debug, clap::Args)]
@@ -39,6 +39,15 @@ pub struct TunnelArgs {
     /// `fcdev tunnel`: use one or the other at a time. Calling it again gives the same key and address.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     pub wg_config: Option<std::path::PathBuf>,
+    /// Stop the background tunnel `fcdev ssh` started for this profile (it also ends by itself when idle).
+    #[arg(long, conflicts_with = "wg_config")]
+    pub stop: bool,
+    /// Internal: this is the shared background tunnel of `fcdev ssh --stdio`.
+    #[arg(long, hide = true)]
+    pub background: bool,
+    /// Internal: end once no local connection has been open for SECS (proxy mode).
+    #[arg(long, hide = true, value_name = "SECS")]
+    pub idle_exit: Option<u64>,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -158,6 +167,35 @@ pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
     if let Some(file) = &args.wg_config {
         return write_wg_config(&ctx, args.name.as_deref(), file).await;
     }
+    if args.stop {
+        match tunnel_state::stop_background(&ctx) {
+            Some(pid) => eprintln!("Stopped the background tunnel (pid {pid})."),
+            None => eprintln!(
+                "No background tunnel runs for profile `{}`.",
+                ctx.profile_name
+            ),
+        }
+        return Ok(());
+    }
+    // One key is one endpoint at the hub: one tunnel per profile. A background one (started by `fcdev ssh`)
+    // gives way to the one asked for here; another foreground one is left alone.
+    if let Some(running) = tunnel_state::read_live(&ctx) {
+        if !running.background || args.background {
+            return Err(CliError::new(
+                ExitKind::Conflict,
+                format!(
+                    "a tunnel for profile `{}` already runs (pid {}, {} mode)",
+                    ctx.profile_name, running.pid, running.mode
+                ),
+            )
+            .hint("use it (ssh and curl through it work), or stop it first: two tunnels with one key fight over one endpoint at the hub"));
+        }
+        if let Some(pid) = tunnel_state::stop_background(&ctx) {
+            eprintln!(
+                "Stopped the background tunnel of `fcdev ssh` (pid {pid}); this one takes over."
+            );
+        }
+    }
     let (key, config) = register(&ctx, args.name.as_deref()).await?;
     let address = config.address.clone();
     let mut opts = ClientOptions::new(key, config.clone());
@@ -177,15 +215,51 @@ pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
     opts.http = args.http;
     opts.forwards = args.forwards.clone();
     opts.tun_name = args.tun_name.clone();
+    opts.idle_exit = args.idle_exit.map(std::time::Duration::from_secs);
     let json = args.json;
+    let background = args.background;
+    // The running tunnel's record, removed when this function returns.
+    let published: std::cell::RefCell<Option<tunnel_state::Published>> = Default::default();
+    let published_ref = &published;
+    // TUN mode: the VM names in the hosts file while the tunnel runs.
+    let hosts_block: std::cell::RefCell<Option<crate::cli::hosts::HostsBlock>> = Default::default();
+    let hosts_ref = &hosts_block;
+    let state_ctx = &ctx;
     let forwards = args.forwards.clone();
     let tty = std::io::stderr().is_terminal();
     let mut first = true;
     crate::tunnel::client::run(opts, move |client: &Client, s: &ClientStats| {
         if first {
             first = false;
-            if !json {
-                describe(client, &config, &forwards);
+            let state = tunnel_state::TunnelState {
+                pid: std::process::id(),
+                mode: mode_name(client.mode()).to_string(),
+                socks: client.socks_addr(),
+                address: config.address.clone(),
+                namespace: config.namespace.clone(),
+                background,
+            };
+            match tunnel_state::Published::write(state_ctx, &state) {
+                Ok(p) => *published_ref.borrow_mut() = Some(p),
+                Err(e) => tracing::warn!("cannot record the running tunnel: {}", e.message),
+            }
+            if client.mode() == Mode::Tun {
+                match crate::cli::hosts::HostsBlock::install(&state_ctx.profile_name, &config.hosts)
+                {
+                    Ok(b) => *hosts_ref.borrow_mut() = Some(b),
+                    Err(e) => eprintln!(
+                        "note: cannot add the VM names to {}: {e} (`fcdev hosts` prints the lines)",
+                        crate::cli::hosts::hosts_file().display()
+                    ),
+                }
+            }
+            if !json && !background {
+                describe(
+                    client,
+                    &config,
+                    &forwards,
+                    hosts_ref.borrow().as_ref().map(|b| b.path()),
+                );
             }
         }
         let line = StatusLine {
@@ -220,7 +294,12 @@ pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
     Ok(())
 }
 
-fn describe(client: &Client, config: &PeerConfig, forwards: &[Forward]) {
+fn describe(
+    client: &Client,
+    config: &PeerConfig,
+    forwards: &[Forward],
+    hosts_file: Option<&std::path::Path>,
+) {
     println!(
         "Tunnel up ({} mode): this machine is {} in namespace {} (Ctrl-C to stop)",
         mode_name(client.mode()),
@@ -232,7 +311,13 @@ fn describe(client: &Client, config: &PeerConfig, forwards: &[Forward]) {
         for h in &config.hosts {
             println!("  {}  {}", h.address, h.name);
         }
-        println!("  (add these lines to /etc/hosts to use the names)");
+        match hosts_file {
+            Some(f) => println!(
+                "  (these names are in {} until the tunnel ends)",
+                f.display()
+            ),
+            None => println!("  (add these lines to /etc/hosts to use the names)"),
+        }
     }
     if let Some(socks) = client.socks_addr() {
         println!(

@@ -10,7 +10,7 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
 
-IP= GW= NAME=vm NS=- ROLE=- MAC= KEYS= SNAPSHOT= HOSTS= TIME=
+IP= GW= NAME=vm NS=- ROLE=- MAC= KEYS= SNAPSHOT= HOSTS= TIME= DBKEY=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     fcdev.ip=*) IP=${arg#fcdev.ip=} ;;
@@ -52,6 +52,16 @@ keys() {
   fi
 }
 
+# The ssh host key the server made (dropbear's format). dropbear was started with -R and no ed25519 key, so
+# each connection's child reads this file when the client asks for ed25519: no restart.
+hostkey() {
+  [ -n "$DBKEY" ] || return 0
+  echo "$DBKEY" | base64 -d > /etc/dropbear/.ed25519.new 2>/dev/null &&
+    chmod 600 /etc/dropbear/.ed25519.new &&
+    mv /etc/dropbear/.ed25519.new /etc/dropbear/dropbear_ed25519_host_key
+  DBKEY=
+}
+
 # Few processes: every exec costs under TCG. The address comes last: it is what the readiness probe sees.
 configure() {
   [ -n "$MAC" ] && ip link set eth0 address "$MAC"
@@ -59,6 +69,7 @@ configure() {
   echo "$NAME" > /proc/sys/kernel/hostname
   echo "$NAME" > /etc/hostname
   keys
+  hostkey
   [ -z "$SNAPSHOT" ] && mount_data
   if [ -n "$IP" ]; then
     ip addr flush dev eth0
@@ -114,6 +125,7 @@ while true; do
             hosts=*) HOSTS=${kv#hosts=} ;;
             time=*) TIME=${kv#time=} ;;
             keys=*) KEYS=${kv#keys=} ;;
+            dbkey=*) DBKEY=${kv#dbkey=} ;;
             seed=*) echo "${kv#seed=}" > /dev/urandom ;;
           esac
         done

@@ -240,6 +240,10 @@ impl Orchestrator {
         );
     }
 
+    fn run_dir_of(&self, ns: &NamespaceRow, c: &ClusterRow, vm: &str) -> PathBuf {
+        self.vms_dir.join(&ns.name).join(&c.name).join(vm)
+    }
+
     fn vm_spec(&self, ns: &NamespaceRow, c: &ClusterRow, vm: &VmRow, image: &Image) -> VmSpec {
         let template = image
             .spec
@@ -271,7 +275,7 @@ impl Orchestrator {
             mac: vm.mac.clone(),
             image: image.clone(),
             template,
-            run_dir: self.vms_dir.join(&ns.name).join(&c.name).join(&vm.name),
+            run_dir: self.run_dir_of(ns, c, &vm.name),
             ssh_keys: self.store.ssh_keys(ns.id).unwrap_or_default(),
             restore_from: None,
         }
@@ -1365,6 +1369,7 @@ impl Orchestrator {
             .vms_of(c.id)?
             .into_iter()
             .map(|vm| api::Vm {
+                host_key: self.backend.host_key(&self.run_dir_of(ns, c, &vm.name)),
                 hostname: hostname(&vm.name, &c.name, &ns.name),
                 name: vm.name,
                 role: vm.role,

@@ -52,6 +52,9 @@ pub struct ClientOptions {
     pub http: Option<SocketAddr>,
     /// `-L` forwards (proxy mode).
     pub forwards: Vec<Forward>,
+    /// Proxy mode: end the tunnel once no local connection has been open for this long (the shared background
+    /// tunnel `fcdev ssh --stdio` starts).
+    pub idle_exit: Option<Duration>,
 }
 
 impl ClientOptions {
@@ -65,6 +68,7 @@ impl ClientOptions {
             socks: Some(SocketAddr::from(([127, 0, 0, 1], 1080))),
             http: None,
             forwards: Vec::new(),
+            idle_exit: None,
         }
     }
 }
@@ -187,6 +191,7 @@ pub async fn run(
     opts: ClientOptions,
     mut status: impl FnMut(&Client, &ClientStats),
 ) -> Result<(), TunnelError> {
+    let idle_exit = opts.idle_exit;
     let client = Client::start(opts).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(TunnelError::io("installing SIGTERM handler"))?;
@@ -195,7 +200,15 @@ pub async fn run(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = every.tick() => status(&client, &client.stats()),
+            _ = every.tick() => {
+                status(&client, &client.stats());
+                if let (Some(limit), Client::Proxy(p)) = (idle_exit, &client) {
+                    if p.idle_for() >= limit {
+                        tracing::info!("no connection for {limit:?}: the tunnel ends");
+                        break;
+                    }
+                }
+            }
         }
     }
     client.shutdown().await;

@@ -90,6 +90,44 @@ struct StackHandle {
     cmd: mpsc::UnboundedSender<Cmd>,
     wake: Arc<Notify>,
     plan: Arc<Plan>,
+    activity: Arc<Activity>,
+}
+
+/// The local connections being served (SOCKS5, HTTP, forwards) and when the last one ended: what a background
+/// tunnel's idle exit looks at.
+struct Activity {
+    open: std::sync::atomic::AtomicUsize,
+    last_end: Mutex<std::time::Instant>,
+}
+
+/// One open local connection; dropping it ends it.
+struct Open(Arc<Activity>);
+
+impl Activity {
+    fn enter(self: &Arc<Self>) -> Open {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Open(self.clone())
+    }
+
+    /// How long no local connection has been open (zero while one is).
+    fn idle_for(&self) -> Duration {
+        if self.open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        self.last_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 pub struct RootlessClient {
@@ -151,6 +189,10 @@ impl RootlessClient {
             cmd: cmd_tx,
             wake: wake.clone(),
             plan: plan.clone(),
+            activity: Arc::new(Activity {
+                open: 0.into(),
+                last_end: Mutex::new(std::time::Instant::now()),
+            }),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -202,6 +244,11 @@ impl RootlessClient {
 
     pub fn forward_addrs(&self) -> &[SocketAddr] {
         &self.forwards
+    }
+
+    /// How long no local connection (SOCKS5, HTTP proxy, forward) has been open; zero while one is.
+    pub fn idle_for(&self) -> Duration {
+        self.stack.activity.idle_for()
     }
 
     /// False once the stack task ended (shut down, or failed).
@@ -780,7 +827,9 @@ async fn serve_forward(listener: TcpListener, target: SocketAddrV4, stack: Stack
             continue;
         };
         let stack = stack.clone();
+        let open = stack.activity.enter();
         tokio::spawn(async move {
+            let _open = open;
             if let Some((tx, rx)) = stack.open(target).await {
                 stack.splice(stream, tx, rx).await;
             }
@@ -794,7 +843,9 @@ async fn serve_socks(listener: TcpListener, stack: StackHandle) {
             continue;
         };
         let stack = stack.clone();
+        let open = stack.activity.enter();
         tokio::spawn(async move {
+            let _open = open;
             if let Err(e) = socks_session(stream, stack).await {
                 tracing::debug!("SOCKS5: {e}");
             }
@@ -808,7 +859,9 @@ async fn serve_http(listener: TcpListener, stack: StackHandle) {
             continue;
         };
         let stack = stack.clone();
+        let open = stack.activity.enter();
         tokio::spawn(async move {
+            let _open = open;
             if let Err(e) = http_session(stream, stack).await {
                 tracing::debug!("HTTP proxy: {e}");
             }

@@ -26,6 +26,7 @@ programs_of() {
     procps) echo pgrep pkill ;;
     curl) echo curl ;;
     openssh-client) echo ssh ;;
+    rsync) echo rsync ;;
     xz-utils) echo xz ;;
     zstd) echo zstd ;;
     gcc) echo gcc ;;

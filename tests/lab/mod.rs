@@ -282,3 +282,48 @@ pub fn lan(nss: &Namespaces, host_role: &str, net: &str, laptops: &[&str]) {
         ));
     }
 }
+
+/// `fcdev server` with the tiny image (real VMs) in a host namespace, and alice's laptop namespace on a LAN
+/// (`NET.1` the host, `NET.2` the laptop), logged in. Fields drop in order: the server, then the namespaces.
+pub struct TinyLab {
+    pub server: Proc,
+    pub nss: Namespaces,
+    pub laptop_role: &'static str,
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub tmp: tempfile::TempDir,
+}
+
+impl TinyLab {
+    /// Roles are short (they name veth devices); `net` is a /24 prefix such as `192.168.86`, unique per test.
+    pub fn start(host_role: &'static str, laptop_role: &'static str, net: &str) -> TinyLab {
+        require_root_and_tun();
+        require_vm_tools();
+        let image = tiny_image();
+        let (tmp, data_dir, images) = workdir_with_image("tiny", &image);
+        let nss = Namespaces::new(&[host_role, laptop_role]);
+        lan(&nss, host_role, net, &[laptop_role]);
+        let ip = format!("{net}.1");
+        let (server, token) = spawn_server_at(&nss.name(host_role), &data_dir, &images, &ip);
+        let token = token.expect("the server printed a login token");
+        let lab = TinyLab {
+            server,
+            nss,
+            laptop_role,
+            url: format!("http://{ip}:7070"),
+            data_dir,
+            tmp,
+        };
+        lab.alice().login(&lab.url, &token);
+        lab
+    }
+
+    pub fn alice(&self) -> Laptop<'_> {
+        Laptop {
+            ns: self.nss.name(self.laptop_role),
+            cfg: self.tmp.path().join("alice"),
+            nss: &self.nss,
+            role: self.laptop_role,
+        }
+    }
+}

@@ -169,6 +169,12 @@ pub trait Backend: Send + Sync {
     /// The last lines of the VM's log, for error messages.
     fn log_tail(&self, vm: &VmSpec) -> Option<String>;
 
+    /// The VM's ssh host public key (`ssh-ed25519 AAAA…`) when the backend made it, from the VM's run dir (no
+    /// guest I/O: cheap enough for every status view). None when the guest made its own.
+    fn host_key(&self, _run_dir: &Path) -> Option<String> {
+        None
+    }
+
     /// The file the VM's console (its serial port, or the test VM's output) is written to, for `fcdev logs`.
     /// It may not exist yet; a restart of the VM may start it over.
     fn console_log(&self, vm: &VmSpec) -> Option<PathBuf>;

@@ -7,7 +7,8 @@
 //! - `config ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 hosts=B64 time=UNIX seed=HEX id=HEX` → `ok N …`
 //!   (`hosts`: /etc/hosts lines of the cluster's VMs; the guest also flushes its neighbour table, so the
 //!   snapshot network's MACs are forgotten; `time`: the host's clock, set in the guest; Debian images also
-//!   reseed the kernel RNG from the seed and install `hostkey`, an ssh host key the server made)
+//!   reseed the kernel RNG from the seed and install `hostkey`, an ssh host key the server made; the tiny
+//!   image installs the same key from `dbkey`, in dropbear's format)
 //! - `run B64(command) id=HEX` → `out RC B64(output) id=HEX`
 //! - `exec B64(command) id=HEX` → `started id=HEX`, `data id=HEX SEQ B64(bytes)`… as output comes, then
 //!   `exit id=HEX RC`; `kill id=HEX` stops it (SIGTERM to its process group)
@@ -39,6 +40,13 @@ pub enum AgentError {
     BadReply(String),
 }
 
+/// One ssh host key in the two file formats guests use.
+#[derive(Debug, Clone)]
+pub struct GuestHostKey {
+    pub openssh_pem: String,
+    pub dropbear: Vec<u8>,
+}
+
 /// What a guest must be told after a restore.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
@@ -51,9 +59,9 @@ pub struct GuestConfig {
     pub ssh_keys: Vec<String>,
     /// `/etc/hosts` lines for the cluster's VMs (`ADDRESS NAME…`).
     pub hosts: Vec<String>,
-    /// The VM's new ssh host key (an OpenSSH private key file), made by the server: `hostkey=B64` (Debian
-    /// images install it; the tiny image's dropbear ignores it).
-    pub host_key: Option<String>,
+    /// The VM's new ssh host key, made by the server: `hostkey=B64` (an OpenSSH private key file: Debian
+    /// images install it for sshd) and `dbkey=B64` (the same key in dropbear's format: the tiny image).
+    pub host_key: Option<GuestHostKey>,
 }
 
 impl GuestConfig {
@@ -77,7 +85,11 @@ impl GuestConfig {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let host_key = match &self.host_key {
-            Some(pem) => format!(" hostkey={}", b64.encode(pem)),
+            Some(k) => format!(
+                " hostkey={} dbkey={}",
+                b64.encode(&k.openssh_pem),
+                b64.encode(&k.dropbear)
+            ),
             None => String::new(),
         };
         format!(

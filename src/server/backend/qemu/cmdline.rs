@@ -154,8 +154,14 @@ impl Launch {
         push(os("-append"));
         push(os(self.append.clone()));
         // ttyS0: console log; ttyS1: guest agent.
+        // Appended to, not truncated: the backend writes the boot log of a restored VM's snapshot first.
+        push(os("-chardev"));
+        push(path_opt(
+            "file,id=console,append=on,path=",
+            &run.join(files::CONSOLE),
+        ));
         push(os("-serial"));
-        push(path_opt("file:", &run.join(files::CONSOLE)));
+        push(os("chardev:console"));
         push(os("-serial"));
         let mut agent = path_opt("unix:", &run.join(files::AGENT));
         agent.push(",server=on,wait=off");

@@ -69,6 +69,19 @@ impl HostKey {
     }
 }
 
+impl HostKey {
+    /// The private key in dropbear's own file format (`/etc/dropbear/dropbear_ed25519_host_key`, what
+    /// `dropbearkey -t ed25519` writes): the key type, then the 32-byte seed and the 32-byte public key.
+    pub fn dropbear_private(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_string(&mut out, b"ssh-ed25519");
+        let mut pair = self.signing.to_bytes().to_vec();
+        pair.extend_from_slice(self.signing.verifying_key().as_bytes());
+        put_string(&mut out, &pair);
+        out
+    }
+}
+
 fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
     out.extend_from_slice(bytes);
@@ -88,6 +101,34 @@ mod tests {
         let pem = a.private_pem("n1");
         assert!(pem.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA"));
         assert!(pem.ends_with("-----END OPENSSH PRIVATE KEY-----\n"));
+    }
+
+    /// `dropbearkey -y` reads the dropbear form and prints the same public key (CI installs dropbear-bin).
+    #[test]
+    fn dropbearkey_reads_the_dropbear_form() {
+        let key = HostKey::generate();
+        let dir = std::env::temp_dir().join(format!("fcdev-dbkey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("key");
+        std::fs::write(&file, key.dropbear_private()).expect("write");
+        let out = std::process::Command::new("dropbearkey")
+            .arg("-y")
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .expect("dropbearkey must be installed (dropbear-bin)");
+        let _ = std::fs::remove_dir_all(&dir);
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{printed}");
+        let line = printed
+            .lines()
+            .find(|l| l.starts_with("ssh-ed25519 "))
+            .unwrap_or_default();
+        assert_eq!(
+            line.split(' ').take(2).collect::<Vec<_>>().join(" "),
+            key.public_line(),
+            "{printed}"
+        );
     }
 
     /// `ssh-keygen -y` reads the private file and prints the same public key (when ssh-keygen is installed;

@@ -160,6 +160,41 @@ fn log_tail_of(run_dir: &Path) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("\n"))
 }
 
+/// A line in the VM's console log before qemu starts writing to it: where a boot, a restore or a resume begins.
+fn console_mark(run_dir: &Path, what: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join(files::CONSOLE))
+    {
+        let _ = writeln!(f, "\n--- fcdev: {what} at {} ---", utc_stamp(now));
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (the civil-from-days algorithm).
+pub fn utc_stamp(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// Append a line to the VM's qemu.log (the backend's own notes, next to qemu's stderr).
 fn note(run_dir: &Path, msg: &str) {
     tracing::info!(run_dir = %run_dir.display(), "{msg}");
@@ -226,7 +261,10 @@ fn restore_config(vm: &VmSpec) -> agent::GuestConfig {
     )
     .is_ok()
     {
-        cfg.host_key = Some(key.private_pem(&vm.name));
+        cfg.host_key = Some(agent::GuestHostKey {
+            openssh_pem: key.private_pem(&vm.name),
+            dropbear: key.dropbear_private(),
+        });
     }
     cfg
 }
@@ -439,6 +477,14 @@ impl QemuBackend {
         );
         saved::record_launch(launch)
             .map_err(|e| err_with_log(format!("cannot record the launch: {e}"), run))?;
+        console_mark(
+            run,
+            if launch.incoming {
+                "restored"
+            } else {
+                "booting"
+            },
+        );
         proc::spawn_detached(&self.binary, &launch.args(), run)
             .map_err(|e| err_with_log(format!("qemu did not start: {e}"), run))
     }
@@ -527,6 +573,11 @@ impl QemuBackend {
         // initrd. Saves ~20 MB per VM.
         let (kernel, _initrd) = Self::kernel_paths(&vm.image, &vm.template)?;
         let kernel = snap.kernel_stub().unwrap_or(kernel);
+        // The console starts with the boot the snapshot was taken from (`fcdev logs` shows it).
+        let console = vm.run_dir.join(files::CONSOLE);
+        if std::fs::copy(snap.dir.join(files::CONSOLE), &console).is_err() {
+            let _ = std::fs::write(&console, "");
+        }
         let launch = Launch {
             memory: Memory::File {
                 path: snap.mem_path(),
@@ -913,6 +964,12 @@ impl Backend for QemuBackend {
         log_tail_of(&vm.run_dir)
     }
 
+    fn host_key(&self, run_dir: &Path) -> Option<String> {
+        let line = std::fs::read_to_string(run_dir.join(files::HOST_KEY_PUB)).ok()?;
+        let line = line.trim();
+        line.starts_with("ssh-").then(|| line.to_string())
+    }
+
     fn console_log(&self, vm: &VmSpec) -> Option<PathBuf> {
         Some(vm.run_dir.join(files::CONSOLE))
     }
@@ -933,3 +990,13 @@ impl Backend for QemuBackend {
 
 /// The longest `fcdev exec` runs.
 const EXEC_LIMIT: Duration = Duration::from_secs(6 * 3600);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_stamps_of_known_times() {
+        assert_eq!(super::utc_stamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc_stamp(1_709_251_199), "2024-02-29T23:59:59Z");
+        assert_eq!(super::utc_stamp(1_795_699_115), "2026-11-26T13:18:35Z");
+    }
+}

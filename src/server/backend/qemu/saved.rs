@@ -324,6 +324,8 @@ impl QemuBackend {
         snapshot::save_paused(&mut q, &dir.join(STATE), false)
             .map_err(|e| err_with_log(format!("saving the state: {e}"), run))?;
         Self::write_meta(dir, &meta)?;
+        // The guest's ssh host key is part of its saved state: keep its public half with it.
+        let _ = std::fs::copy(run.join(files::HOST_KEY_PUB), dir.join(files::HOST_KEY_PUB));
         bytes += disk_usage(&dir.join(STATE));
         note(
             run,
@@ -477,6 +479,13 @@ impl QemuBackend {
             write_chain(run, &meta.layers)?;
         }
         let result = self.resume_saved(vm, tap, dir, &meta);
+        if result.is_ok() {
+            // The restored guest holds the host key it had when saved.
+            let public = run.join(files::HOST_KEY_PUB);
+            if std::fs::copy(dir.join(files::HOST_KEY_PUB), &public).is_err() {
+                let _ = std::fs::remove_file(&public);
+            }
+        }
         if result.is_err() {
             let _ = std::fs::remove_file(&overlay);
             let _ = std::fs::remove_file(run.join(files::LAYERS));

@@ -338,6 +338,8 @@ impl QemuBackend {
         proc::kill9(pid);
         proc::wait_gone(pid, &run, Duration::from_secs(5));
         let save_ms = t0.elapsed().as_millis() as u64;
+        // The boot this snapshot comes from: the start of every restored VM's console log.
+        let _ = std::fs::copy(run.join(files::CONSOLE), dir.join(files::CONSOLE));
         if let Err(e) = result {
             return Err(BackendError::Failed {
                 message: format!("saving the snapshot failed: {e}"),
@@ -606,6 +608,7 @@ impl QemuBackend {
             let text = toml::to_string(&meta)
                 .map_err(|e| BackendError::msg(format!("snapshot meta: {e}")))?;
             std::fs::write(m.dir.join(META), text)?;
+            let _ = std::fs::copy(m.run.join(files::CONSOLE), m.dir.join(files::CONSOLE));
             std::fs::remove_dir_all(&m.run)?;
             metas.push(meta);
         }
