@@ -362,6 +362,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--hub-endpoint', '--hub-endpoint', [CompletionResultType]::ParameterName, 'The endpoint peers are told to send to (default: the hub''s listen address)')
             [CompletionResult]::new('--hub-tun', '--hub-tun', [CompletionResultType]::ParameterName, 'The hub''s TUN device towards the VM bridges, or `none` to run the hub without one')
             [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'State, images and VM folders (default: the user data dir, or FCDEV_DATA_DIR)')
+            [CompletionResult]::new('--database', '--database', [CompletionResultType]::ParameterName, 'Keep the state in this PostgreSQL database (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, or a unix socket: `postgres:///DB?host=/run/postgresql`) instead of the SQLite file DATA_DIR/state.db. The admin commands (`fcdev server user …`) take the same flag')
             [CompletionResult]::new('--images', '--images', [CompletionResultType]::ParameterName, 'The image catalog (default: DATA_DIR/images)')
             [CompletionResult]::new('--backend', '--backend', [CompletionResultType]::ParameterName, 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)')
             [CompletionResult]::new('--accel', '--accel', [CompletionResultType]::ParameterName, 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg')
@@ -397,6 +398,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         }
         'fcdev;server;user;add' {
             [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--database', '--database', [CompletionResultType]::ParameterName, 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
@@ -406,6 +408,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         }
         'fcdev;server;user;token' {
             [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--database', '--database', [CompletionResultType]::ParameterName, 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
@@ -415,6 +418,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         }
         'fcdev;server;user;revoke' {
             [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--database', '--database', [CompletionResultType]::ParameterName, 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
@@ -424,6 +428,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         }
         'fcdev;server;user;remove' {
             [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--database', '--database', [CompletionResultType]::ParameterName, 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
@@ -433,6 +438,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         }
         'fcdev;server;user;list' {
             [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--database', '--database', [CompletionResultType]::ParameterName, 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print JSON: `[{"name": …}]`')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')

@@ -1239,7 +1239,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server)
-            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --profile --verbose --help user stop help"
+            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --database --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --profile --verbose --help user stop help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1262,6 +1262,10 @@ _fcdev() {
                     return 0
                     ;;
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1475,13 +1479,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__add)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --database --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1595,13 +1603,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__list)
-            opts="-v -h --data-dir --json --profile --verbose --help"
+            opts="-v -h --data-dir --database --json --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1617,13 +1629,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__remove)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --database --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1639,13 +1655,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__revoke)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --database --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1661,13 +1681,17 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__user__subcmd__token)
-            opts="-v -h --data-dir --profile --verbose --help"
+            opts="-v -h --data-dir --database --profile --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -325,6 +325,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --hub-endpoint 'The endpoint peers are told to send to (default: the hub''s listen address)'
             cand --hub-tun 'The hub''s TUN device towards the VM bridges, or `none` to run the hub without one'
             cand --data-dir 'State, images and VM folders (default: the user data dir, or FCDEV_DATA_DIR)'
+            cand --database 'Keep the state in this PostgreSQL database (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, or a unix socket: `postgres:///DB?host=/run/postgresql`) instead of the SQLite file DATA_DIR/state.db. The admin commands (`fcdev server user …`) take the same flag'
             cand --images 'The image catalog (default: DATA_DIR/images)'
             cand --backend 'How VMs run: `qemu` (real VMs), or `process` (a test backend of local processes, for tests only)'
             cand --accel 'QEMU accelerator: auto (KVM only where the CPU shows vmx/svm), kvm or tcg'
@@ -358,6 +359,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;add'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -366,6 +368,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;token'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -374,6 +377,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;revoke'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -382,6 +386,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;remove'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand -v 'More log output (repeat for more)'
             cand --verbose 'More log output (repeat for more)'
@@ -390,6 +395,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;list'= {
             cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
             cand --profile 'The profile (server + token) to use'
             cand --json 'Print JSON: `[{"name": …}]`'
             cand -v 'More log output (repeat for more)'

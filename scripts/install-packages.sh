@@ -17,7 +17,9 @@ set -euo pipefail
 HOST_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static dropbear-bin iproute2 nftables
                procps curl ca-certificates openssh-client openssh-sftp-server rsync xz-utils zstd gcc debootstrap
                e2fsprogs)
-CI_PACKAGES=(socat iperf3 wireguard-tools wireguard-go mariadb-client-core)
+# postgresql-15: the store tests start a real PostgreSQL (initdb, pg_ctl from /usr/lib/postgresql/15/bin, checked
+# as packages: those programs are not on PATH).
+CI_PACKAGES=(socat iperf3 wireguard-tools wireguard-go mariadb-client-core postgresql-15 postgresql-client-15)
 
 # Program -> the package that ships it (the programs fcdev, the image builds, the tests and the benches run).
 declare -A HOST_PROGRAMS=(

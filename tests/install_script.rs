@@ -45,6 +45,8 @@ const CI_PACKAGES: &[&str] = &[
     "wireguard-tools",
     "wireguard-go",
     "mariadb-client-core",
+    "postgresql-15",
+    "postgresql-client-15",
 ];
 
 /// A fresh machine of this image, as the stubs see it.

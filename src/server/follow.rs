@@ -1,6 +1,7 @@
 //! The running server follows the store. Admin commands (`fcdev server user revoke/remove/…`) are separate
-//! processes that change SQLite and nothing else; every [`EVERY`] the server reads `PRAGMA data_version`
-//! (it changes only when another process committed) and, when it moved, brings its running parts in line:
+//! processes that change the store and nothing else; every [`EVERY`] the server reads the store's `data_version`
+//! (SQLite: `PRAGMA data_version`, which changes only when another process committed; PostgreSQL: a counter those
+//! commands bump) and, when it moved, brings its running parts in line:
 //! the hub accepts exactly the peers in the store, and engineers marked for removal have their clusters
 //! stopped and are then deleted. The same step runs once at start-up, which is how the hub gets its peers.
 //!

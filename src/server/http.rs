@@ -89,8 +89,21 @@ impl From<StoreError> for ApiErr {
                 ApiErr::new(StatusCode::INSUFFICIENT_STORAGE, "exhausted", what)
                     .hint("free some (`fcdev down`, delete peers) or ask the operator")
             }
-            e @ StoreError::File { .. } => ApiErr::internal(e),
+            StoreError::Unavailable(e) => {
+                tracing::warn!("the database is unreachable: {e}");
+                ApiErr::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the server cannot reach its database",
+                )
+                .hint("the operator should check the database (`fcdev server --database`); retry in a moment")
+            }
+            e @ (StoreError::File { .. }
+            | StoreError::Corrupt(_)
+            | StoreError::TooNew { .. }
+            | StoreError::BadLocation(_)) => ApiErr::internal(e),
             StoreError::Sql(e) => ApiErr::internal(e),
+            StoreError::Pg(e) => ApiErr::internal(e),
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct ServerOptions {
     pub hub_endpoint: Option<String>,
     pub hub_tun: Option<String>,
     pub data_dir: PathBuf,
+    /// The state: SQLite in the data dir, or PostgreSQL (`--database`).
+    pub database: crate::server::store::Location,
     pub images_dir: PathBuf,
     pub backend: BackendChoice,
     pub accel: String,
@@ -87,9 +89,11 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
     }
     crate::config::create_private_dir(&opts.data_dir)
         .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
+    // Before the server enters its VM network namespace: the PostgreSQL engine's worker threads stay in this
+    // one, where the database is reachable.
     let store = Arc::new(
-        Store::open(&opts.data_dir.join(STATE_FILE))
-            .with_context(|| format!("cannot open {}", opts.data_dir.join(STATE_FILE).display()))?,
+        Store::open_at(&opts.database)
+            .with_context(|| format!("cannot open {}", opts.database.describe()))?,
     );
     let _lock = crate::server::follow::hold_server_lock(&opts.data_dir)
         .with_context(|| format!("cannot lock {}", opts.data_dir.display()))?;
@@ -164,10 +168,11 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::from_std(api_listener)?;
         let url = format!("http://{api_addr}");
         println!(
-            "fcdev server {} listening on {url} (hub udp {hub_addr}, backend {}, accelerator {}{})",
+            "fcdev server {} listening on {url} (hub udp {hub_addr}, backend {}, accelerator {}, store {}{})",
             env!("CARGO_PKG_VERSION"),
             backend.kind(),
             backend.accelerator(),
+            store.kind(),
             opts.netns
                 .as_deref()
                 .map(|n| format!(", VMs in netns {n}"))

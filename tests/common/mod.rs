@@ -417,3 +417,70 @@ pub fn http(
         .unwrap_or_default();
     (status, body)
 }
+
+/// 20 engineers (added with `fcdev server user add`, plus `admin_args`) run `fcdev up` at once: every cluster gets
+/// ready, and no subnet or address is handed out twice.
+pub fn twenty_engineers_up_at_once(server: &TestServer, admin_args: &[&str]) {
+    let mut laptops = Vec::new();
+    for i in 0..20 {
+        let name = format!("eng{i}");
+        let out = server
+            .fcdev()
+            .args(["server", "user", "add", &name])
+            .args(admin_args)
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        let token = String::from_utf8(out).unwrap().trim().to_string();
+        let cfg = server.dir.path().join(format!("laptop{i}"));
+        server
+            .fcdev_as(&cfg)
+            .args(["login", "--server", &server.url, "--token-stdin"])
+            .write_stdin(token)
+            .assert()
+            .success();
+        laptops.push(cfg);
+    }
+    let handles: Vec<_> = laptops
+        .iter()
+        .map(|cfg| {
+            let mut cmd = std::process::Command::new(fcdev_bin());
+            cmd.env("FCDEV_CONFIG_DIR", cfg).args(["up", "--json"]);
+            std::thread::spawn(move || cmd.output().unwrap())
+        })
+        .collect();
+    let mut subnets = std::collections::HashSet::new();
+    let mut addresses = std::collections::HashSet::new();
+    for h in handles {
+        let out = h.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = json(&out.stdout);
+        assert_eq!(cluster["state"], "ready");
+        for vm in cluster["vms"].as_array().unwrap() {
+            assert!(
+                addresses.insert(vm["address"].as_str().unwrap().to_string()),
+                "address handed out twice"
+            );
+        }
+    }
+    for cfg in &laptops {
+        let out = server
+            .fcdev_as(cfg)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        let status = json(&out.stdout);
+        assert!(
+            subnets.insert(status["namespace"]["subnet"].as_str().unwrap().to_string()),
+            "subnet handed out twice"
+        );
+    }
+    assert_eq!(subnets.len(), 20);
+    assert_eq!(addresses.len(), 60);
+}

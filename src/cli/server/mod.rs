@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::server::run::{BackendChoice, ServerOptions};
-use crate::server::store::{Store, StoreError};
+use crate::server::store::{Location, Store, StoreError};
 
 pub mod local;
 
@@ -45,6 +45,11 @@ pub struct RunArgs {
     /// State, images and VM folders (default: the user data dir, or FCDEV_DATA_DIR).
     #[arg(long, env = "FCDEV_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Keep the state in this PostgreSQL database (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, or a unix socket:
+    /// `postgres:///DB?host=/run/postgresql`) instead of the SQLite file DATA_DIR/state.db. The admin commands
+    /// (`fcdev server user …`) take the same flag.
+    #[arg(long, env = "FCDEV_DATABASE")]
+    pub database: Option<String>,
     /// The image catalog (default: DATA_DIR/images).
     #[arg(long)]
     pub images: Option<PathBuf>,
@@ -97,36 +102,46 @@ pub enum UserCommand {
     /// Add an engineer and print their token (shown once; the server keeps only its hash).
     Add {
         name: String,
-        #[arg(long, env = "FCDEV_DATA_DIR")]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        at: StoreArgs,
     },
     /// Print a fresh extra token for an engineer.
     Token {
         name: String,
-        #[arg(long, env = "FCDEV_DATA_DIR")]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        at: StoreArgs,
     },
     /// Revoke every token of an engineer and drop their WireGuard peers (a running server's hub drops
     /// them within a second).
     Revoke {
         name: String,
-        #[arg(long, env = "FCDEV_DATA_DIR")]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        at: StoreArgs,
     },
     /// Remove an engineer: their clusters (the running server stops the VMs), peers, namespace and tokens.
     Remove {
         name: String,
-        #[arg(long, env = "FCDEV_DATA_DIR")]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        at: StoreArgs,
     },
     /// List engineers.
     List {
-        #[arg(long, env = "FCDEV_DATA_DIR")]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        at: StoreArgs,
         /// Print JSON: `[{"name": …}]`.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where an admin command finds the store: the server's data dir, and its `--database` if it uses one.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[arg(long, env = "FCDEV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The server's PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db).
+    #[arg(long, env = "FCDEV_DATABASE")]
+    pub database: Option<String>,
 }
 
 /// Hidden: the process behind one test-backend VM.
@@ -148,10 +163,25 @@ fn data_dir(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 pub fn open_store(data_dir: &std::path::Path) -> anyhow::Result<Store> {
-    crate::config::create_private_dir(data_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
-    let path = data_dir.join(crate::server::run::STATE_FILE);
-    Store::open(&path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))
+    open_store_at(data_dir, None)
+}
+
+/// The store of `--database`, else the SQLite file of the data dir (created when missing).
+pub fn open_store_at(data_dir: &std::path::Path, database: Option<&str>) -> anyhow::Result<Store> {
+    let location = Location::from_args(database, data_dir)?;
+    if let Location::Sqlite(_) = location {
+        crate::config::create_private_dir(data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
+    }
+    Store::open_at(&location)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", location.describe()))
+}
+
+/// The data dir and store of an admin command.
+fn admin_store(at: StoreArgs) -> anyhow::Result<(PathBuf, Store)> {
+    let dir = data_dir(at.data_dir)?;
+    let store = open_store_at(&dir, at.database.as_deref())?;
+    Ok((dir, store))
 }
 
 /// The engineer name for this machine's login (`$SUDO_USER`/`$USER` as a DNS label, else `dev`).
@@ -187,6 +217,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 }
             }
             let data_dir = data_dir(r.data_dir)?;
+            let database = Location::from_args(r.database.as_deref(), &data_dir)?;
             let netns = match r.netns.as_deref() {
                 Some("none") | Some("") => None,
                 Some(name) => Some(name.to_string()),
@@ -201,6 +232,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 hub_tun: (r.hub_tun != "none").then_some(r.hub_tun),
                 images_dir: r.images.unwrap_or_else(|| data_dir.join("images")),
                 data_dir,
+                database,
                 backend: r.backend,
                 accel: r.accel,
                 max_starts: r.max_starts,
@@ -265,9 +297,10 @@ fn number_with_unit(
 /// How long `user remove` waits for the running server to stop the engineer's clusters.
 const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-fn remove_user(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+fn remove_user(at: StoreArgs, name: &str) -> anyhow::Result<()> {
     use crate::server::follow::server_running;
-    let store = open_store(data_dir)?;
+    let (data_dir, store) = admin_store(at)?;
+    let data_dir = data_dir.as_path();
     let r = match store.begin_user_removal(name) {
         Err(StoreError::NotFound(_)) => {
             anyhow::bail!("no engineer `{name}`; `fcdev server user list` shows them")
@@ -315,9 +348,9 @@ fn user(cmd: UserCommand) -> anyhow::Result<()> {
         }
     };
     match cmd {
-        UserCommand::Add { name, data_dir: d } => {
+        UserCommand::Add { name, at } => {
             check(&name)?;
-            let store = open_store(&data_dir(d)?)?;
+            let (_, store) = admin_store(at)?;
             match store.add_user(&name) {
                 Ok((_, token)) => {
                     eprintln!("Engineer `{name}` added. Their token (shown once):");
@@ -330,20 +363,20 @@ fn user(cmd: UserCommand) -> anyhow::Result<()> {
                 Err(e) => Err(e.into()),
             }
         }
-        UserCommand::Token { name, data_dir: d } => {
-            let store = open_store(&data_dir(d)?)?;
+        UserCommand::Token { name, at } => {
+            let (_, store) = admin_store(at)?;
             println!("{}", store.issue_token(&name)?);
             Ok(())
         }
-        UserCommand::Revoke { name, data_dir: d } => {
-            let store = open_store(&data_dir(d)?)?;
+        UserCommand::Revoke { name, at } => {
+            let (_, store) = admin_store(at)?;
             let (tokens, peers) = store.revoke_user(&name)?;
             println!("Revoked {tokens} token(s) and {peers} WireGuard peer(s) of `{name}`.");
             Ok(())
         }
-        UserCommand::Remove { name, data_dir: d } => remove_user(&data_dir(d)?, &name),
-        UserCommand::List { data_dir: d, json } => {
-            let store = open_store(&data_dir(d)?)?;
+        UserCommand::Remove { name, at } => remove_user(at, &name),
+        UserCommand::List { at, json } => {
+            let (_, store) = admin_store(at)?;
             let users = store.list_users()?;
             if json {
                 let list: Vec<serde_json::Value> = users

@@ -1,4 +1,4 @@
-//! Server state in SQLite (WAL): users, hashed tokens, namespaces, clusters, VMs, peers, events, snapshots.
+//! The SQLite engine (WAL, one file in the data dir): the embedded default.
 //!
 //! One connection behind a mutex; every multi-row change runs in one `IMMEDIATE` transaction, so a crash never
 //! leaves half a change and concurrent requests never hand out the same subnet or address twice.
@@ -8,120 +8,13 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use sha2::{Digest, Sha256};
 
-use crate::api::{ClusterState, Subnet, VmState};
+use super::{
+    hash_token, mac_for, new_token, ClusterRow, EventRow, HubPeerRow, NamespaceRow, NewVm, PeerRow,
+    Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+};
+use crate::api::{ClusterState, VmState};
 use crate::server::alloc;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Sql(#[from] rusqlite::Error),
-    #[error("{0} already exists")]
-    Exists(String),
-    #[error("{0} not found")]
-    NotFound(String),
-    #[error("{0}")]
-    Exhausted(String),
-    #[error("cannot set up {path}: {source}")]
-    File {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    /// Every namespace subnet is taken: only removing an engineer frees one.
-    #[error("no free namespace subnet left")]
-    NamespacesExhausted,
-}
-
-pub type StoreResult<T> = Result<T, StoreError>;
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct User {
-    pub id: i64,
-    pub name: String,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct NamespaceRow {
-    pub id: i64,
-    pub user_id: i64,
-    pub name: String,
-    pub index: u32,
-    pub subnet: Subnet,
-}
-
-impl NamespaceRow {
-    pub fn gateway(&self) -> Ipv4Addr {
-        self.subnet.host(1)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClusterRow {
-    pub id: i64,
-    pub namespace_id: i64,
-    pub name: String,
-    pub image: String,
-    pub state: ClusterState,
-    pub reason: Option<String>,
-    pub start_mode: Option<String>,
-    pub created_at: String,
-    pub updated_at: String,
-    /// Bytes on disk while the cluster is stopped (disks and saved memory), else None.
-    pub disk_bytes: Option<u64>,
-}
-
-/// A named snapshot of a cluster (its files: `DATA/snapshots/<namespace>/<cluster>/<name>/`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SnapshotRow {
-    pub id: i64,
-    pub cluster_id: i64,
-    pub namespace_id: i64,
-    /// The cluster's name.
-    pub cluster: String,
-    pub name: String,
-    pub image: String,
-    pub size_bytes: u64,
-    pub created_at: String,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct VmRow {
-    pub id: i64,
-    pub cluster_id: i64,
-    pub slot: u32,
-    pub name: String,
-    pub role: String,
-    pub address: Ipv4Addr,
-    pub mac: String,
-    pub state: VmState,
-    pub detail: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct PeerRow {
-    pub id: i64,
-    pub namespace_id: i64,
-    pub name: String,
-    pub public_key: String,
-    pub address: Ipv4Addr,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventRow {
-    pub seq: i64,
-    pub cluster_id: i64,
-    pub vm: Option<String>,
-    pub state: String,
-    pub message: String,
-    pub at: String,
-}
-
-/// A VM to create with its cluster: name and role from the image template.
-pub struct NewVm<'a> {
-    pub name: &'a str,
-    pub role: &'a str,
-}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (
@@ -278,19 +171,7 @@ fn make_private(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A token as handed to a user: `fcd_` + 32 random bytes in hex. Only its SHA-256 is stored.
-pub fn new_token() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    format!("fcd_{}", hex::encode(bytes))
-}
-
-pub fn hash_token(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-pub struct Store {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
@@ -406,10 +287,39 @@ fn user_id(conn: &Connection, name: &str) -> StoreResult<i64> {
         .ok_or_else(|| StoreError::NotFound(format!("user `{name}`")))
 }
 
-/// The MAC of a VM, derived from its address so it is unique wherever the address is.
-pub fn mac_for(addr: Ipv4Addr) -> String {
-    let o = addr.octets();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3])
+/// Schema version 1 is `SCHEMA` with the fix-ups of `migrate` and `MIGRATE_EVENTS` (state files made before the
+/// version table get them at open and are then version 1). Later versions are `MIGRATIONS[n - 2]`.
+const MIGRATIONS: &[&str] = &[];
+
+pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
+
+/// Record the schema version (1 for a file made before the table) and apply the migrations after it, each in
+/// one transaction with its version. A file of a newer fcdev is refused.
+fn schema_version(conn: &mut Connection) -> StoreResult<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let found: Option<i64> =
+        tx.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))?;
+    let mut version = match found {
+        Some(v) => v,
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (1)", [])?;
+            1
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for sql in &MIGRATIONS[(version - 1) as usize..] {
+        tx.execute_batch(sql)?;
+        version += 1;
+        tx.execute("UPDATE schema_version SET version = ?1", [version])?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 /// Columns added after the first release, for state files created before them.
@@ -433,23 +343,8 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// A peer as the hub needs it: with its namespace's subnet.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HubPeerRow {
-    pub peer: PeerRow,
-    pub subnet: Subnet,
-}
-
-/// What `begin_user_removal` found and did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Removal {
-    pub user: User,
-    pub clusters: usize,
-    pub peers: usize,
-}
-
-impl Store {
-    pub fn open(path: &Path) -> StoreResult<Store> {
+impl SqliteStore {
+    pub fn open(path: &Path) -> StoreResult<SqliteStore> {
         make_private(path).map_err(|e| StoreError::File {
             path: path.to_path_buf(),
             source: e,
@@ -468,7 +363,8 @@ impl Store {
             tx.commit()?;
         }
         migrate(&conn)?;
-        Ok(Store {
+        schema_version(&mut conn)?;
+        Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
     }
@@ -491,10 +387,12 @@ impl Store {
         // poisoned lock is safe to keep using.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
+impl StoreEngine for SqliteStore {
     // ---- users and tokens ----
 
-    pub fn add_user(&self, name: &str) -> StoreResult<(User, String)> {
+    fn add_user(&self, name: &str) -> StoreResult<(User, String)> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let exists: Option<i64> = tx
@@ -521,7 +419,7 @@ impl Store {
     }
 
     /// A fresh extra token for an existing user (old tokens stay valid).
-    pub fn issue_token(&self, name: &str) -> StoreResult<String> {
+    fn issue_token(&self, name: &str) -> StoreResult<String> {
         let conn = self.conn();
         let id: i64 = conn
             .query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
@@ -537,7 +435,7 @@ impl Store {
 
     /// Revoke every token of a user and delete their WireGuard peers, in one transaction: a running server
     /// drops the peers from its hub when it sees the change (see `server::follow`). Returns (tokens, peers).
-    pub fn revoke_user(&self, name: &str) -> StoreResult<(usize, usize)> {
+    fn revoke_user(&self, name: &str) -> StoreResult<(usize, usize)> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = user_id(&tx, name)?;
@@ -557,7 +455,7 @@ impl Store {
     /// First step of removing an engineer: revoke their tokens, delete their peers and mark them as being
     /// removed. A user without clusters is deleted at once (with their namespace); otherwise the running
     /// server stops the clusters and then deletes the user (`users_being_removed`, `delete_user`).
-    pub fn begin_user_removal(&self, name: &str) -> StoreResult<Removal> {
+    fn begin_user_removal(&self, name: &str) -> StoreResult<Removal> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = user_id(&tx, name)?;
@@ -597,7 +495,7 @@ impl Store {
     }
 
     /// Users marked by `begin_user_removal` whose clusters are still to be stopped.
-    pub fn users_being_removed(&self) -> StoreResult<Vec<User>> {
+    fn users_being_removed(&self) -> StoreResult<Vec<User>> {
         self.query_all(
             "SELECT id, name FROM users WHERE removing_at IS NOT NULL ORDER BY id",
             [],
@@ -611,7 +509,7 @@ impl Store {
     }
 
     /// Whether a user of this name exists (removed users do not).
-    pub fn user_exists(&self, name: &str) -> StoreResult<bool> {
+    fn user_exists(&self, name: &str) -> StoreResult<bool> {
         let conn = self.conn();
         Ok(conn
             .query_row("SELECT 1 FROM users WHERE name = ?1", [name], |_| Ok(()))
@@ -621,7 +519,7 @@ impl Store {
 
     /// Delete a user with their tokens, namespace, peers and SSH keys, when they have no cluster left.
     /// False when a cluster remains.
-    pub fn delete_user(&self, id: i64) -> StoreResult<bool> {
+    fn delete_user(&self, id: i64) -> StoreResult<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let clusters: i64 = tx.query_row(
@@ -640,12 +538,12 @@ impl Store {
 
     /// Changes on every commit made by another connection (another process: `fcdev server user …`), never
     /// on our own: a cheap way for the server to notice admin changes.
-    pub fn data_version(&self) -> StoreResult<i64> {
+    fn data_version(&self) -> StoreResult<i64> {
         let conn = self.conn();
         Ok(conn.query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
-    pub fn list_users(&self) -> StoreResult<Vec<User>> {
+    fn list_users(&self) -> StoreResult<Vec<User>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT id, name FROM users ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
@@ -657,7 +555,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn user_by_token(&self, token: &str) -> StoreResult<Option<User>> {
+    fn user_by_token(&self, token: &str) -> StoreResult<Option<User>> {
         let conn = self.conn();
         Ok(conn
             .query_row(
@@ -676,7 +574,7 @@ impl Store {
 
     // ---- namespaces ----
 
-    pub fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>> {
+    fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>> {
         let conn = self.conn();
         Ok(conn
             .query_row(
@@ -687,7 +585,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn namespace_by_id(&self, id: i64) -> StoreResult<NamespaceRow> {
+    fn namespace_by_id(&self, id: i64) -> StoreResult<NamespaceRow> {
         let conn = self.conn();
         conn.query_row(
             &format!("SELECT {NS_COLS} FROM namespaces WHERE id = ?1"),
@@ -699,7 +597,7 @@ impl Store {
     }
 
     /// The user's namespace, created with the lowest free /24 of the pool when missing.
-    pub fn ensure_namespace(&self, user: &User) -> StoreResult<NamespaceRow> {
+    fn ensure_namespace(&self, user: &User) -> StoreResult<NamespaceRow> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if let Some(ns) = tx
@@ -738,7 +636,7 @@ impl Store {
     // ---- clusters and VMs ----
 
     /// Create a cluster and its VMs, each with the lowest free VM address of the namespace.
-    pub fn create_cluster(
+    fn create_cluster(
         &self,
         ns: &NamespaceRow,
         name: &str,
@@ -795,7 +693,7 @@ impl Store {
         Ok(row)
     }
 
-    pub fn cluster(&self, ns_id: i64, name: &str) -> StoreResult<Option<ClusterRow>> {
+    fn cluster(&self, ns_id: i64, name: &str) -> StoreResult<Option<ClusterRow>> {
         let conn = self.conn();
         Ok(conn
             .query_row(
@@ -808,7 +706,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn cluster_by_id(&self, id: i64) -> StoreResult<Option<ClusterRow>> {
+    fn cluster_by_id(&self, id: i64) -> StoreResult<Option<ClusterRow>> {
         let conn = self.conn();
         Ok(conn
             .query_row(
@@ -819,7 +717,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn clusters_in(&self, ns_id: i64) -> StoreResult<Vec<ClusterRow>> {
+    fn clusters_in(&self, ns_id: i64) -> StoreResult<Vec<ClusterRow>> {
         self.query_all(
             &format!("SELECT {CLUSTER_COLS} FROM clusters WHERE namespace_id = ?1 ORDER BY name"),
             [ns_id],
@@ -827,7 +725,7 @@ impl Store {
         )
     }
 
-    pub fn all_clusters(&self) -> StoreResult<Vec<ClusterRow>> {
+    fn all_clusters(&self) -> StoreResult<Vec<ClusterRow>> {
         self.query_all(
             &format!("SELECT {CLUSTER_COLS} FROM clusters ORDER BY id"),
             [],
@@ -836,7 +734,7 @@ impl Store {
     }
 
     /// Ready clusters whose state has not changed for `secs` seconds (`fcdev server --idle-stop`).
-    pub fn clusters_ready_since(&self, secs: u64) -> StoreResult<Vec<ClusterRow>> {
+    fn clusters_ready_since(&self, secs: u64) -> StoreResult<Vec<ClusterRow>> {
         self.query_all(
             &format!(
                 "SELECT {CLUSTER_COLS} FROM clusters WHERE state = ?1
@@ -848,7 +746,7 @@ impl Store {
     }
 
     /// Set a cluster's state and record its event in one transaction: whoever reads the new state finds the event.
-    pub fn set_cluster_state_event(
+    fn set_cluster_state_event(
         &self,
         id: i64,
         state: ClusterState,
@@ -868,7 +766,7 @@ impl Store {
     }
 
     /// Mark a cluster stopped with the bytes it keeps on disk, and record its event, in one transaction.
-    pub fn set_cluster_stopped(
+    fn set_cluster_stopped(
         &self,
         id: i64,
         disk_bytes: u64,
@@ -887,7 +785,7 @@ impl Store {
     }
 
     /// Record a named snapshot whose files are complete. `Exists` when the cluster has one of that name.
-    pub fn add_snapshot(
+    fn add_snapshot(
         &self,
         cluster_id: i64,
         name: &str,
@@ -924,7 +822,7 @@ impl Store {
         Ok(row)
     }
 
-    pub fn snapshot(&self, cluster_id: i64, name: &str) -> StoreResult<Option<SnapshotRow>> {
+    fn snapshot(&self, cluster_id: i64, name: &str) -> StoreResult<Option<SnapshotRow>> {
         let conn = self.conn();
         Ok(conn
             .query_row(
@@ -939,7 +837,7 @@ impl Store {
     }
 
     /// A cluster's snapshots, oldest first.
-    pub fn snapshots_of(&self, cluster_id: i64) -> StoreResult<Vec<SnapshotRow>> {
+    fn snapshots_of(&self, cluster_id: i64) -> StoreResult<Vec<SnapshotRow>> {
         self.query_all(
             &format!(
                 "SELECT {SNAPSHOT_COLS} FROM snapshots s JOIN clusters c ON c.id = s.cluster_id
@@ -951,7 +849,7 @@ impl Store {
     }
 
     /// Every snapshot of a namespace, largest first (what to remove when the quota is reached).
-    pub fn snapshots_in(&self, ns_id: i64) -> StoreResult<Vec<SnapshotRow>> {
+    fn snapshots_in(&self, ns_id: i64) -> StoreResult<Vec<SnapshotRow>> {
         self.query_all(
             &format!(
                 "SELECT {SNAPSHOT_COLS} FROM snapshots s JOIN clusters c ON c.id = s.cluster_id
@@ -962,14 +860,14 @@ impl Store {
         )
     }
 
-    pub fn delete_snapshot(&self, id: i64) -> StoreResult<bool> {
+    fn delete_snapshot(&self, id: i64) -> StoreResult<bool> {
         Ok(self
             .conn()
             .execute("DELETE FROM snapshots WHERE id = ?1", [id])?
             > 0)
     }
 
-    pub fn set_start_mode(&self, id: i64, mode: &str) -> StoreResult<()> {
+    fn set_start_mode(&self, id: i64, mode: &str) -> StoreResult<()> {
         self.conn().execute(
             "UPDATE clusters SET start_mode = ?2 WHERE id = ?1",
             params![id, mode],
@@ -979,7 +877,7 @@ impl Store {
 
     /// Forget a cluster with its VMs and events. Returns its last event, `deleted`, numbered after the others for
     /// the streams that follow it, and not stored (nothing of the cluster is).
-    pub fn delete_cluster(&self, id: i64) -> StoreResult<EventRow> {
+    fn delete_cluster(&self, id: i64) -> StoreResult<EventRow> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let last: i64 = tx.query_row(
@@ -1005,7 +903,7 @@ impl Store {
         })
     }
 
-    pub fn vms_of(&self, cluster_id: i64) -> StoreResult<Vec<VmRow>> {
+    fn vms_of(&self, cluster_id: i64) -> StoreResult<Vec<VmRow>> {
         self.query_all(
             &format!("SELECT {VM_COLS} FROM vms WHERE cluster_id = ?1 ORDER BY slot"),
             [cluster_id],
@@ -1013,7 +911,7 @@ impl Store {
         )
     }
 
-    pub fn vms_in_namespace(&self, ns_id: i64) -> StoreResult<Vec<(String, VmRow)>> {
+    fn vms_in_namespace(&self, ns_id: i64) -> StoreResult<Vec<(String, VmRow)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT v.id, v.cluster_id, v.slot, v.name, v.role, v.address, v.mac, v.state, v.detail, c.name
@@ -1024,7 +922,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn set_vm_state(&self, id: i64, state: VmState, detail: Option<&str>) -> StoreResult<()> {
+    fn set_vm_state(&self, id: i64, state: VmState, detail: Option<&str>) -> StoreResult<()> {
         self.conn().execute(
             "UPDATE vms SET state = ?2, detail = ?3 WHERE id = ?1",
             params![id, state.as_str(), detail],
@@ -1035,7 +933,7 @@ impl Store {
     // ---- ssh keys ----
 
     /// Remember ssh keys for the namespace, keeping only the `keep` most recently sent.
-    pub fn add_ssh_keys(&self, ns_id: i64, keys: &[String], keep: usize) -> StoreResult<()> {
+    fn add_ssh_keys(&self, ns_id: i64, keys: &[String], keep: usize) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for key in keys {
@@ -1058,7 +956,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn ssh_keys(&self, ns_id: i64) -> StoreResult<Vec<String>> {
+    fn ssh_keys(&self, ns_id: i64) -> StoreResult<Vec<String>> {
         let conn = self.conn();
         let mut stmt =
             conn.prepare("SELECT key FROM ssh_keys WHERE namespace_id = ?1 ORDER BY rowid")?;
@@ -1069,12 +967,7 @@ impl Store {
     // ---- peers ----
 
     /// Register a peer with the lowest free peer address (.2–.9) of the namespace.
-    pub fn add_peer(
-        &self,
-        ns: &NamespaceRow,
-        name: &str,
-        public_key: &str,
-    ) -> StoreResult<PeerRow> {
+    fn add_peer(&self, ns: &NamespaceRow, name: &str, public_key: &str) -> StoreResult<PeerRow> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let existing = tx
@@ -1126,7 +1019,7 @@ impl Store {
         })
     }
 
-    pub fn peers_in(&self, ns_id: i64) -> StoreResult<Vec<PeerRow>> {
+    fn peers_in(&self, ns_id: i64) -> StoreResult<Vec<PeerRow>> {
         self.query_all(
             &format!("SELECT {PEER_COLS} FROM peers WHERE namespace_id = ?1 ORDER BY id"),
             [ns_id],
@@ -1135,7 +1028,7 @@ impl Store {
     }
 
     /// Every peer with its namespace's subnet: what the hub should accept.
-    pub fn hub_peers(&self) -> StoreResult<Vec<HubPeerRow>> {
+    fn hub_peers(&self) -> StoreResult<Vec<HubPeerRow>> {
         self.query_all(
             "SELECT p.id, p.namespace_id, p.name, p.public_key, p.address, n.subnet
              FROM peers p JOIN namespaces n ON n.id = p.namespace_id ORDER BY p.id",
@@ -1157,14 +1050,14 @@ impl Store {
     }
 
     /// Delete a peer whatever its namespace (the server disabling a peer the hub must not accept).
-    pub fn remove_peer(&self, id: i64) -> StoreResult<bool> {
+    fn remove_peer(&self, id: i64) -> StoreResult<bool> {
         let n = self
             .conn()
             .execute("DELETE FROM peers WHERE id = ?1", [id])?;
         Ok(n > 0)
     }
 
-    pub fn delete_peer(&self, ns_id: i64, id: i64) -> StoreResult<bool> {
+    fn delete_peer(&self, ns_id: i64, id: i64) -> StoreResult<bool> {
         let n = self.conn().execute(
             "DELETE FROM peers WHERE id = ?1 AND namespace_id = ?2",
             params![id, ns_id],
@@ -1174,7 +1067,7 @@ impl Store {
 
     // ---- events ----
 
-    pub fn add_event(
+    fn add_event(
         &self,
         cluster_id: i64,
         vm: Option<&str>,
@@ -1184,7 +1077,7 @@ impl Store {
         Ok(insert_event(&self.conn(), cluster_id, vm, state, message)?)
     }
 
-    pub fn events_after(&self, cluster_id: i64, after: i64) -> StoreResult<Vec<EventRow>> {
+    fn events_after(&self, cluster_id: i64, after: i64) -> StoreResult<Vec<EventRow>> {
         self.query_all(
             &format!(
                 "SELECT {EVENT_COLS} FROM events WHERE cluster_id = ?1 AND seq > ?2 ORDER BY seq"
@@ -1195,7 +1088,7 @@ impl Store {
     }
 
     /// The newest event sequence number of a cluster (0 when none).
-    pub fn last_event_seq(&self, cluster_id: i64) -> StoreResult<i64> {
+    fn last_event_seq(&self, cluster_id: i64) -> StoreResult<i64> {
         let conn = self.conn();
         Ok(conn.query_row(
             "SELECT COALESCE(MAX(seq), 0) FROM events WHERE cluster_id = ?1",
@@ -1209,58 +1102,10 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Store) {
+    fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
         (dir, store)
-    }
-
-    #[test]
-    fn snapshots_are_per_cluster_and_go_with_it() {
-        let (_dir, store) = store();
-        let (a, _) = store.add_user("a").unwrap();
-        let (b, _) = store.add_user("b").unwrap();
-        let na = store.ensure_namespace(&a).unwrap();
-        let nb = store.ensure_namespace(&b).unwrap();
-        let vms = [NewVm {
-            name: "n1",
-            role: "proxy",
-        }];
-        let ca = store.create_cluster(&na, "dev", "tiny", &vms).unwrap();
-        let cb = store.create_cluster(&nb, "dev", "tiny", &vms).unwrap();
-        let s1 = store.add_snapshot(ca.id, "s1", "tiny", 10 << 20).unwrap();
-        assert_eq!((s1.cluster.as_str(), s1.size_bytes), ("dev", 10 << 20));
-        assert!(matches!(
-            store.add_snapshot(ca.id, "s1", "tiny", 1),
-            Err(StoreError::Exists(_))
-        ));
-        store.add_snapshot(ca.id, "s2", "tiny", 20 << 20).unwrap();
-        assert!(
-            store.snapshot(cb.id, "s1").unwrap().is_none(),
-            "per cluster"
-        );
-        assert!(store.snapshots_in(nb.id).unwrap().is_empty());
-        let largest: Vec<String> = store
-            .snapshots_in(na.id)
-            .unwrap()
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
-        assert_eq!(largest, ["s2", "s1"]);
-        // Stopped: its size, cleared by the next state.
-        store.set_cluster_stopped(ca.id, 42, "stopped").unwrap();
-        let c = store.cluster_by_id(ca.id).unwrap().unwrap();
-        assert_eq!((c.state, c.disk_bytes), (ClusterState::Stopped, Some(42)));
-        store
-            .set_cluster_state_event(ca.id, ClusterState::Ready, None, "ready")
-            .unwrap();
-        assert_eq!(
-            store.cluster_by_id(ca.id).unwrap().unwrap().disk_bytes,
-            None
-        );
-        assert!(store.delete_snapshot(s1.id).unwrap());
-        store.delete_cluster(ca.id).unwrap();
-        assert!(store.snapshots_in(na.id).unwrap().is_empty());
     }
 
     #[test]
@@ -1280,61 +1125,6 @@ mod tests {
         );
         assert_eq!(store.revoke_user("alice").unwrap(), (1, 0));
         assert_eq!(store.user_by_token(&token).unwrap(), None);
-    }
-
-    #[test]
-    fn allocation_fills_gaps_and_survives_reopen() {
-        let (dir, store) = store();
-        let (a, _) = store.add_user("a").unwrap();
-        let (b, _) = store.add_user("b").unwrap();
-        let na = store.ensure_namespace(&a).unwrap();
-        let nb = store.ensure_namespace(&b).unwrap();
-        assert_eq!(na.subnet.to_string(), "10.240.0.0/24");
-        assert_eq!(nb.subnet.to_string(), "10.240.1.0/24");
-        assert_eq!(store.ensure_namespace(&a).unwrap(), na, "idempotent");
-        let vms = [
-            NewVm {
-                name: "n1",
-                role: "proxy",
-            },
-            NewVm {
-                name: "f1",
-                role: "app",
-            },
-        ];
-        let c1 = store.create_cluster(&na, "one", "tiny", &vms).unwrap();
-        let c2 = store.create_cluster(&na, "two", "tiny", &vms).unwrap();
-        let addr = |c: &ClusterRow| -> Vec<String> {
-            store
-                .vms_of(c.id)
-                .unwrap()
-                .iter()
-                .map(|v| v.address.to_string())
-                .collect()
-        };
-        assert_eq!(addr(&c1), ["10.240.0.10", "10.240.0.11"]);
-        assert_eq!(addr(&c2), ["10.240.0.12", "10.240.0.13"]);
-        store.delete_cluster(c1.id).unwrap();
-        let c3 = store
-            .create_cluster(&na, "three", "tiny", &vms[..1])
-            .unwrap();
-        assert_eq!(addr(&c3), ["10.240.0.10"], "freed addresses are reused");
-        let key = "x".repeat(44);
-        let p = store.add_peer(&na, "laptop", &key).unwrap();
-        assert_eq!(p.address.to_string(), "10.240.0.2");
-        assert_eq!(
-            store.add_peer(&na, "laptop2", &key).unwrap().address,
-            p.address,
-            "same key, same address"
-        );
-        assert!(matches!(
-            store.add_peer(&nb, "x", &key),
-            Err(StoreError::Exists(_))
-        ));
-        drop(store);
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
-        assert_eq!(store.namespace_of(b.id).unwrap(), Some(nb));
-        assert_eq!(store.peers_in(na.id).unwrap().len(), 1);
     }
 
     #[test]
@@ -1366,7 +1156,7 @@ mod tests {
         .unwrap();
         drop(conn);
 
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         let seqs = |id| -> Vec<i64> {
             store
                 .events_after(id, 0)
@@ -1388,21 +1178,34 @@ mod tests {
         assert_eq!(store.delete_cluster(gone.id).unwrap().seq, 3);
         drop(store);
         // Opening again changes nothing.
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.last_event_seq(kept.id).unwrap(), 4);
     }
 
     #[test]
-    fn peer_addresses_run_out_cleanly() {
-        let (_dir, store) = store();
-        let (a, _) = store.add_user("a").unwrap();
-        let ns = store.ensure_namespace(&a).unwrap();
-        for i in 0..8 {
-            store.add_peer(&ns, "p", &format!("{i:0>44}")).unwrap();
-        }
+    fn a_file_from_before_schema_versions_is_version_1_and_a_newer_one_is_refused() {
+        let (dir, store) = store();
+        store.add_user("a").unwrap();
+        drop(store);
+        let path = dir.path().join("state.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE schema_version").unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.user_exists("a").unwrap());
+        let version: i64 = store
+            .conn()
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("UPDATE schema_version SET version = 99")
+            .unwrap();
+        drop(conn);
         assert!(matches!(
-            store.add_peer(&ns, "p", &"9".repeat(44)),
-            Err(StoreError::Exhausted(_))
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
         ));
     }
 }

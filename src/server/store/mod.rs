@@ -1,0 +1,384 @@
+//! Server state: users, hashed tokens, namespaces, clusters, VMs, peers, events, snapshots.
+//!
+//! One interface ([`StoreEngine`]), two engines: SQLite (WAL, one file in the data dir: the embedded default,
+//! `sqlite.rs`) and PostgreSQL (`fcdev server --database postgres://…`, `postgres.rs`). All SQL lives in those two
+//! files. Callers hold a [`Store`] (usually `Arc<Store>`) and call the same synchronous methods whatever the engine.
+//!
+//! Every multi-row change is one transaction, so a crash never leaves half a change, and allocation (namespace
+//! subnets, VM and peer addresses: the lowest free number) never hands a number out twice under concurrency:
+//! SQLite serializes writers (`BEGIN IMMEDIATE`); PostgreSQL runs SERIALIZABLE transactions that lock the
+//! namespace row while they allocate in it, with unique constraints behind them, and retries a transaction that
+//! lost a race (serialization failure, deadlock, or a unique violation on an allocated number).
+//!
+//! Both engines keep a schema version (`schema_version`) and apply their numbered migrations at open.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::api::{ClusterState, Subnet, VmState};
+
+pub mod postgres;
+pub mod sqlite;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database error: {}", postgres::describe(.0))]
+    Pg(#[from] ::postgres::Error),
+    /// The database cannot be reached (PostgreSQL down or unreachable); the next call tries again.
+    #[error("the database is unreachable: {0}")]
+    Unavailable(String),
+    /// The database was written by a newer fcdev (its schema version is unknown here).
+    #[error("the database has schema version {found}, newer than this fcdev knows ({known}): upgrade fcdev")]
+    TooNew { found: i64, known: i64 },
+    /// A stored value that does not parse (an address, a subnet).
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("cannot set up {path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Every namespace subnet is taken: only removing an engineer frees one.
+    #[error("no free namespace subnet left")]
+    NamespacesExhausted,
+    #[error("invalid --database `{0}`: use postgres://USER@HOST/DB (without --database the state is DATA_DIR/state.db)")]
+    BadLocation(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamespaceRow {
+    pub id: i64,
+    pub user_id: i64,
+    pub name: String,
+    pub index: u32,
+    pub subnet: Subnet,
+}
+
+impl NamespaceRow {
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.subnet.host(1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterRow {
+    pub id: i64,
+    pub namespace_id: i64,
+    pub name: String,
+    pub image: String,
+    pub state: ClusterState,
+    pub reason: Option<String>,
+    pub start_mode: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Bytes on disk while the cluster is stopped (disks and saved memory), else None.
+    pub disk_bytes: Option<u64>,
+}
+
+/// A named snapshot of a cluster (its files: `DATA/snapshots/<namespace>/<cluster>/<name>/`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRow {
+    pub id: i64,
+    pub cluster_id: i64,
+    pub namespace_id: i64,
+    /// The cluster's name.
+    pub cluster: String,
+    pub name: String,
+    pub image: String,
+    pub size_bytes: u64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRow {
+    pub id: i64,
+    pub cluster_id: i64,
+    pub slot: u32,
+    pub name: String,
+    pub role: String,
+    pub address: Ipv4Addr,
+    pub mac: String,
+    pub state: VmState,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerRow {
+    pub id: i64,
+    pub namespace_id: i64,
+    pub name: String,
+    pub public_key: String,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub cluster_id: i64,
+    pub vm: Option<String>,
+    pub state: String,
+    pub message: String,
+    pub at: String,
+}
+
+/// A VM to create with its cluster: name and role from the image template.
+pub struct NewVm<'a> {
+    pub name: &'a str,
+    pub role: &'a str,
+}
+
+/// A peer as the hub needs it: with its namespace's subnet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubPeerRow {
+    pub peer: PeerRow,
+    pub subnet: Subnet,
+}
+
+/// What `begin_user_removal` found and did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removal {
+    pub user: User,
+    pub clusters: usize,
+    pub peers: usize,
+}
+
+/// A token as handed to a user: `fcd_` + 32 random bytes in hex. Only its SHA-256 is stored.
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("fcd_{}", hex::encode(bytes))
+}
+
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The MAC of a VM, derived from its address so it is unique wherever the address is.
+pub fn mac_for(addr: Ipv4Addr) -> String {
+    let o = addr.octets();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3])
+}
+
+/// Where the state lives: the SQLite file of the data dir, or a PostgreSQL database (`--database`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// `--database` if given (a `postgres://` or `postgresql://` URL), else `DATA_DIR/state.db`.
+    pub fn from_args(database: Option<&str>, data_dir: &Path) -> StoreResult<Location> {
+        match database.map(str::trim) {
+            None | Some("") => Ok(Location::Sqlite(
+                data_dir.join(crate::server::run::STATE_FILE),
+            )),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Location::Postgres(url.to_string()))
+            }
+            Some(other) => Err(StoreError::BadLocation(other.to_string())),
+        }
+    }
+
+    /// For messages: the file, or the database URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(p) => p.display().to_string(),
+            Location::Postgres(url) => postgres::redact(url),
+        }
+    }
+}
+
+/// What every engine does. Callers use it through [`Store`] (the methods of a trait object need no import).
+pub trait StoreEngine: Send + Sync {
+    // ---- users and tokens ----
+    fn add_user(&self, name: &str) -> StoreResult<(User, String)>;
+    /// A fresh extra token for an existing user (old tokens stay valid).
+    fn issue_token(&self, name: &str) -> StoreResult<String>;
+    /// Revoke every token of a user and delete their WireGuard peers, in one transaction: a running server
+    /// drops the peers from its hub when it sees the change (see `server::follow`). Returns (tokens, peers).
+    fn revoke_user(&self, name: &str) -> StoreResult<(usize, usize)>;
+    /// First step of removing an engineer: revoke their tokens, delete their peers and mark them as being
+    /// removed. A user without clusters is deleted at once (with their namespace); otherwise the running
+    /// server stops the clusters and then deletes the user (`users_being_removed`, `delete_user`).
+    fn begin_user_removal(&self, name: &str) -> StoreResult<Removal>;
+    /// Users marked by `begin_user_removal` whose clusters are still to be stopped.
+    fn users_being_removed(&self) -> StoreResult<Vec<User>>;
+    /// Whether a user of this name exists (removed users do not).
+    fn user_exists(&self, name: &str) -> StoreResult<bool>;
+    /// Delete a user with their tokens, namespace, peers and SSH keys, when they have no cluster left.
+    /// False when a cluster remains.
+    fn delete_user(&self, id: i64) -> StoreResult<bool>;
+    /// Changes when an admin command (another process: `fcdev server user revoke/remove`) committed a change
+    /// the running server must follow; a cheap way for the server to notice admin changes.
+    fn data_version(&self) -> StoreResult<i64>;
+    fn list_users(&self) -> StoreResult<Vec<User>>;
+    fn user_by_token(&self, token: &str) -> StoreResult<Option<User>>;
+
+    // ---- namespaces ----
+    fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>>;
+    fn namespace_by_id(&self, id: i64) -> StoreResult<NamespaceRow>;
+    /// The user's namespace, created with the lowest free /24 of the pool when missing.
+    fn ensure_namespace(&self, user: &User) -> StoreResult<NamespaceRow>;
+
+    // ---- clusters and VMs ----
+    /// Create a cluster and its VMs, each with the lowest free VM address of the namespace.
+    fn create_cluster(
+        &self,
+        ns: &NamespaceRow,
+        name: &str,
+        image: &str,
+        vms: &[NewVm<'_>],
+    ) -> StoreResult<ClusterRow>;
+    fn cluster(&self, ns_id: i64, name: &str) -> StoreResult<Option<ClusterRow>>;
+    fn cluster_by_id(&self, id: i64) -> StoreResult<Option<ClusterRow>>;
+    fn clusters_in(&self, ns_id: i64) -> StoreResult<Vec<ClusterRow>>;
+    fn all_clusters(&self) -> StoreResult<Vec<ClusterRow>>;
+    /// Ready clusters whose state has not changed for `secs` seconds (`fcdev server --idle-stop`).
+    fn clusters_ready_since(&self, secs: u64) -> StoreResult<Vec<ClusterRow>>;
+    /// Set a cluster's state and record its event in one transaction: whoever reads the new state finds the event.
+    fn set_cluster_state_event(
+        &self,
+        id: i64,
+        state: ClusterState,
+        reason: Option<&str>,
+        message: &str,
+    ) -> StoreResult<EventRow>;
+    /// Mark a cluster stopped with the bytes it keeps on disk, and record its event, in one transaction.
+    fn set_cluster_stopped(&self, id: i64, disk_bytes: u64, message: &str)
+        -> StoreResult<EventRow>;
+    /// Record a named snapshot whose files are complete. `Exists` when the cluster has one of that name.
+    fn add_snapshot(
+        &self,
+        cluster_id: i64,
+        name: &str,
+        image: &str,
+        size_bytes: u64,
+    ) -> StoreResult<SnapshotRow>;
+    fn snapshot(&self, cluster_id: i64, name: &str) -> StoreResult<Option<SnapshotRow>>;
+    /// A cluster's snapshots, oldest first.
+    fn snapshots_of(&self, cluster_id: i64) -> StoreResult<Vec<SnapshotRow>>;
+    /// Every snapshot of a namespace, largest first (what to remove when the quota is reached).
+    fn snapshots_in(&self, ns_id: i64) -> StoreResult<Vec<SnapshotRow>>;
+    fn delete_snapshot(&self, id: i64) -> StoreResult<bool>;
+    fn set_start_mode(&self, id: i64, mode: &str) -> StoreResult<()>;
+    /// Forget a cluster with its VMs and events. Returns its last event, `deleted`, numbered after the others for
+    /// the streams that follow it, and not stored (nothing of the cluster is).
+    fn delete_cluster(&self, id: i64) -> StoreResult<EventRow>;
+    fn vms_of(&self, cluster_id: i64) -> StoreResult<Vec<VmRow>>;
+    fn vms_in_namespace(&self, ns_id: i64) -> StoreResult<Vec<(String, VmRow)>>;
+    fn set_vm_state(&self, id: i64, state: VmState, detail: Option<&str>) -> StoreResult<()>;
+
+    // ---- ssh keys ----
+    /// Remember ssh keys for the namespace, keeping only the `keep` most recently sent.
+    fn add_ssh_keys(&self, ns_id: i64, keys: &[String], keep: usize) -> StoreResult<()>;
+    fn ssh_keys(&self, ns_id: i64) -> StoreResult<Vec<String>>;
+
+    // ---- peers ----
+    /// Register a peer with the lowest free peer address (.2–.9) of the namespace.
+    fn add_peer(&self, ns: &NamespaceRow, name: &str, public_key: &str) -> StoreResult<PeerRow>;
+    fn peers_in(&self, ns_id: i64) -> StoreResult<Vec<PeerRow>>;
+    /// Every peer with its namespace's subnet: what the hub should accept.
+    fn hub_peers(&self) -> StoreResult<Vec<HubPeerRow>>;
+    /// Delete a peer whatever its namespace (the server disabling a peer the hub must not accept).
+    fn remove_peer(&self, id: i64) -> StoreResult<bool>;
+    fn delete_peer(&self, ns_id: i64, id: i64) -> StoreResult<bool>;
+
+    // ---- events ----
+    fn add_event(
+        &self,
+        cluster_id: i64,
+        vm: Option<&str>,
+        state: &str,
+        message: &str,
+    ) -> StoreResult<EventRow>;
+    fn events_after(&self, cluster_id: i64, after: i64) -> StoreResult<Vec<EventRow>>;
+    /// The newest event sequence number of a cluster (0 when none).
+    fn last_event_seq(&self, cluster_id: i64) -> StoreResult<i64>;
+}
+
+/// The store the server and the admin commands use: one engine behind the [`StoreEngine`] methods.
+pub struct Store {
+    engine: Box<dyn StoreEngine>,
+    kind: &'static str,
+}
+
+impl Store {
+    /// The SQLite store in this file (created when missing).
+    pub fn open(path: &Path) -> StoreResult<Store> {
+        Ok(Store {
+            engine: Box::new(sqlite::SqliteStore::open(path)?),
+            kind: "sqlite",
+        })
+    }
+
+    /// The PostgreSQL store at this URL: connects and migrates now (so a wrong URL fails at start), and
+    /// reconnects by itself after the database went away.
+    pub fn open_postgres(url: &str) -> StoreResult<Store> {
+        Ok(Store {
+            engine: Box::new(postgres::PgStore::open(url)?),
+            kind: "postgres",
+        })
+    }
+
+    pub fn open_at(location: &Location) -> StoreResult<Store> {
+        match location {
+            Location::Sqlite(path) => Store::open(path),
+            Location::Postgres(url) => Store::open_postgres(url),
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+impl std::ops::Deref for Store {
+    type Target = dyn StoreEngine;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.engine
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_flag_picks_the_engine() {
+        let dir = Path::new("/data");
+        assert_eq!(
+            Location::from_args(None, dir).unwrap(),
+            Location::Sqlite(dir.join("state.db"))
+        );
+        assert_eq!(
+            Location::from_args(Some("postgres://u@h/db"), dir).unwrap(),
+            Location::Postgres("postgres://u@h/db".into())
+        );
+        assert!(matches!(
+            Location::from_args(Some("mysql://x"), dir),
+            Err(StoreError::BadLocation(_))
+        ));
+    }
+}

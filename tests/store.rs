@@ -1,0 +1,635 @@
+//! One store test suite, run against both engines: SQLite (a temp file) and a real PostgreSQL that the tests start
+//! themselves (`common/pg.rs`, one server for this binary, a fresh database per test). Then the real binary on
+//! PostgreSQL: `fcdev server --dev --database postgres://…` with login, up, status, down and a restart, and a
+//! database that goes away (503) and comes back.
+
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, TINY_TOML};
+use fcdev::api::ClusterState;
+use fcdev::server::store::{ClusterRow, NewVm, Store, StoreError};
+
+/// An engine under test: how to open (and reopen) its store; keeps its temp dir alive.
+struct Engine {
+    open: Box<dyn Fn() -> Store + Send + Sync>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Engine {
+    fn sqlite() -> Engine {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        Engine {
+            open: Box::new(move || Store::open(&path).unwrap()),
+            _dir: Some(dir),
+        }
+    }
+
+    fn postgres() -> Engine {
+        let url = pg::shared().database();
+        Engine {
+            open: Box::new(move || Store::open_postgres(&url).unwrap()),
+            _dir: None,
+        }
+    }
+
+    fn store(&self) -> Store {
+        (self.open)()
+    }
+}
+
+/// Each test, once per engine: `sqlite::NAME` and `postgres::NAME`.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(super::Engine::sqlite()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(super::Engine::postgres()) } )*
+        }
+    };
+}
+
+on_both_engines!(
+    snapshots_are_per_cluster_and_go_with_it,
+    tokens_are_hashed_and_revocable,
+    allocation_fills_gaps_and_survives_reopen,
+    peer_addresses_run_out_cleanly,
+    concurrent_allocations_never_collide,
+    events_are_numbered_per_cluster,
+    removal_and_revocation_reach_a_running_server,
+    ssh_keys_keep_the_newest,
+    clusters_ready_for_a_while_are_found,
+);
+
+const ONE_VM: [NewVm<'static>; 1] = [NewVm {
+    name: "n1",
+    role: "proxy",
+}];
+
+fn snapshots_are_per_cluster_and_go_with_it(engine: Engine) {
+    let store = engine.store();
+    let (a, _) = store.add_user("a").unwrap();
+    let (b, _) = store.add_user("b").unwrap();
+    let na = store.ensure_namespace(&a).unwrap();
+    let nb = store.ensure_namespace(&b).unwrap();
+    let ca = store.create_cluster(&na, "dev", "tiny", &ONE_VM).unwrap();
+    let cb = store.create_cluster(&nb, "dev", "tiny", &ONE_VM).unwrap();
+    let s1 = store.add_snapshot(ca.id, "s1", "tiny", 10 << 20).unwrap();
+    assert_eq!((s1.cluster.as_str(), s1.size_bytes), ("dev", 10 << 20));
+    assert!(matches!(
+        store.add_snapshot(ca.id, "s1", "tiny", 1),
+        Err(StoreError::Exists(_))
+    ));
+    assert!(matches!(
+        store.add_snapshot(9999, "s1", "tiny", 1),
+        Err(StoreError::NotFound(_))
+    ));
+    store.add_snapshot(ca.id, "s2", "tiny", 20 << 20).unwrap();
+    assert!(
+        store.snapshot(cb.id, "s1").unwrap().is_none(),
+        "per cluster"
+    );
+    assert_eq!(store.snapshot(ca.id, "s1").unwrap(), Some(s1.clone()));
+    assert!(store.snapshots_in(nb.id).unwrap().is_empty());
+    let names = |v: Vec<fcdev::server::store::SnapshotRow>| -> Vec<String> {
+        v.into_iter().map(|s| s.name).collect()
+    };
+    assert_eq!(names(store.snapshots_in(na.id).unwrap()), ["s2", "s1"]);
+    assert_eq!(names(store.snapshots_of(ca.id).unwrap()), ["s1", "s2"]);
+    // Stopped: its size, cleared by the next state.
+    store.set_cluster_stopped(ca.id, 42, "stopped").unwrap();
+    let c = store.cluster_by_id(ca.id).unwrap().unwrap();
+    assert_eq!((c.state, c.disk_bytes), (ClusterState::Stopped, Some(42)));
+    store
+        .set_cluster_state_event(ca.id, ClusterState::Ready, None, "ready")
+        .unwrap();
+    assert_eq!(
+        store.cluster_by_id(ca.id).unwrap().unwrap().disk_bytes,
+        None
+    );
+    store.set_start_mode(ca.id, "restore").unwrap();
+    assert_eq!(
+        store
+            .cluster(na.id, "dev")
+            .unwrap()
+            .unwrap()
+            .start_mode
+            .as_deref(),
+        Some("restore")
+    );
+    assert!(store.delete_snapshot(s1.id).unwrap());
+    assert!(!store.delete_snapshot(s1.id).unwrap());
+    store.delete_cluster(ca.id).unwrap();
+    assert!(store.snapshots_in(na.id).unwrap().is_empty());
+    assert_eq!(store.all_clusters().unwrap().len(), 1);
+}
+
+fn tokens_are_hashed_and_revocable(engine: Engine) {
+    let store = engine.store();
+    let (user, token) = store.add_user("alice").unwrap();
+    assert!(token.starts_with("fcd_") && token.len() == 68);
+    assert_eq!(store.user_by_token(&token).unwrap(), Some(user.clone()));
+    assert!(matches!(
+        store.add_user("alice"),
+        Err(StoreError::Exists(_))
+    ));
+    let second = store.issue_token("alice").unwrap();
+    assert_ne!(second, token);
+    assert_eq!(store.user_by_token(&second).unwrap(), Some(user));
+    assert!(matches!(
+        store.issue_token("nobody"),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.revoke_user("alice").unwrap(), (2, 0));
+    assert_eq!(store.user_by_token(&token).unwrap(), None);
+    assert_eq!(store.user_by_token(&second).unwrap(), None);
+    assert!(store.user_exists("alice").unwrap());
+    assert_eq!(store.list_users().unwrap().len(), 1);
+}
+
+fn allocation_fills_gaps_and_survives_reopen(engine: Engine) {
+    let store = engine.store();
+    let (a, _) = store.add_user("a").unwrap();
+    let (b, _) = store.add_user("b").unwrap();
+    let na = store.ensure_namespace(&a).unwrap();
+    let nb = store.ensure_namespace(&b).unwrap();
+    assert_eq!(na.subnet.to_string(), "10.240.0.0/24");
+    assert_eq!(nb.subnet.to_string(), "10.240.1.0/24");
+    assert_eq!(store.ensure_namespace(&a).unwrap(), na, "idempotent");
+    assert_eq!(store.namespace_by_id(na.id).unwrap(), na);
+    let vms = [
+        NewVm {
+            name: "n1",
+            role: "proxy",
+        },
+        NewVm {
+            name: "f1",
+            role: "app",
+        },
+    ];
+    let c1 = store.create_cluster(&na, "one", "tiny", &vms).unwrap();
+    let c2 = store.create_cluster(&na, "two", "tiny", &vms).unwrap();
+    assert!(matches!(
+        store.create_cluster(&na, "two", "tiny", &vms),
+        Err(StoreError::Exists(_))
+    ));
+    let addr = |c: &ClusterRow| -> Vec<String> {
+        store
+            .vms_of(c.id)
+            .unwrap()
+            .iter()
+            .map(|v| v.address.to_string())
+            .collect()
+    };
+    assert_eq!(addr(&c1), ["10.240.0.10", "10.240.0.11"]);
+    assert_eq!(addr(&c2), ["10.240.0.12", "10.240.0.13"]);
+    let vm = &store.vms_of(c1.id).unwrap()[0];
+    assert_eq!(vm.mac, "52:54:00:f0:00:0a");
+    store
+        .set_vm_state(vm.id, fcdev::api::VmState::Ready, Some("up"))
+        .unwrap();
+    let in_ns = store.vms_in_namespace(na.id).unwrap();
+    assert_eq!(in_ns.len(), 4);
+    assert_eq!(in_ns[0].0, "one");
+    assert_eq!(in_ns[0].1.state, fcdev::api::VmState::Ready);
+    assert_eq!(in_ns[0].1.detail.as_deref(), Some("up"));
+    store.delete_cluster(c1.id).unwrap();
+    let c3 = store
+        .create_cluster(&na, "three", "tiny", &vms[..1])
+        .unwrap();
+    assert_eq!(addr(&c3), ["10.240.0.10"], "freed addresses are reused");
+    let key = "x".repeat(44);
+    let p = store.add_peer(&na, "laptop", &key).unwrap();
+    assert_eq!(p.address.to_string(), "10.240.0.2");
+    assert_eq!(
+        store.add_peer(&na, "laptop2", &key).unwrap().address,
+        p.address,
+        "same key, same address"
+    );
+    assert!(matches!(
+        store.add_peer(&nb, "x", &key),
+        Err(StoreError::Exists(_))
+    ));
+    let hub = store.hub_peers().unwrap();
+    assert_eq!(hub.len(), 1);
+    assert_eq!(
+        (hub[0].peer.name.as_str(), hub[0].subnet),
+        ("laptop2", na.subnet)
+    );
+    assert!(
+        !store.delete_peer(nb.id, p.id).unwrap(),
+        "another namespace's"
+    );
+    drop(store);
+    let store = engine.store();
+    assert_eq!(store.namespace_of(b.id).unwrap(), Some(nb.clone()));
+    assert_eq!(store.peers_in(na.id).unwrap().len(), 1);
+    assert!(store.delete_peer(na.id, p.id).unwrap());
+    let q = store.add_peer(&nb, "x", &key).unwrap();
+    assert!(store.remove_peer(q.id).unwrap());
+    assert!(store.hub_peers().unwrap().is_empty());
+}
+
+fn peer_addresses_run_out_cleanly(engine: Engine) {
+    let store = engine.store();
+    let (a, _) = store.add_user("a").unwrap();
+    let ns = store.ensure_namespace(&a).unwrap();
+    for i in 0..8 {
+        store.add_peer(&ns, "p", &format!("{i:0>44}")).unwrap();
+    }
+    assert!(matches!(
+        store.add_peer(&ns, "p", &"9".repeat(44)),
+        Err(StoreError::Exhausted(_))
+    ));
+}
+
+/// 24 engineers get namespaces at once; 24 clusters of 3 VMs start in one namespace at once (through two
+/// stores, as two processes would); 8 laptops register at once: no number is handed out twice.
+fn concurrent_allocations_never_collide(engine: Engine) {
+    const N: usize = 24;
+    let stores = [Arc::new(engine.store()), Arc::new(engine.store())];
+    let users: Vec<_> = (0..N)
+        .map(|i| stores[0].add_user(&format!("u{i}")).unwrap().0)
+        .collect();
+    let in_threads = |f: &(dyn Fn(usize, &Store) + Sync)| {
+        std::thread::scope(|s| {
+            for i in 0..N {
+                let store = stores[i % 2].clone();
+                s.spawn(move || f(i, &store));
+            }
+        })
+    };
+    in_threads(&|i, store| {
+        store.ensure_namespace(&users[i]).unwrap();
+    });
+    let namespaces: Vec<_> = users
+        .iter()
+        .map(|u| stores[0].namespace_of(u.id).unwrap().unwrap())
+        .collect();
+    let subnets: HashSet<String> = namespaces.iter().map(|n| n.subnet.to_string()).collect();
+    let indexes: HashSet<u32> = namespaces.iter().map(|n| n.index).collect();
+    assert_eq!((subnets.len(), indexes.len()), (N, N), "{namespaces:?}");
+    assert_eq!(indexes, (0..N as u32).collect(), "lowest free first");
+
+    let ns = &namespaces[0];
+    let vms = [
+        NewVm {
+            name: "n1",
+            role: "proxy",
+        },
+        NewVm {
+            name: "f1",
+            role: "app",
+        },
+        NewVm {
+            name: "m1",
+            role: "database",
+        },
+    ];
+    in_threads(&|i, store| {
+        store
+            .create_cluster(ns, &format!("c{i}"), "tiny", &vms)
+            .unwrap();
+    });
+    let addrs: Vec<String> = stores[0]
+        .vms_in_namespace(ns.id)
+        .unwrap()
+        .iter()
+        .map(|(_, v)| v.address.to_string())
+        .collect();
+    let unique: HashSet<&String> = addrs.iter().collect();
+    assert_eq!((addrs.len(), unique.len()), (3 * N, 3 * N), "{addrs:?}");
+
+    let peers = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let (store, peers) = (stores[i % 2].clone(), &peers);
+            s.spawn(move || {
+                let p = store.add_peer(ns, "p", &format!("{i:0>44}")).unwrap();
+                peers.lock().unwrap().push(p.address);
+            });
+        }
+    });
+    let peers = peers.into_inner().unwrap();
+    assert_eq!(peers.iter().collect::<HashSet<_>>().len(), 8, "{peers:?}");
+
+    // Events of one cluster from many threads: numbered 1..=N, none twice.
+    let cluster = stores[0].cluster(ns.id, "c0").unwrap().unwrap();
+    in_threads(&|i, store| {
+        store
+            .add_event(cluster.id, None, "x", &format!("e{i}"))
+            .unwrap();
+    });
+    let seqs: Vec<i64> = stores[0]
+        .events_after(cluster.id, 0)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=N as i64).collect::<Vec<_>>());
+}
+
+fn events_are_numbered_per_cluster(engine: Engine) {
+    let store = engine.store();
+    let (a, _) = store.add_user("a").unwrap();
+    let ns = store.ensure_namespace(&a).unwrap();
+    let one = store.create_cluster(&ns, "one", "tiny", &ONE_VM).unwrap();
+    let two = store.create_cluster(&ns, "two", "tiny", &ONE_VM).unwrap();
+    assert_eq!(store.last_event_seq(one.id).unwrap(), 0);
+    assert_eq!(
+        store
+            .add_event(one.id, Some("n1"), "booting", "b")
+            .unwrap()
+            .seq,
+        1
+    );
+    let e = store
+        .set_cluster_state_event(one.id, ClusterState::Failed, Some("why"), "failed")
+        .unwrap();
+    assert_eq!((e.seq, e.state.as_str()), (2, "failed"));
+    assert!(e.at.ends_with('Z') && e.at.contains('T'), "{}", e.at);
+    assert_eq!(store.add_event(two.id, None, "x", "y").unwrap().seq, 1);
+    let after = store.events_after(one.id, 1).unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].message, "failed");
+    let c = store.cluster_by_id(one.id).unwrap().unwrap();
+    assert_eq!(
+        (c.state, c.reason.as_deref()),
+        (ClusterState::Failed, Some("why"))
+    );
+    let deleted = store.delete_cluster(one.id).unwrap();
+    assert_eq!((deleted.seq, deleted.state.as_str()), (3, "deleted"));
+    assert!(store.events_after(one.id, 0).unwrap().is_empty());
+    assert!(store.cluster_by_id(one.id).unwrap().is_none());
+    assert_eq!(store.clusters_in(ns.id).unwrap().len(), 1);
+}
+
+/// What `server::follow` relies on: an admin command's change (another store, as another process) moves the
+/// running server's `data_version`; a removal waits for the clusters to go.
+fn removal_and_revocation_reach_a_running_server(engine: Engine) {
+    let server = engine.store();
+    let admin = engine.store();
+    let (bob, _) = server.add_user("bob").unwrap();
+    let ns = server.ensure_namespace(&bob).unwrap();
+    let c = server.create_cluster(&ns, "dev", "tiny", &ONE_VM).unwrap();
+    server.add_peer(&ns, "laptop", &"k".repeat(44)).unwrap();
+    let v0 = server.data_version().unwrap();
+    assert_eq!(admin.revoke_user("bob").unwrap(), (1, 1));
+    let v1 = server.data_version().unwrap();
+    assert_ne!(v1, v0, "a revoke is seen");
+    let r = admin.begin_user_removal("bob").unwrap();
+    assert_eq!((r.clusters, r.peers), (1, 0));
+    assert_ne!(server.data_version().unwrap(), v1, "a removal is seen");
+    assert_eq!(
+        server.users_being_removed().unwrap(),
+        std::slice::from_ref(&bob)
+    );
+    assert!(!server.delete_user(bob.id).unwrap(), "a cluster remains");
+    server.delete_cluster(c.id).unwrap();
+    assert!(server.delete_user(bob.id).unwrap());
+    assert!(!admin.user_exists("bob").unwrap());
+    assert!(server.namespace_of(bob.id).unwrap().is_none());
+    // A user without clusters goes at once.
+    admin.add_user("carol").unwrap();
+    assert_eq!(admin.begin_user_removal("carol").unwrap().clusters, 0);
+    assert!(!server.user_exists("carol").unwrap());
+    assert!(matches!(
+        admin.begin_user_removal("carol"),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+fn ssh_keys_keep_the_newest(engine: Engine) {
+    let store = engine.store();
+    let (a, _) = store.add_user("a").unwrap();
+    let ns = store.ensure_namespace(&a).unwrap();
+    let keys = |k: &[&str]| -> Vec<String> { k.iter().map(|s| s.to_string()).collect() };
+    store
+        .add_ssh_keys(ns.id, &keys(&["k1", "k2", "k3"]), 3)
+        .unwrap();
+    store.add_ssh_keys(ns.id, &keys(&["k1", "k4"]), 3).unwrap();
+    assert_eq!(store.ssh_keys(ns.id).unwrap(), ["k3", "k1", "k4"]);
+}
+
+fn clusters_ready_for_a_while_are_found(engine: Engine) {
+    let store = engine.store();
+    let (a, _) = store.add_user("a").unwrap();
+    let ns = store.ensure_namespace(&a).unwrap();
+    let c = store.create_cluster(&ns, "dev", "tiny", &ONE_VM).unwrap();
+    store.create_cluster(&ns, "other", "tiny", &ONE_VM).unwrap();
+    store
+        .set_cluster_state_event(c.id, ClusterState::Ready, None, "ready")
+        .unwrap();
+    assert!(store.clusters_ready_since(3600).unwrap().is_empty());
+    std::thread::sleep(Duration::from_millis(1100));
+    let ready = store.clusters_ready_since(1).unwrap();
+    assert_eq!(ready.len(), 1);
+    assert_eq!(ready[0].id, c.id);
+}
+
+// ---- the real binary on PostgreSQL ----
+
+fn start_server_on(url: &str) -> TestServer {
+    TestServer::start_with(&[("tiny", TINY_TOML)], &["--database", url])
+}
+
+#[test]
+fn server_on_postgres_runs_clusters_and_keeps_them_across_a_restart() {
+    let url = pg::shared().database();
+    let mut server = start_server_on(&url);
+    server.login();
+    server.fcdev().arg("up").assert().success();
+    let status = server.status_json();
+    assert_eq!(status["namespace"]["subnet"], "10.240.0.0/24");
+    assert_eq!(status["clusters"][0]["state"], "ready");
+    assert_eq!(
+        status["clusters"][0]["vms"][0]["address"], "10.240.0.10",
+        "{status}"
+    );
+    // Admin commands on the same database; nothing was written to a SQLite file.
+    server
+        .fcdev()
+        .args(["server", "user", "add", "bob", "--database", &url])
+        .assert()
+        .success();
+    let out = server
+        .fcdev()
+        .args(["server", "user", "list", "--json", "--database", &url])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    assert_eq!(
+        common::json(&out),
+        serde_json::json!([{"name": "alice"}, {"name": "bob"}])
+    );
+    assert!(
+        !server.data_dir().join("state.db").exists(),
+        "the SQLite file was created"
+    );
+
+    server.restart();
+    server.login();
+    let status = server.status_json();
+    assert_eq!(status["clusters"][0]["state"], "ready", "{status}");
+    assert_eq!(server.vm_processes(), 3, "re-adopted, not duplicated");
+    server
+        .fcdev()
+        .arg("up")
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("already up"));
+
+    // A revoke by the admin command reaches the running server: bob's token is refused.
+    let bob_token = String::from_utf8(
+        server
+            .fcdev()
+            .args(["server", "user", "token", "bob", "--database", &url])
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone(),
+    )
+    .unwrap();
+    let (code, _) = common::http(&server.url, "GET", "/v1/me", Some(bob_token.trim()), None);
+    assert_eq!(code, 200);
+    server
+        .fcdev()
+        .args(["server", "user", "revoke", "bob", "--database", &url])
+        .assert()
+        .success();
+    let (code, _) = common::http(&server.url, "GET", "/v1/me", Some(bob_token.trim()), None);
+    assert_eq!(code, 401);
+
+    server.fcdev().args(["down", "--yes"]).assert().success();
+    assert_eq!(
+        server.status_json()["clusters"].as_array().unwrap().len(),
+        0
+    );
+}
+
+#[test]
+fn a_server_whose_database_is_down_answers_503_and_recovers() {
+    // Its own PostgreSQL: this test stops it.
+    let pg = pg::Postgres::start();
+    let mut server = start_server_on(&pg.database());
+    server.login();
+    server.fcdev().arg("up").assert().success();
+    let token = server.token.clone();
+    let (code, _) = common::http(&server.url, "GET", "/v1/clusters", Some(&token), None);
+    assert_eq!(code, 200);
+
+    pg.stop();
+    let (code, body) = common::http(&server.url, "GET", "/v1/clusters", Some(&token), None);
+    assert_eq!(code, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "database_unavailable", "{body}");
+    server
+        .fcdev()
+        .arg("status")
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("cannot reach its database"));
+
+    pg.start_again();
+    let start = Instant::now();
+    loop {
+        let (code, body) = common::http(&server.url, "GET", "/v1/clusters", Some(&token), None);
+        if code == 200 {
+            assert!(body.contains("\"ready\""), "{body}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still {code} after the database came back: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(server.status_json()["clusters"][0]["state"], "ready");
+    server.kill();
+}
+
+#[test]
+fn postgres_schema_is_versioned_and_a_newer_one_or_no_database_is_refused() {
+    let url = pg::shared().database();
+    drop(Store::open_postgres(&url).unwrap());
+    // Opening again (another server, an admin command) migrates nothing and keeps the data.
+    let store = Store::open_postgres(&url).unwrap();
+    store.add_user("a").unwrap();
+    drop(store);
+    let u = url.clone();
+    std::thread::spawn(move || {
+        let mut c = ::postgres::Client::connect(&u, ::postgres::NoTls).unwrap();
+        let v: i64 = c
+            .query_one("SELECT version FROM schema_version", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(v, fcdev::server::store::postgres::SCHEMA_VERSION);
+        c.execute("UPDATE schema_version SET version = 99", &[])
+            .unwrap();
+    })
+    .join()
+    .unwrap();
+    assert!(matches!(
+        Store::open_postgres(&url),
+        Err(StoreError::TooNew { found: 99, .. })
+    ));
+    let nowhere = format!(
+        "postgres:///x?host={}&user=postgres",
+        tempfile::tempdir().unwrap().path().display()
+    );
+    assert!(matches!(
+        Store::open_postgres(&nowhere),
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        Store::open_postgres("postgres://h/db?connect_timeout=soon"),
+        Err(StoreError::BadLocation(_))
+    ));
+}
+
+#[test]
+fn twenty_engineers_up_at_once_on_postgres_never_share_addresses() {
+    let url = pg::shared().database();
+    let server = start_server_on(&url);
+    common::twenty_engineers_up_at_once(&server, &["--database", &url]);
+}
+
+/// The `postgres` crate runs a runtime of its own and panics when called on a thread of another one; the HTTP
+/// handlers call the store on the server's runtime threads, so the engine must hand its work to its own threads.
+#[tokio::test(flavor = "current_thread")]
+async fn postgres_store_works_when_called_on_an_async_runtime_thread() {
+    let store = Store::open_postgres(&pg::shared().database()).unwrap();
+    let (user, token) = store.add_user("a").unwrap();
+    assert_eq!(store.user_by_token(&token).unwrap(), Some(user));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_works_when_called_on_a_multi_threaded_runtime() {
+    let store = Arc::new(Store::open_postgres(&pg::shared().database()).unwrap());
+    let (user, _) = store.add_user("a").unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (store, user) = (store.clone(), user.clone());
+            tokio::spawn(async move {
+                let ns = store.ensure_namespace(&user).unwrap();
+                store
+                    .create_cluster(&ns, &format!("c{i}"), "tiny", &ONE_VM)
+                    .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.all_clusters().unwrap().len(), 8);
+}
