@@ -37,7 +37,7 @@ use super::peer::{Outcome, Peer};
 
 /// Datagrams per batch (one `sendmmsg`/`recvmmsg`).
 pub const BATCH: usize = 64;
-/// Room per datagram: an MTU-1420 packet plus WireGuard overhead, with margin.
+/// Room per datagram: an [`MTU`](super::MTU)-sized packet plus WireGuard overhead, with margin.
 pub const SLOT: usize = 2048;
 
 fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
