@@ -26,7 +26,9 @@ fn main() {
     }));
     let result = match cli.command {
         // The server and the test VM manage their own runtime (the server enters a network namespace first).
+        #[cfg(feature = "server")]
         Command::Server(args) => cli::server::run(*args).map_err(cli::CliError::from),
+        #[cfg(feature = "server")]
         Command::TestVm(args) => {
             fcdev::server::backend::process::run_test_vm(&args.name, &args.run_dir, &args.cmdline)
                 .map_err(|e| cli::CliError::new(cli::ExitKind::Failure, e.to_string()))

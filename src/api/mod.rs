@@ -11,6 +11,9 @@ pub use net::Subnet;
 /// The API version prefix every route lives under.
 pub const API_PREFIX: &str = "/v1";
 
+/// The API port of a server on this machine (`fcdev server --dev`, `fcdev up --local`).
+pub const DEV_API_PORT: u16 = 7070;
+
 /// The response header carrying the server's fcdev version (on every response, errors included).
 pub const VERSION_HEADER: &str = "fcdev-version";
 

@@ -128,7 +128,7 @@ fn mode_check(name: &'static str, path: &Path, what: &str, want: u32) -> Check {
 }
 
 fn which(tool: &str) -> bool {
-    crate::server::backend::qemu::which(tool).is_some()
+    crate::sys::which(tool).is_some()
 }
 
 /// The handshake age under which a running tunnel of this machine counts as proof that the hub answers (a probe

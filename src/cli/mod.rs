@@ -10,7 +10,10 @@ pub mod doctor;
 pub mod down;
 pub mod errors;
 pub mod exec;
+#[cfg(not(feature = "server"))]
+pub mod host_only;
 pub mod hosts;
+#[cfg(feature = "server")]
 pub mod image;
 pub mod images;
 pub mod login;
@@ -19,6 +22,7 @@ pub mod marked;
 pub mod output;
 pub mod progress;
 pub mod reset;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod snapshot;
 pub mod ssh;
@@ -37,7 +41,16 @@ pub use errors::{CliError, ExitKind};
     version,
     about = "Remote development clusters: your own namespace of VMs on a shared host, in seconds, reached through a userspace WireGuard tunnel",
     long_about = None,
-    after_help = "Start here:\n  fcdev up --local        a local server + the tiny cluster on this machine\n  fcdev login --server URL   use a shared host\n  fcdev tunnel            reach your VMs from this laptop",
+)]
+#[cfg_attr(
+    feature = "server",
+    command(
+        after_help = "Start here:\n  fcdev up --local        a local server + the tiny cluster on this machine\n  fcdev login --server URL   use a shared host\n  fcdev tunnel            reach your VMs from this laptop"
+    )
+)]
+#[cfg_attr(
+    not(feature = "server"),
+    command(after_help = host_only::AFTER_HELP)
 )]
 pub struct Cli {
     /// The profile (server + token) to use.
@@ -87,9 +100,19 @@ pub enum Command {
     /// Check this machine's setup: server, token, versions, key files, the hub (a real handshake), TUN, ssh.
     Doctor(doctor::DoctorArgs),
     /// Build or snapshot prepared images (host side).
+    #[cfg(feature = "server")]
     Image(image::ImageArgs),
     /// Run the fcdev server: control API, VM orchestration and the WireGuard hub (host side).
+    #[cfg(feature = "server")]
     Server(Box<server::ServerArgs>),
+    /// Absent from the laptop-only build: says so.
+    #[cfg(not(feature = "server"))]
+    #[command(hide = true, disable_help_flag = true)]
+    Image(host_only::HostOnlyArgs),
+    /// Absent from the laptop-only build: says so.
+    #[cfg(not(feature = "server"))]
+    #[command(hide = true, disable_help_flag = true)]
+    Server(host_only::HostOnlyArgs),
     /// Print a shell completion script.
     Completions(completions::CompletionsArgs),
     /// Internal: ssh's KnownHostsCommand (a VM's host key as the server knows it).
@@ -99,6 +122,7 @@ pub enum Command {
     #[command(name = "__socks-connect", hide = true)]
     SocksConnect(ssh::SocksConnectArgs),
     /// Internal: the process behind one VM of the test backend.
+    #[cfg(feature = "server")]
     #[command(name = "__test-vm", hide = true)]
     TestVm(server::TestVmArgs),
 }
@@ -131,13 +155,20 @@ impl Context {
 
     pub fn profile(&self) -> Result<Profile, CliError> {
         let cfg = self.store.load_config()?;
-        cfg.profiles.get(&self.profile_name).cloned().ok_or_else(|| {
-            CliError::new(
+        cfg.profiles
+            .get(&self.profile_name)
+            .cloned()
+            .ok_or_else(|| {
+                CliError::new(
                 ExitKind::NotLoggedIn,
                 format!("not logged in (profile `{}`)", self.profile_name),
             )
-            .hint("run `fcdev login --server URL`, or `fcdev up --local` for a server on this machine")
-        })
+            .hint(if cfg!(feature = "server") {
+                "run `fcdev login --server URL`, or `fcdev up --local` for a server on this machine"
+            } else {
+                "run `fcdev login --server URL`"
+            })
+            })
     }
 
     /// An authenticated client for the profile.
@@ -203,12 +234,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::KnownHosts(args) => ssh::known_hosts(args, Context::new(cli.profile)?).await,
         Command::Logs(args) => logs::run(args, Context::new(cli.profile)?).await,
         Command::Doctor(args) => doctor::run(args, Context::new(cli.profile)?).await,
+        #[cfg(feature = "server")]
         Command::Image(args) => {
             image::run(args, &crate::config::data_dir()?).map_err(CliError::from)
         }
+        #[cfg(not(feature = "server"))]
+        Command::Image(_) => Err(host_only::refuse("image")),
+        #[cfg(not(feature = "server"))]
+        Command::Server(_) => Err(host_only::refuse("server")),
         Command::Completions(args) => completions::run(args),
         Command::SocksConnect(args) => ssh::socks_connect(args)
             .map_err(|e| CliError::new(ExitKind::Unreachable, format!("socks connect: {e}"))),
+        #[cfg(feature = "server")]
         Command::Server(_) | Command::TestVm(_) => {
             unreachable!("server commands run outside the async runtime")
         }

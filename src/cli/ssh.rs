@@ -287,6 +287,14 @@ async fn stdio(ctx: &Context, address: std::net::Ipv4Addr, port: u16) -> Result<
 
 /// Whether the kernel routes `addr` through an fcdev TUN device (`fcdev tunnel --mode tun`), read from
 /// /proc/net/route (Linux); false elsewhere.
+#[cfg(not(target_os = "linux"))]
+pub fn routed_via_fcdev_tun(_addr: std::net::Ipv4Addr) -> bool {
+    false
+}
+
+/// Whether the kernel routes `addr` through an fcdev TUN device (`fcdev tunnel --mode tun`), read from
+/// /proc/net/route.
+#[cfg(target_os = "linux")]
 pub fn routed_via_fcdev_tun(addr: std::net::Ipv4Addr) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/route") else {
         return false;

@@ -4,10 +4,10 @@ use serde::Serialize;
 
 use crate::api;
 use crate::cli::output::{print_json, table, vm_table};
-use crate::cli::server::local::{local_server, LocalServer};
-use crate::cli::{CliError, Context, ExitKind};
+use crate::cli::{CliError, Context};
 
 /// Whether an API URL points at this machine (`fcdev up --local` uses 127.0.0.1).
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 fn is_loopback(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let host = rest.split('/').next().unwrap_or_default();
@@ -24,8 +24,18 @@ fn is_loopback(url: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Whether a server runs on this machine's data dir, and its pid when it left one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LocalServer {
+    pub running: bool,
+    pub pid: Option<i32>,
+    pub data_dir: std::path::PathBuf,
+}
+
 /// The local server's state, when the profile's server is on this machine.
+#[cfg(feature = "server")]
 async fn local_of(server_url: &str) -> Result<Option<LocalServer>, CliError> {
+    use crate::cli::server::local::local_server;
     if !is_loopback(server_url) {
         return Ok(None);
     }
@@ -33,7 +43,13 @@ async fn local_of(server_url: &str) -> Result<Option<LocalServer>, CliError> {
     tokio::task::spawn_blocking(move || local_server(&dir))
         .await
         .map(Some)
-        .map_err(|e| CliError::new(ExitKind::Failure, e.to_string()))
+        .map_err(|e| CliError::new(crate::cli::ExitKind::Failure, e.to_string()))
+}
+
+/// The laptop-only build runs no server, so it reports none.
+#[cfg(not(feature = "server"))]
+async fn local_of(_server_url: &str) -> Result<Option<LocalServer>, CliError> {
+    Ok(None)
 }
 
 fn describe_local(l: &LocalServer) -> String {

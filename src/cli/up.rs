@@ -15,9 +15,11 @@ pub struct UpArgs {
     /// Run everything on this machine: start (or reuse) a local `fcdev server --dev`, log in, build the default
     /// image if missing, then bring the cluster up.
     #[arg(long)]
+    #[cfg_attr(not(feature = "server"), arg(hide = true))]
     pub local: bool,
     /// With --local: the port of the local server's API.
-    #[arg(long, default_value_t = crate::cli::server::DEV_API_PORT, requires = "local")]
+    #[arg(long, default_value_t = crate::api::DEV_API_PORT, requires = "local")]
+    #[cfg_attr(not(feature = "server"), arg(hide = true))]
     pub local_port: u16,
     /// Return once the server accepted the request, without waiting for the VMs.
     #[arg(long)]
@@ -27,10 +29,23 @@ pub struct UpArgs {
     pub json: bool,
 }
 
-pub async fn run(args: UpArgs, mut ctx: Context) -> Result<(), CliError> {
-    if args.local {
-        ctx = crate::cli::server::local::ensure(ctx, args.local_port, !args.json).await?;
-    }
+/// `--local`: a local server (the full build only).
+#[cfg(feature = "server")]
+async fn local(ctx: Context, args: &UpArgs) -> Result<Context, CliError> {
+    crate::cli::server::local::ensure(ctx, args.local_port, !args.json).await
+}
+
+#[cfg(not(feature = "server"))]
+async fn local(_ctx: Context, _args: &UpArgs) -> Result<Context, CliError> {
+    Err(crate::cli::host_only::refuse("up --local"))
+}
+
+pub async fn run(args: UpArgs, ctx: Context) -> Result<(), CliError> {
+    let ctx = if args.local {
+        local(ctx, &args).await?
+    } else {
+        ctx
+    };
     let (profile, client) = ctx.client()?;
     let name = args.name.unwrap_or(profile.cluster);
     let image = args.image.unwrap_or(profile.image);

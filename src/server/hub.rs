@@ -4,8 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use boringtun::x25519::StaticSecret;
-
 use crate::server::hub_control::{HubControl, HubPeerCounters, HubPeerEntry, HubPeerError};
 use crate::tunnel::{Hub, HubConfig, HubPeer, PrivateKey, PublicKey, TunnelError};
 
@@ -13,9 +11,8 @@ use crate::tunnel::{Hub, HubConfig, HubPeer, PrivateKey, PublicKey, TunnelError}
 pub const HUB_KEEPALIVE: u16 = 25;
 
 /// The hub's private key, kept 0600 in the data dir and created on first start.
-pub fn load_or_create_key(path: &Path) -> anyhow::Result<StaticSecret> {
-    let key = PrivateKey::load_or_generate(path)?;
-    Ok(StaticSecret::from(key.to_bytes()))
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
+    Ok(PrivateKey::load_or_generate(path)?)
 }
 
 pub struct TunnelHub {
@@ -26,13 +23,13 @@ pub struct TunnelHub {
 /// Starts the hub on `socket` (already bound), with its TUN device `tun` in the current network namespace.
 pub async fn start(
     socket: std::net::UdpSocket,
-    key: StaticSecret,
+    key: PrivateKey,
     endpoint: String,
     tun: Option<String>,
 ) -> anyhow::Result<Arc<dyn HubControl>> {
     let cfg = HubConfig {
         listen: socket.local_addr()?,
-        private_key: PrivateKey::from_bytes(key.to_bytes()),
+        private_key: key,
         tun_name: tun,
         keepalive: HUB_KEEPALIVE,
     };

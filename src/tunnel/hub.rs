@@ -22,8 +22,6 @@ use super::TunnelError;
 const POLL: Duration = Duration::from_millis(200);
 const TICK: Duration = Duration::from_millis(250);
 const BUF: usize = 65536 + 64;
-/// MTU of the hub's TUN device: room for the 60 bytes of IPv4+UDP+WireGuard headers in a 1500-byte path.
-pub const HUB_MTU: u32 = 1420;
 
 pub struct HubConfig {
     pub listen: SocketAddr,
@@ -139,7 +137,7 @@ impl Hub {
             .map_err(TunnelError::io("hub UDP socket"))?;
         let tun = match &cfg.tun_name {
             Some(name) => {
-                let dev = TunDevice::create(name, HUB_MTU)?;
+                let dev = TunDevice::create(name, super::MTU)?;
                 // Peers and VMs talk through this host: it must forward.
                 if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
                     tracing::warn!("could not enable ip_forward: {e}");

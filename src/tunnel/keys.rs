@@ -8,8 +8,8 @@ use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use boringtun::x25519;
 use rand::RngCore;
+use x25519_dalek as x25519;
 
 use super::TunnelError;
 
@@ -57,10 +57,6 @@ impl PrivateKey {
 
     pub fn public_key(&self) -> PublicKey {
         PublicKey(x25519::PublicKey::from(&self.0).to_bytes())
-    }
-
-    pub(crate) fn secret(&self) -> &x25519::StaticSecret {
-        &self.0
     }
 
     /// Loads a key file written by [`PrivateKey::save`] (or `wg genkey`). A file readable by group or others

@@ -1,5 +1,28 @@
 //! One WireGuard peer: a boringtun `Tunn`, its current endpoint and its timers. This is the only file that
-//! touches boringtun, so moving to a maintained fork is a one-file change.
+//! names boringtun (keys are plain `x25519-dalek` in `keys.rs`), so moving to a maintained fork is a
+//! one-file change.
+//!
+//! What such a move touches, all in this file:
+//! - **Imports and `make_tunn`**: `Tunn::new(secret, public, psk, keepalive, index, limiter)`. NepTUN keeps
+//!   boringtun 0.6/0.7's API (rename the crate path). Mullvad's GotaTun takes an `Arc<RateLimiter>` (not an
+//!   `Option`), so a client needs a limiter of its own.
+//! - **The buffer model**: boringtun writes into a caller's `out` buffer and returns a `TunnResult` that
+//!   borrows it; [`Outcome`] mirrors that (`Network(&[u8])`, `Ipv4(&[u8])`). GotaTun owns its packets
+//!   (`Packet`/`WgKind` over `BytesMut`: `handle_outgoing_packet`, `handle_incoming_packet`,
+//!   `get_queued_packets` instead of `flush`), so `encapsulate`, `decapsulate`, `flush`, `tick` and
+//!   `initiate` would copy the result into `out` (or [`Outcome`] would carry an owned buffer, a change
+//!   to its callers in `hub.rs`, `tun_mode.rs` and `rootless.rs`).
+//! - **The index scheme**: [`Addressee::Index`] is our 24-bit local index, read from the upper 24 bits of
+//!   the receiver index (`receiver_idx >> 8`). Both forks keep `index << 8`; a fork that changed it would
+//!   change only [`addressee`].
+//! - **The hub's pre-checks**: [`addressee`] uses `RateLimiter::verify_packet` and
+//!   `handshake::parse_handshake_anon` (identify an initiator before any per-peer state). GotaTun parses
+//!   into `WgKind` first and its rate limiter takes the parsed packet.
+//! - **Stats and timers**: `Tunn::stats()` (tx/rx bytes) and `update_timers`; our own handshake clock and
+//!   the recovery nudge stay as they are.
+//!
+//! Nothing else changes: [`Peer`], [`Outcome`], [`PeerStats`], [`HandshakeLimiter`] and [`addressee`] are the
+//! boundary the hub and both clients use, and keys cross it as bytes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,7 +92,7 @@ fn make_tunn(
     limiter: Option<&HandshakeLimiter>,
 ) -> Tunn {
     Tunn::new(
-        private.secret().clone(),
+        x25519::StaticSecret::from(private.to_bytes()),
         x25519::PublicKey::from(remote.0),
         None,
         keepalive.filter(|k| *k > 0),
@@ -251,7 +274,7 @@ pub struct HandshakeLimiter(Arc<RateLimiter>);
 
 impl HandshakeLimiter {
     pub fn new(own: &PrivateKey) -> Self {
-        let public = x25519::PublicKey::from(own.secret());
+        let public = x25519::PublicKey::from(own.public_key().0);
         HandshakeLimiter(Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)))
     }
 
@@ -292,8 +315,9 @@ pub fn addressee(
     };
     match packet {
         Packet::HandshakeInit(init) => {
-            let public = x25519::PublicKey::from(own.secret());
-            let half = parse_handshake_anon(own.secret(), &public, &init).ok()?;
+            let secret = x25519::StaticSecret::from(own.to_bytes());
+            let public = x25519::PublicKey::from(own.public_key().0);
+            let half = parse_handshake_anon(&secret, &public, &init).ok()?;
             Some(Addressee::Initiator(PublicKey(half.peer_static_public)))
         }
         Packet::HandshakeResponse(r) => Some(Addressee::Index(r.receiver_idx >> 8)),

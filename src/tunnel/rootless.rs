@@ -29,7 +29,6 @@ use super::plan::Plan;
 use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
 
-const MTU: usize = 1420;
 const BUF: usize = 65536 + 64;
 /// Per-connection TCP buffers: large enough for window scaling to keep a fast link busy.
 const TCP_BUF: usize = 2 << 20;
@@ -705,7 +704,7 @@ impl phy::Device for Link {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
-        caps.max_transmission_unit = MTU;
+        caps.max_transmission_unit = super::MTU as usize;
         // The tunnel authenticates every packet; checking inner checksums again buys nothing.
         let mut checksum = ChecksumCapabilities::default();
         checksum.ipv4 = Checksum::Tx;

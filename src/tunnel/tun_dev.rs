@@ -22,7 +22,7 @@ impl TunDevice {
         if !std::path::Path::new("/dev/net/tun").exists() {
             return Err(TunnelError::NoPrivilege("/dev/net/tun".into()));
         }
-        let mtu16 = u16::try_from(mtu).unwrap_or(1420);
+        let mtu16 = u16::try_from(mtu).unwrap_or(super::MTU as u16);
         let dev = DeviceBuilder::new()
             .name(name)
             .mtu(mtu16)

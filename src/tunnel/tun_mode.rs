@@ -15,7 +15,6 @@ use super::tun_dev::{self, TunDevice, TunReader, TunWriter};
 use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
 
-pub const CLIENT_MTU: u32 = 1420;
 const POLL: Duration = Duration::from_millis(100);
 const BUF: usize = 65536 + 64;
 
@@ -47,7 +46,7 @@ impl TunClient {
         tun_name: &str,
         bind: SocketAddr,
     ) -> Result<TunClient, TunnelError> {
-        let tun = TunDevice::create(tun_name, CLIENT_MTU)?;
+        let tun = TunDevice::create(tun_name, super::MTU)?;
         let addr = format!("{}/32", plan.address);
         tun_dev::ip(&["addr", "add", &addr, "dev", tun.name()])?;
         tun_dev::ip(&[

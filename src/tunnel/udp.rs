@@ -1,4 +1,6 @@
-//! UDP socket tuning shared by every end of the tunnel.
+//! UDP socket tuning and batched send/receive, shared by every end of the tunnel. On Linux a batch is one
+//! `sendmmsg`/`recvmmsg` call and the buffers may pass the system maximum (`SO_*BUFFORCE`); elsewhere (macOS)
+//! the same types loop over plain `sendto`/`recvfrom`.
 
 use std::os::fd::AsRawFd;
 
@@ -23,10 +25,17 @@ fn setsockopt_int(fd: i32, opt: libc::c_int, value: libc::c_int) -> bool {
 pub fn enlarge_buffers(socket: &impl AsRawFd) {
     let fd = socket.as_raw_fd();
     let size = SOCKET_BUF as libc::c_int;
-    if !setsockopt_int(fd, libc::SO_SNDBUFFORCE, size) {
+    #[cfg(target_os = "linux")]
+    let (snd_force, rcv_force) = (
+        setsockopt_int(fd, libc::SO_SNDBUFFORCE, size),
+        setsockopt_int(fd, libc::SO_RCVBUFFORCE, size),
+    );
+    #[cfg(not(target_os = "linux"))]
+    let (snd_force, rcv_force) = (false, false);
+    if !snd_force {
         setsockopt_int(fd, libc::SO_SNDBUF, size);
     }
-    if !setsockopt_int(fd, libc::SO_RCVBUFFORCE, size) {
+    if !rcv_force {
         setsockopt_int(fd, libc::SO_RCVBUF, size);
     }
 }
@@ -37,7 +46,7 @@ use super::peer::{Outcome, Peer};
 
 /// Datagrams per batch (one `sendmmsg`/`recvmmsg`).
 pub const BATCH: usize = 64;
-/// Room per datagram: an MTU-1420 packet plus WireGuard overhead, with margin.
+/// Room per datagram: an [`MTU`](super::MTU)-sized packet plus WireGuard overhead, with margin.
 pub const SLOT: usize = 2048;
 
 fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
@@ -144,6 +153,20 @@ impl SendBatch {
     }
 
     /// Sends everything collected (what the socket cannot take now is dropped, like a full queue would).
+    #[cfg(not(target_os = "linux"))]
+    pub fn flush(&mut self, socket: &impl AsRawFd) {
+        let n = self.n;
+        self.n = 0;
+        for i in 0..n {
+            let Some(d) = self.buf.get(i * SLOT..i * SLOT + self.lens[i]) else {
+                continue;
+            };
+            send_to(socket, d, from_sockaddr(&self.addrs[i]));
+        }
+    }
+
+    /// Sends everything collected (what the socket cannot take now is dropped, like a full queue would).
+    #[cfg(target_os = "linux")]
     pub fn flush(&mut self, socket: &impl AsRawFd) {
         let n = self.n;
         self.n = 0;
@@ -267,8 +290,34 @@ impl RecvBatch {
         }
     }
 
+    /// Receives one datagram (blocking sockets honour their read timeout): the portable path, no batching.
+    #[cfg(not(target_os = "linux"))]
+    pub fn recv(&mut self, socket: &impl AsRawFd) -> std::io::Result<usize> {
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: slot 0 of our buffer (SLOT bytes) and a sockaddr_in with its length; both outlive the call.
+        let r = unsafe {
+            libc::recvfrom(
+                socket.as_raw_fd(),
+                self.buf.as_mut_ptr().cast(),
+                SLOT,
+                0,
+                (&mut self.addrs[0] as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            self.n = 0;
+            return Err(std::io::Error::last_os_error());
+        }
+        let ipv4 = len as usize == std::mem::size_of::<libc::sockaddr_in>();
+        self.lens[0] = if ipv4 { (r as usize).min(SLOT) } else { 0 };
+        self.n = 1;
+        Ok(1)
+    }
+
     /// Receives at least one datagram (blocking sockets honour their read timeout), at most [`BATCH`].
     /// Oversized datagrams arrive truncated and fail authentication later.
+    #[cfg(target_os = "linux")]
     pub fn recv(&mut self, socket: &impl AsRawFd) -> std::io::Result<usize> {
         let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
             iov_base: std::ptr::null_mut(),

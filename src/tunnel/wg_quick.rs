@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use crate::api::PeerConfig;
 
 use super::keys::PrivateKey;
-use super::tun_mode::CLIENT_MTU;
+use super::MTU;
 
 /// The peer address with its prefix (`10.240.0.2/32`).
 fn with_prefix(address: &str) -> String {
@@ -37,7 +37,7 @@ pub fn render(key: &PrivateKey, cfg: &PeerConfig, profile: &str) -> String {
     let _ = writeln!(s, "\n[Interface]");
     let _ = writeln!(s, "PrivateKey = {}", key.to_base64());
     let _ = writeln!(s, "Address = {}", with_prefix(&cfg.address));
-    let _ = writeln!(s, "MTU = {CLIENT_MTU}");
+    let _ = writeln!(s, "MTU = {MTU}");
     let _ = writeln!(s, "\n[Peer]");
     let _ = writeln!(s, "PublicKey = {}", cfg.server_public_key);
     let _ = writeln!(s, "Endpoint = {}", cfg.endpoint);

@@ -139,13 +139,7 @@ async fn start_server(data_dir: &std::path::Path, port: u16, talk: bool) -> Resu
     .hint(format!("see {}", log_path.display())))
 }
 
-/// Whether a server runs on this machine's data dir, and its pid when it left one.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LocalServer {
-    pub running: bool,
-    pub pid: Option<i32>,
-    pub data_dir: std::path::PathBuf,
-}
+pub use crate::cli::status::LocalServer;
 
 /// The pid in the data dir's pid file when that process is an fcdev server.
 fn server_pid(data_dir: &std::path::Path) -> Option<i32> {

@@ -10,7 +10,7 @@ use crate::server::store::{Location, Store, StoreError};
 
 pub mod local;
 
-pub const DEV_API_PORT: u16 = 7070;
+pub use crate::api::DEV_API_PORT;
 pub const DEV_HUB_PORT: u16 = 51820;
 /// The network namespace `fcdev server --dev` puts its VMs, bridges and hub TUN in.
 pub const DEV_NETNS: &str = "fcdev-dev";

@@ -125,13 +125,7 @@ pub fn make(accel: &str) -> anyhow::Result<Arc<dyn Backend>> {
 }
 
 /// Find an executable on PATH (or in the usual sbin folders).
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
+pub use crate::sys::which;
 
 fn err_with_log(message: impl Into<String>, run_dir: &Path) -> BackendError {
     BackendError::Failed {
