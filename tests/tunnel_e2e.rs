@@ -146,10 +146,11 @@ fn tunnel_end_to_end() {
         Some("hello from n1.alice"),
         "TUN mode: laptop -> VM"
     );
-    // 20 MB each way, byte for byte (GSO/GRO offloads split and coalesce these).
+    // 100 MB each way, byte for byte: TUN offloads split and coalesce these, and on the outer socket UDP GSO
+    // sends runs of datagrams as one and GRO hands them over coalesced.
     let big = std::path::Path::new(&www_alice).join("big.bin");
     must(&format!(
-        "head -c 20000000 /dev/urandom > {}",
+        "head -c 100000000 /dev/urandom > {}",
         big.display()
     ));
     let want = nss.must("host", &format!("sha256sum < {}", big.display()));
@@ -157,7 +158,7 @@ fn tunnel_end_to_end() {
         "laptop",
         "curl -s --fail --max-time 30 http://10.240.1.10/big.bin | sha256sum",
     );
-    assert_eq!(got, want, "20 MB VM -> laptop in TUN mode");
+    assert_eq!(got, want, "100 MB VM -> laptop in TUN mode");
     let up = keys.dir.path().join("uploaded.bin");
     nss.spawn_bg(
         "host",
@@ -171,11 +172,11 @@ fn tunnel_end_to_end() {
         "laptop",
         &format!("socat -u FILE:{} TCP:10.240.1.10:9000", big.display()),
     );
-    let uploaded = eventually(Duration::from_secs(10), || {
+    let uploaded = eventually(Duration::from_secs(20), || {
         let got = nss.must("host", &format!("sha256sum < {}", up.display()));
         (got == want).then_some(got)
     });
-    assert!(uploaded.is_some(), "20 MB laptop -> VM in TUN mode");
+    assert!(uploaded.is_some(), "100 MB laptop -> VM in TUN mode");
     nss.spawn_bg(
         "laptop",
         &format!("busybox httpd -f -p 10.240.1.2:8000 -h {www_laptop}"),
@@ -324,6 +325,8 @@ fn tunnel_end_to_end() {
             "127.0.0.1:1080",
             "-L",
             "8080:n1:80",
+            "-L",
+            "9001:n1:9001",
         ],
     );
     assert!(alice.ready.contains("Proxy"), "{}", alice.ready);
@@ -358,7 +361,26 @@ fn tunnel_end_to_end() {
         "laptop",
         "curl -s --fail --max-time 30 http://127.0.0.1:8080/big.bin | sha256sum",
     );
-    assert_eq!(got, want, "20 MB through -L");
+    assert_eq!(got, want, "100 MB VM -> laptop through -L");
+    // …and the other way, through a second forward.
+    let up2 = keys.dir.path().join("uploaded2.bin");
+    nss.spawn_bg(
+        "host",
+        &format!(
+            "socat -u TCP-LISTEN:9001,bind=10.240.1.10,reuseaddr OPEN:{},creat,trunc",
+            up2.display()
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    nss.must(
+        "laptop",
+        &format!("socat -u FILE:{} TCP:127.0.0.1:9001", big.display()),
+    );
+    let uploaded = eventually(Duration::from_secs(20), || {
+        let got = nss.must("host", &format!("sha256sum < {}", up2.display()));
+        (got == want).then_some(got)
+    });
+    assert!(uploaded.is_some(), "100 MB laptop -> VM through -L");
     alice.stop();
     let _ = hub.cmd("stats");
     hub.stop();
