@@ -19,6 +19,16 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{ClusterState, Subnet, VmState};
 
+// The columns each row type is read from, in its mapper's order: the same tables in both engines.
+pub(super) const EVENT_COLS: &str = "seq, cluster_id, vm, state, message, at";
+pub(super) const NS_COLS: &str = "id, user_id, name, idx, subnet";
+pub(super) const CLUSTER_COLS: &str =
+    "id, namespace_id, name, image, state, reason, start_mode, created_at, updated_at, disk_bytes";
+pub(super) const SNAPSHOT_COLS: &str =
+    "s.id, s.cluster_id, s.namespace_id, c.name, s.name, s.image, s.size_bytes, s.created_at";
+pub(super) const VM_COLS: &str = "id, cluster_id, slot, name, role, address, mac, state, detail";
+pub(super) const PEER_COLS: &str = "id, namespace_id, name, public_key, address";
+
 pub mod postgres;
 pub mod sqlite;
 

@@ -272,14 +272,7 @@ fn row_event(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
     })
 }
 
-const EVENT_COLS: &str = "seq, cluster_id, vm, state, message, at";
-const NS_COLS: &str = "id, user_id, name, idx, subnet";
-const CLUSTER_COLS: &str =
-    "id, namespace_id, name, image, state, reason, start_mode, created_at, updated_at, disk_bytes";
-const SNAPSHOT_COLS: &str =
-    "s.id, s.cluster_id, s.namespace_id, c.name, s.name, s.image, s.size_bytes, s.created_at";
-const VM_COLS: &str = "id, cluster_id, slot, name, role, address, mac, state, detail";
-const PEER_COLS: &str = "id, namespace_id, name, public_key, address";
+use super::{CLUSTER_COLS, EVENT_COLS, NS_COLS, PEER_COLS, SNAPSHOT_COLS, VM_COLS};
 
 fn user_id(conn: &Connection, name: &str) -> StoreResult<i64> {
     conn.query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
