@@ -8,7 +8,8 @@
 #   IPERF_ARGS=-R bench/tunnel.sh         the other direction (host -> laptop)
 #   BENCH_ONLY="fcdev_tun wireguard_go"   measure only these paths
 #
-# fcdev is driven through examples/tunnel_node (the library's hub and client, release build).
+# fcdev is driven through examples/tunnel_node (the library's hub and client, release build: fcdev_tun,
+# fcdev_rootless) and through the real programs, `fcdev server` + `fcdev tunnel` (real_tun, real_rootless).
 #
 # Everything runs in namespaces created here and deleted on exit; nothing leaves the root namespace.
 set -euo pipefail
@@ -107,6 +108,44 @@ inl busybox ping -c 1 -W 5 10.241.1.1 >/dev/null || true
 CURRENT=wireguard_go; R[wireguard_go]=$(measure $L 10.241.1.1 5201)
 inh ip link del $WGH; inl ip link del $WGL
 
+# --- fcdev through the real programs, as a user runs them: `fcdev server --dev --backend process` (its hub with
+# a TUN) in the host namespace and `fcdev login` + `fcdev tunnel` in the laptop namespace; the "VM" is the
+# namespace's .10 on the same bridge. Skipped when the binary is missing (FCDEV_BIN overrides it).
+BIN=${FCDEV_BIN:-$ROOT/target/release/fcdev}
+R[real_tun]=0; R[real_rootless]=0
+if [ -x "$BIN" ] && { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" real_"* ]]; }; then
+  inh "$BIN" server --dev --backend process --netns none --hub-tun fcdevrh --user bench \
+    --listen 192.168.77.1:7070 --hub-listen 192.168.77.1:51830 --data-dir "$WORK/data" --images "$WORK/images" \
+    > "$WORK/server.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 100); do grep -q 'fcd_' "$WORK/server.log" 2>/dev/null && break; sleep 0.1; done
+  export FCDEV_CONFIG_DIR=$WORK/cfg FCDEV_HOSTS_FILE=$WORK/hosts
+  touch "$FCDEV_HOSTS_FILE"
+  grep -o 'fcd_[0-9a-f]*' "$WORK/server.log" | head -1 \
+    | inl "$BIN" login --server http://192.168.77.1:7070 --token-stdin >/dev/null
+  real_tunnel() { # args...: start `fcdev tunnel`, wait for its first status line
+    ip netns exec $L "$BIN" tunnel "$@" > "$WORK/real.out" 2>&1 &
+    RTPID=$!
+    for _ in $(seq 100); do grep -q 'Tunnel up' "$WORK/real.out" 2>/dev/null && break; sleep 0.1; done
+  }
+  real_stop() { kill -TERM $RTPID 2>/dev/null || true; wait $RTPID 2>/dev/null || true; }
+  real_tunnel --mode proxy --socks 127.0.0.1:1081
+  SUBNET=$(inl "$BIN" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["namespace"]["subnet"])')
+  VM=$(echo "$SUBNET" | sed 's#\.[0-9]*/.*#.10#')
+  inh ip addr add "$VM/24" dev vms 2>/dev/null || true
+  real_stop
+  real_tunnel --mode tun --tun-name fcdevr0
+  inl busybox ping -c 1 -W 5 "$VM" >/dev/null || true
+  CURRENT=real_tun; R[real_tun]=$(measure $L "$VM" 5201)
+  real_stop
+  # -L by VM address: the process backend's VMs are not in the peer config's name list.
+  real_tunnel --mode proxy --socks 127.0.0.1:1081 -L "15202:$VM:5201"
+  sleep 0.5
+  CURRENT=real_rootless; R[real_rootless]=$(measure $L 127.0.0.1 15202)
+  real_stop
+  kill $SERVER_PID 2>/dev/null || true; wait $SERVER_PID 2>/dev/null || true
+fi
+
 # --- boringtun-cli (TUN) and onetun (rootless), when installed.
 R[boringtun_cli]=0; R[onetun]=0
 if [ -x "$TOOLS/boringtun-cli" ]; then
@@ -138,6 +177,6 @@ echo
 DIR="laptop -> host"; [[ " ${IPERF_ARGS:-} " == *" -R "* ]] && DIR="host -> laptop (-R)"
 echo "TCP $DIR, iperf3 -t $SECS, $(nproc) cores, $(uname -r), load $(cut -d" " -f1-3 /proc/loadavg)"
 printf '%-16s %10s %12s\n' path "Mbit/s" "vs wg-go"
-for k in veth wireguard_go fcdev_tun fcdev_rootless boringtun_cli onetun; do
+for k in veth wireguard_go fcdev_tun fcdev_rootless real_tun real_rootless boringtun_cli onetun; do
   printf '%-16s %10s %12s\n' "$k" "${R[$k]}" "$(ratio "${R[$k]}")"
 done
