@@ -139,7 +139,7 @@ fn ssh_config_scp_rsync_and_names_work_with_no_tunnel_running() {
         Command::new("ip")
             .args(["netns", "exec", &alice.ns, "sh", "-c", cmd])
             .env("FCDEV_CONFIG_DIR", &alice.cfg)
-            .env("FCDEV_TUNNEL_IDLE_SECS", "4")
+            .env("FCDEV_TUNNEL_IDLE_SECS", "8")
             .current_dir(tmp.path())
             .stdin(Stdio::null())
             .output()
@@ -166,6 +166,14 @@ fn ssh_config_scp_rsync_and_names_work_with_no_tunnel_running() {
     let running = tunnels_in(&alice.ns);
     assert_eq!(running.len(), 1, "one shared tunnel: {running:?}");
     assert!(running[0].contains("--background"), "{running:?}");
+    let tunnel = &alice.status()["tunnel"];
+    assert_eq!(
+        (&tunnel["mode"], &tunnel["background"]),
+        (&serde_json::json!("proxy"), &serde_json::json!(true)),
+        "status shows the background tunnel: {tunnel}"
+    );
+    let text = alice.ok(&["status"]);
+    assert!(text.contains("started by `fcdev ssh`"), "{text}");
 
     // scp both ways (SFTP under OpenSSH 9), rsync both ways.
     let payload: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
@@ -208,9 +216,9 @@ fn ssh_config_scp_rsync_and_names_work_with_no_tunnel_running() {
     );
     assert!(!stderr.contains("WARNING"), "{stderr}");
 
-    // The background tunnel ends once nothing has used it for its idle time (4 s here).
+    // The background tunnel ends once nothing has used it for its idle time (8 s here).
     assert!(
-        eventually(Duration::from_secs(20), || tunnels_in(&alice.ns)
+        eventually(Duration::from_secs(30), || tunnels_in(&alice.ns)
             .is_empty()
             .then_some(()))
         .is_some(),

@@ -83,6 +83,10 @@ struct Status {
     namespace: Option<api::Namespace>,
     clusters: Vec<api::Cluster>,
     peers: Vec<api::Peer>,
+    /// This machine's running `fcdev tunnel` of the profile (pid, mode, SOCKS5 address; `background` when
+    /// `fcdev ssh` started it), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tunnel: Option<crate::cli::tunnel_state::TunnelState>,
 }
 
 pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
@@ -116,6 +120,7 @@ pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
         namespace: me.namespace,
         clusters: fresh,
         peers,
+        tunnel: crate::cli::tunnel_state::read_live(&ctx),
     };
     if args.json {
         print_json(&status);
@@ -162,6 +167,23 @@ pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
             println!("  reason: {}", reason.lines().next().unwrap_or(reason));
         }
         print!("{}", vm_table(c));
+    }
+    match &status.tunnel {
+        Some(t) => println!(
+            "\nTunnel:    running here ({} mode{}, pid {}{}), this machine is {}",
+            t.mode,
+            t.socks.map(|s| format!(", SOCKS5 {s}")).unwrap_or_default(),
+            t.pid,
+            if t.background {
+                "; started by `fcdev ssh`, ends when idle"
+            } else {
+                ""
+            },
+            t.address
+        ),
+        None => println!(
+            "\nTunnel:    not running here (`fcdev tunnel`; `fcdev ssh` starts one by itself)"
+        ),
     }
     if !status.peers.is_empty() {
         let rows: Vec<Vec<String>> = status
