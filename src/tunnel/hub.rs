@@ -396,21 +396,17 @@ fn handle_datagram(
         return;
     };
     let mut peer = slot.peer.lock().unwrap_or_else(|e| e.into_inner());
-    match peer.decapsulate(from, datagram, out) {
-        Outcome::Network(reply) => {
-            send(shared, reply, from);
-            while let Outcome::Network(queued) = peer.flush(out) {
-                send(shared, queued, from);
-            }
-        }
-        Outcome::Ipv4(packet) => {
-            drop(peer);
+    peer.receive(
+        from,
+        datagram,
+        out,
+        |d| send(shared, d, from),
+        |packet| {
             if deliver(&slot, packet) && shared.tun.is_some() {
                 writer.push(packet);
             }
-        }
-        Outcome::Done | Outcome::Rejected => {}
-    }
+        },
+    );
 }
 
 /// Isolation for packets coming out of the tunnel: the peer's own source, its own namespace. True when

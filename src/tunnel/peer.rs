@@ -221,6 +221,35 @@ impl Peer {
     }
 
     /// Sends what was queued while there was no session.
+    /// The receive path of every end of the tunnel (hub, TUN client, rootless client): decapsulate one
+    /// datagram; what must go back to the peer (a handshake answer, then the packets queued behind it) goes
+    /// to `send`, a packet that came out of the tunnel to `deliver` (which applies that end's isolation rule
+    /// and queues it). Returns whether the datagram was valid for this peer.
+    pub fn receive(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        mut send: impl FnMut(&[u8]),
+        mut deliver: impl FnMut(&[u8]),
+    ) -> bool {
+        match self.decapsulate(from, datagram, out) {
+            Outcome::Network(reply) => {
+                send(reply);
+                while let Outcome::Network(queued) = self.flush(out) {
+                    send(queued);
+                }
+                true
+            }
+            Outcome::Ipv4(packet) => {
+                deliver(packet);
+                true
+            }
+            Outcome::Done => true,
+            Outcome::Rejected => false,
+        }
+    }
+
     pub fn flush<'a>(&mut self, out: &'a mut [u8]) -> Outcome<'a> {
         if out.len() < 2048 {
             return Outcome::Rejected;

@@ -479,27 +479,25 @@ impl Stack {
                     continue;
                 }
                 let link = &mut self.link;
-                match link.peer.decapsulate(from, datagram, &mut link.out) {
-                    Outcome::Network(reply) => {
-                        send_to(&link.udp, link.endpoint, reply);
-                        while let Outcome::Network(queued) = link.peer.flush(&mut link.out) {
-                            send_to(&link.udp, link.endpoint, queued);
-                        }
-                    }
-                    Outcome::Ipv4(packet) => {
+                let (udp, endpoint, plan) = (&link.udp, link.endpoint, &self.plan);
+                let (free, rx) = (&mut link.free, &mut link.rx);
+                link.peer.receive(
+                    from,
+                    datagram,
+                    &mut link.out,
+                    |d| send_to(udp, endpoint, d),
+                    |packet| {
                         let inside = ipv4_addrs(packet).is_some_and(|(src, dst)| {
-                            self.plan.subnet.contains(src) && dst == self.plan.address
+                            plan.subnet.contains(src) && dst == plan.address
                         });
                         if inside {
-                            let mut buf =
-                                link.free.pop().unwrap_or_else(|| Vec::with_capacity(2048));
+                            let mut buf = free.pop().unwrap_or_else(|| Vec::with_capacity(2048));
                             buf.clear();
                             buf.extend_from_slice(packet);
-                            link.rx.push_back(buf);
+                            rx.push_back(buf);
                         }
-                    }
-                    Outcome::Done | Outcome::Rejected => {}
-                }
+                    },
+                );
             }
         }
     }

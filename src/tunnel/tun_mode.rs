@@ -159,14 +159,12 @@ fn udp_loop(shared: &Shared) {
             if from != shared.plan.endpoint || datagram.is_empty() {
                 continue;
             }
-            match peer.decapsulate(from, datagram, &mut out) {
-                Outcome::Network(reply) => {
-                    send(shared, reply);
-                    while let Outcome::Network(queued) = peer.flush(&mut out) {
-                        send(shared, queued);
-                    }
-                }
-                Outcome::Ipv4(packet) => {
+            peer.receive(
+                from,
+                datagram,
+                &mut out,
+                |d| send(shared, d),
+                |packet| {
                     // Only the namespace may come out of the tunnel.
                     if ipv4_addrs(packet).is_some_and(|(src, _)| shared.plan.subnet.contains(src)) {
                         writer.push(packet);
@@ -174,9 +172,8 @@ fn udp_loop(shared: &Shared) {
                             writer.flush(&shared.tun);
                         }
                     }
-                }
-                Outcome::Done | Outcome::Rejected => {}
-            }
+                },
+            );
         }
     }
 }
