@@ -2,18 +2,9 @@
 
 use super::*;
 
-pub(super) async fn serve_forward(listener: TcpListener, target: SocketAddrV4, stack: StackHandle) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let stack = stack.clone();
-        let open = stack.activity.enter();
-        tokio::spawn(async move {
-            let _open = open;
-            if let Some((tx, rx)) = stack.open(target).await {
-                stack.splice(stream, tx, rx).await;
-            }
-        });
+/// One local connection of a forward: a stream to `target` through the stack.
+pub(super) async fn serve_forward(stream: TcpStream, target: SocketAddrV4, stack: StackHandle) {
+    if let Some((tx, rx)) = stack.open(target).await {
+        stack.splice(stream, tx, rx).await;
     }
 }

@@ -227,9 +227,11 @@ impl RootlessClient {
                         };
                         let h = thread_handle.clone();
                         match target {
-                            Serve::Socks => tokio::spawn(serve_socks(l, h)),
-                            Serve::Http => tokio::spawn(serve_http(l, h)),
-                            Serve::Forward(t) => tokio::spawn(serve_forward(l, t, h)),
+                            Serve::Socks => tokio::spawn(accept_loop(l, h, serve_socks)),
+                            Serve::Http => tokio::spawn(accept_loop(l, h, serve_http)),
+                            Serve::Forward(t) => {
+                                tokio::spawn(accept_loop(l, h, move |s, h| serve_forward(s, t, h)))
+                            }
                         };
                     }
                     let stack = Stack::new(&key, plan, udp, thread_stats);
@@ -291,6 +293,26 @@ impl RootlessClient {
 impl Drop for RootlessClient {
     fn drop(&mut self) {
         let _ = self.stack.cmd.send(Cmd::Shutdown);
+    }
+}
+
+/// Accept local connections forever: each runs `session` on a task of its own and counts as open (for the
+/// idle exit) until it ends. The one accept loop of the SOCKS5 proxy, the HTTP proxy and the forwards.
+async fn accept_loop<F, Fut>(listener: TcpListener, stack: StackHandle, session: F)
+where
+    F: Fn(TcpStream, StackHandle) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let open = stack.activity.enter();
+        let run = session(stream, stack.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            run.await;
+        });
     }
 }
 

@@ -2,19 +2,10 @@
 
 use super::*;
 
-pub(super) async fn serve_socks(listener: TcpListener, stack: StackHandle) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let stack = stack.clone();
-        let open = stack.activity.enter();
-        tokio::spawn(async move {
-            let _open = open;
-            if let Err(e) = socks_session(stream, stack).await {
-                tracing::debug!("SOCKS5: {e}");
-            }
-        });
+/// One SOCKS5 client, logged (not raised) when it fails.
+pub(super) async fn serve_socks(stream: TcpStream, stack: StackHandle) {
+    if let Err(e) = socks_session(stream, stack).await {
+        tracing::debug!("SOCKS5: {e}");
     }
 }
 
