@@ -542,9 +542,17 @@ fn a_server_whose_database_is_down_answers_503_and_recovers() {
 
     pg.start_again();
     let start = Instant::now();
+    // Every database worker reconnects on its next call: wait until a whole `fcdev status` (several calls, on
+    // several workers) goes through, within the same 10 s.
     loop {
         let (code, body) = common::http(&server.url, "GET", "/v1/clusters", Some(&token), None);
-        if code == 200 {
+        let status_ok = code == 200
+            && server
+                .fcdev()
+                .args(["status", "--json"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+        if code == 200 && status_ok {
             assert!(body.contains("\"ready\""), "{body}");
             break;
         }
