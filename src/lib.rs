@@ -7,6 +7,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 #[cfg(feature = "server")]
+pub mod guest;
+#[cfg(feature = "server")]
 pub mod image;
 pub mod names;
 #[cfg(feature = "server")]

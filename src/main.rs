@@ -33,6 +33,9 @@ fn main() {
             fcdev::server::backend::process::run_test_vm(&args.name, &args.run_dir, &args.cmdline)
                 .map_err(|e| cli::CliError::new(cli::ExitKind::Failure, e.to_string()))
         }
+        #[cfg(feature = "server")]
+        Command::GuestAgent(args) => fcdev::guest::main(&args.args)
+            .map_err(|e| cli::CliError::new(cli::ExitKind::Failure, e)),
         _ => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(cli::run(cli)),
             Err(e) => Err(cli::CliError::new(

@@ -125,6 +125,18 @@ pub enum Command {
     #[cfg(feature = "server")]
     #[command(name = "__test-vm", hide = true)]
     TestVm(server::TestVmArgs),
+    /// Internal: the guest agent of Debian images (runs inside a VM, on its second serial port).
+    #[cfg(feature = "server")]
+    #[command(name = "guest-agent", hide = true)]
+    GuestAgent(GuestAgentArgs),
+}
+
+/// `fcdev guest-agent [--configure KEY=VALUE…]` (see `crate::guest`).
+#[cfg(feature = "server")]
+#[derive(clap::Args, Debug)]
+pub struct GuestAgentArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
 }
 
 /// What the laptop commands share: the config store, the chosen profile, and an API client for it.
@@ -246,7 +258,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::SocksConnect(args) => ssh::socks_connect(args)
             .map_err(|e| CliError::new(ExitKind::Unreachable, format!("socks connect: {e}"))),
         #[cfg(feature = "server")]
-        Command::Server(_) | Command::TestVm(_) => {
+        Command::Server(_) | Command::TestVm(_) | Command::GuestAgent(_) => {
             unreachable!("server commands run outside the async runtime")
         }
     }

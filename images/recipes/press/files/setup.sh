@@ -14,6 +14,9 @@ install -m 0644 "$R/mariadb.cnf" /etc/mysql/mariadb.conf.d/60-fcdev.cnf
 install -m 0644 "$R/nginx-site" /etc/nginx/sites-available/default
 install -m 0644 "$R/prometheus.yml" /etc/prometheus/prometheus.yml
 install -m 0644 "$R/registry.yml" /etc/docker/registry/config.yml
+# Redis holds only the app's hit counter: no RDB saves. With the default `save 3600 1`, the clock jump of every
+# restore (the guest is given the host's time) started a background save: a fork and a disk write under TCG.
+printf '\n# fcdev: no RDB saves (see setup.sh)\nsave ""\n' >> /etc/redis/redis.conf
 echo 'ARGS="--storage.tsdb.retention.time=2d --web.enable-lifecycle"' > /etc/default/prometheus
 echo 'ARGS="--collector.disable-defaults --collector.cpu --collector.meminfo --collector.loadavg --collector.filesystem --collector.netdev --collector.time --collector.uname"' \
   > /etc/default/prometheus-node-exporter

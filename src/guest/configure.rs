@@ -1,0 +1,325 @@
+//! `config`: give this VM its identity (after a restore, or at a cold boot from `fcdev-boot`).
+//!
+//! Keys: `ip=A/P gw=G name=N ns=S role=R mac=M keys=B64 hosts=B64` (the cluster's `/etc/hosts` lines)
+//! `hostkey=B64` (an OpenSSH private key the server made) `seed=HEX time=UNIX`; `-` is an empty value.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
+
+use base64::Engine;
+
+use super::netlink;
+
+const STATE: &str = "/run/fcdev"; // the address this guest has now (what a re-address replaces)
+const DEV: &str = "eth0";
+const HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key";
+/// RNDRESEEDCRNG: reseed the kernel's CRNG from its pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("bad {key}: `{value}`")]
+    Bad { key: &'static str, value: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ConfigError {
+    let what = what.into();
+    move |source| ConfigError::Io { what, source }
+}
+
+fn get<'a>(kv: &'a HashMap<String, String>, key: &str) -> &'a str {
+    match kv.get(key).map(String::as_str) {
+        Some("-") | None => "",
+        Some(v) => v,
+    }
+}
+
+fn b64(kv: &HashMap<String, String>, key: &'static str) -> Result<Vec<u8>, ConfigError> {
+    let v = get(kv, key);
+    if v.is_empty() {
+        return Ok(Vec::new());
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(v)
+        .map_err(|_| ConfigError::Bad {
+            key,
+            value: v.chars().take(16).collect(),
+        })
+}
+
+/// Replace a file whole (a reader sees the old file or the new one, never half).
+fn write_file(path: &str, data: &[u8], mode: u32) -> Result<(), ConfigError> {
+    let tmp = format!("{path}.fcdev-tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(tmp.clone()))?;
+    f.write_all(data).map_err(io(tmp.clone()))?;
+    drop(f);
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(io(tmp.clone()))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Set the guest's clock (`UNIX` seconds, fractions allowed).
+pub fn set_clock(unix: &str) -> Result<(), ConfigError> {
+    let secs: f64 = unix.parse().map_err(|_| ConfigError::Bad {
+        key: "time",
+        value: unix.into(),
+    })?;
+    let ts = libc::timespec {
+        tv_sec: secs.trunc() as libc::time_t,
+        tv_nsec: (secs.fract() * 1e9) as libc::c_long,
+    };
+    // SAFETY: ts is a valid timespec.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(ConfigError::Io {
+            what: "clock_settime".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Mix the host's seed into the kernel's pool and reseed the CRNG from it now: clones of one snapshot must not
+/// produce the same random bytes (a write alone only mixes).
+fn reseed(seed_hex: &str) -> Result<(), ConfigError> {
+    let bad = || ConfigError::Bad {
+        key: "seed",
+        value: seed_hex.chars().take(16).collect(),
+    };
+    if !seed_hex.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    let seed = (0..seed_hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&seed_hex[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| bad())?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(io("/dev/urandom"))?;
+    f.write_all(&seed).map_err(io("/dev/urandom"))?;
+    // SAFETY: an ioctl without argument on an open /dev/urandom.
+    if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), RNDRESEEDCRNG, 0) } != 0 {
+        return Err(ConfigError::Io {
+            what: "RNDRESEEDCRNG".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// The `ssh-ed25519 AAAA…` line of an unencrypted OpenSSH private key file.
+pub fn openssh_public(pem: &str) -> Option<String> {
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .ok()?;
+    let mut pos = b"openssh-key-v1\0".len();
+    let u32_at = |pos: usize| -> Option<usize> {
+        Some(u32::from_be_bytes(body.get(pos..pos + 4)?.try_into().ok()?) as usize)
+    };
+    for _ in 0..3 {
+        // cipher, kdf, kdf options
+        pos += 4 + u32_at(pos)?;
+    }
+    pos += 4; // number of keys
+    let n = u32_at(pos)?;
+    let blob = body.get(pos + 4..pos + 4 + n)?;
+    Some(format!(
+        "ssh-ed25519 {}",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    ))
+}
+
+fn parse_cidr(v: &str) -> Result<(Ipv4Addr, u8), ConfigError> {
+    let bad = || ConfigError::Bad {
+        key: "ip",
+        value: v.into(),
+    };
+    let (a, p) = v.split_once('/').ok_or_else(bad)?;
+    let prefix: u8 = p.parse().map_err(|_| bad())?;
+    if prefix > 32 {
+        return Err(bad());
+    }
+    Ok((a.parse().map_err(|_| bad())?, prefix))
+}
+
+fn parse_mac(v: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::Bad {
+        key: "mac",
+        value: v.into(),
+    };
+    let parts: Vec<u8> = v
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    parts.try_into().map_err(|_| bad())
+}
+
+/// Give this VM its identity. Returns the address it had before, when a re-address replaced it (its TCP
+/// sockets must go: the caller destroys them once it has answered).
+pub fn configure(
+    kv: &HashMap<String, String>,
+    boot: bool,
+) -> Result<Option<Ipv4Addr>, ConfigError> {
+    if !get(kv, "time").is_empty() {
+        set_clock(get(kv, "time"))?;
+    }
+    if !get(kv, "seed").is_empty() {
+        reseed(get(kv, "seed"))?;
+    }
+    let mut role = get(kv, "role").to_string();
+    if !role.is_empty() {
+        write_file("/etc/fcdev-role", format!("{role}\n").as_bytes(), 0o644)?;
+    } else {
+        role = std::fs::read_to_string("/etc/fcdev-role")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+    }
+    let name = get(kv, "name");
+    if !name.is_empty() {
+        write_file("/etc/hostname", format!("{name}\n").as_bytes(), 0o644)?;
+        // SAFETY: the pointer and length are the name's.
+        if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+            return Err(ConfigError::Io {
+                what: "sethostname".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    let mut hosts = format!("127.0.0.1 localhost\n127.0.1.1 {name}\n").into_bytes();
+    hosts.extend(b64(kv, "hosts")?);
+    write_file("/etc/hosts", &hosts, 0o644)?;
+    let mut keys = b64(kv, "keys")?;
+    if !keys.is_empty() {
+        std::fs::create_dir_all("/root/.ssh").map_err(io("/root/.ssh"))?;
+        std::fs::set_permissions(
+            "/root/.ssh",
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(io("/root/.ssh"))?;
+        keys.push(b'\n');
+        write_file("/root/.ssh/authorized_keys", &keys, 0o600)?;
+    }
+    // Unique per VM: machine id and ssh host key (clones of one snapshot must not share them). sshd reads its
+    // host key for every connection (it re-executes itself per connection): no restart.
+    let empty_id = std::fs::metadata("/etc/machine-id").map_or(true, |m| m.len() == 0);
+    if !boot || empty_id {
+        let id: [u8; 16] = rand::random();
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        write_file("/etc/machine-id", format!("{hex}\n").as_bytes(), 0o444)?;
+    }
+    let pem = String::from_utf8(b64(kv, "hostkey")?).unwrap_or_default();
+    if !pem.is_empty() {
+        let public = openssh_public(&pem).ok_or(ConfigError::Bad {
+            key: "hostkey",
+            value: "not an OpenSSH ed25519 key".into(),
+        })?;
+        write_file(HOST_KEY, pem.as_bytes(), 0o600)?;
+        write_file(
+            &format!("{HOST_KEY}.pub"),
+            format!("{public} root@{name}\n").as_bytes(),
+            0o644,
+        )?;
+    } else if !std::path::Path::new(HOST_KEY).exists() {
+        // A cold boot without a server-made key: make one here (a program is fine at boot).
+        let _ = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f", HOST_KEY])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    let old = std::fs::read_to_string(format!("{STATE}/ip"))
+        .ok()
+        .and_then(|s| parse_cidr(s.trim()).ok())
+        .map(|(a, _)| a);
+    let new = get(kv, "ip");
+    let mut new_addr = None;
+    if !new.is_empty() {
+        let (addr, prefix) = parse_cidr(new)?;
+        let mac = match get(kv, "mac") {
+            "" => None,
+            m => Some(parse_mac(m)?),
+        };
+        let gateway = match get(kv, "gw") {
+            "" => None,
+            g => Some(g.parse().map_err(|_| ConfigError::Bad {
+                key: "gw",
+                value: g.into(),
+            })?),
+        };
+        let index = netlink::ifindex(DEV).map_err(io(DEV))?;
+        netlink::readdress(&netlink::Readdress {
+            index,
+            mac,
+            addr,
+            prefix,
+            gateway,
+        })
+        .map_err(io(format!("re-addressing {DEV}")))?;
+        std::fs::create_dir_all(STATE).map_err(io(STATE))?;
+        write_file(&format!("{STATE}/ip"), format!("{new}\n").as_bytes(), 0o644)?;
+        new_addr = Some(addr);
+    }
+    // nginx resolved its upstream's name when it loaded its config: a reload (SIGHUP to its master) resolves
+    // it again. Everything else resolves per connection (the app, Prometheus's targets) or reconnects when its
+    // socket is destroyed (rsyslog's forward).
+    if !boot && role == "proxy" {
+        if let Some(pid) = std::fs::read_to_string("/run/nginx.pid")
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) with a pid read from nginx's pid file.
+            unsafe { libc::kill(pid, libc::SIGHUP) };
+        }
+    }
+    Ok(match (old, new_addr) {
+        (Some(old), Some(new)) if !boot && old != new => Some(old),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_mac_and_key_parsing_refuse_bad_values() {
+        assert_eq!(
+            parse_cidr("10.240.0.17/24").unwrap(),
+            ("10.240.0.17".parse().unwrap(), 24)
+        );
+        assert!(parse_cidr("10.240.0.17").is_err());
+        assert!(parse_cidr("10.240.0.17/33").is_err());
+        assert_eq!(parse_mac("52:54:00:f0:00:0c").unwrap()[5], 0x0c);
+        assert!(parse_mac("52:54:00:f0:00").is_err());
+        assert!(openssh_public("-----BEGIN-----\nnot base64\n-----END-----").is_none());
+    }
+
+    #[test]
+    fn the_public_line_of_a_server_made_host_key_is_the_servers() {
+        let key = crate::server::backend::qemu::hostkey::HostKey::generate();
+        assert_eq!(
+            openssh_public(&key.private_pem("n1")).as_deref(),
+            Some(key.public_line().as_str())
+        );
+    }
+}
