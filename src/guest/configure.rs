@@ -71,6 +71,15 @@ fn write_file(path: &str, data: &[u8], mode: u32) -> Result<(), ConfigError> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
+/// `write_file`, unless the file already holds exactly `data` (a restored VM keeps its snapshot's role and
+/// name: every write is ext4 and journal work, translated afresh under TCG after a restore).
+fn write_if_changed(path: &str, data: &[u8], mode: u32) -> Result<(), ConfigError> {
+    if std::fs::read(path).is_ok_and(|old| old == data) {
+        return Ok(());
+    }
+    write_file(path, data, mode)
+}
+
 /// Set the guest's clock (`UNIX` seconds, fractions allowed).
 pub fn set_clock(unix: &str) -> Result<(), ConfigError> {
     let secs: f64 = unix.parse().map_err(|_| ConfigError::Bad {
@@ -180,15 +189,17 @@ pub fn configure(
     kv: &HashMap<String, String>,
     boot: bool,
 ) -> Result<Option<Ipv4Addr>, ConfigError> {
+    let mut trace = Trace::start();
     if !get(kv, "time").is_empty() {
         set_clock(get(kv, "time"))?;
     }
     if !get(kv, "seed").is_empty() {
         reseed(get(kv, "seed"))?;
     }
+    trace.mark("clock, seed");
     let mut role = get(kv, "role").to_string();
     if !role.is_empty() {
-        write_file("/etc/fcdev-role", format!("{role}\n").as_bytes(), 0o644)?;
+        write_if_changed("/etc/fcdev-role", format!("{role}\n").as_bytes(), 0o644)?;
     } else {
         role = std::fs::read_to_string("/etc/fcdev-role")
             .map(|s| s.trim().to_string())
@@ -196,7 +207,7 @@ pub fn configure(
     }
     let name = get(kv, "name");
     if !name.is_empty() {
-        write_file("/etc/hostname", format!("{name}\n").as_bytes(), 0o644)?;
+        write_if_changed("/etc/hostname", format!("{name}\n").as_bytes(), 0o644)?;
         // SAFETY: the pointer and length are the name's.
         if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
             return Err(ConfigError::Io {
@@ -208,6 +219,7 @@ pub fn configure(
     let mut hosts = format!("127.0.0.1 localhost\n127.0.1.1 {name}\n").into_bytes();
     hosts.extend(b64(kv, "hosts")?);
     write_file("/etc/hosts", &hosts, 0o644)?;
+    trace.mark("role, hostname, hosts");
     let mut keys = b64(kv, "keys")?;
     if !keys.is_empty() {
         std::fs::create_dir_all("/root/.ssh").map_err(io("/root/.ssh"))?;
@@ -227,6 +239,7 @@ pub fn configure(
         let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
         write_file("/etc/machine-id", format!("{hex}\n").as_bytes(), 0o444)?;
     }
+    trace.mark("keys, machine id");
     let pem = String::from_utf8(b64(kv, "hostkey")?).unwrap_or_default();
     if !pem.is_empty() {
         let public = openssh_public(&pem).ok_or(ConfigError::Bad {
@@ -247,6 +260,7 @@ pub fn configure(
             .stderr(std::process::Stdio::null())
             .status();
     }
+    trace.mark("host key");
     let old = std::fs::read_to_string(format!("{STATE}/ip"))
         .ok()
         .and_then(|s| parse_cidr(s.trim()).ok())
@@ -275,6 +289,15 @@ pub fn configure(
             gateway,
         })
         .map_err(io(format!("re-addressing {DEV}")))?;
+        // Not fatal: without it, peers learn the address at their next ARP retry.
+        let announced = match mac {
+            Some(mac) => Ok(mac),
+            None => netlink::mac_of(DEV),
+        }
+        .and_then(|mac| netlink::announce(index, mac, addr));
+        if let Err(e) = announced {
+            super::log(&format!("gratuitous ARP for {addr}: {e}"));
+        }
         std::fs::create_dir_all(STATE).map_err(io(STATE))?;
         write_file(&format!("{STATE}/ip"), format!("{new}\n").as_bytes(), 0o644)?;
         new_addr = Some(addr);
@@ -282,6 +305,7 @@ pub fn configure(
     // nginx resolved its upstream's name when it loaded its config: a reload (SIGHUP to its master) resolves
     // it again. Everything else resolves per connection (the app, Prometheus's targets) or reconnects when its
     // socket is destroyed (rsyslog's forward).
+    trace.mark("network");
     if !boot && role == "proxy" {
         if let Some(pid) = std::fs::read_to_string("/run/nginx.pid")
             .ok()
@@ -291,10 +315,39 @@ pub fn configure(
             unsafe { libc::kill(pid, libc::SIGHUP) };
         }
     }
+    trace.mark("nginx");
+    trace.save();
     Ok(match (old, new_addr) {
         (Some(old), Some(new)) if !boot && old != new => Some(old),
         _ => None,
     })
+}
+
+/// How long each step of a configure took (guest clock), kept in `/run/fcdev/configure.trace`: where a slow
+/// re-address spends its time, readable with `fcdev exec VM -- cat /run/fcdev/configure.trace`.
+struct Trace {
+    last: std::time::Instant,
+    lines: String,
+}
+
+impl Trace {
+    fn start() -> Self {
+        Trace {
+            last: std::time::Instant::now(),
+            lines: String::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &str) {
+        let now = std::time::Instant::now();
+        self.lines += &format!("{step}: {} us\n", (now - self.last).as_micros());
+        self.last = now;
+    }
+
+    fn save(&self) {
+        let _ = std::fs::create_dir_all(STATE);
+        let _ = std::fs::write(format!("{STATE}/configure.trace"), &self.lines);
+    }
 }
 
 #[cfg(test)]

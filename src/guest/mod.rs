@@ -206,8 +206,19 @@ impl Agent {
                 // makes their owners reconnect now, to names resolved afresh (rsyslog to e1, Prometheus to its
                 // targets).
                 if let Some(old) = old {
-                    if let Err(e) = netlink::destroy_tcp_from(old) {
-                        log(&format!("closing the sockets of {old}: {e}"));
+                    let start = std::time::Instant::now();
+                    match netlink::destroy_tcp_from(old) {
+                        Ok(n) => {
+                            let line = format!(
+                                "after the reply, {n} sockets of {old} destroyed: {} us\n",
+                                start.elapsed().as_micros()
+                            );
+                            let _ = std::fs::OpenOptions::new()
+                                .append(true)
+                                .open("/run/fcdev/configure.trace")
+                                .and_then(|mut f| f.write_all(line.as_bytes()));
+                        }
+                        Err(e) => log(&format!("closing the sockets of {old}: {e}")),
                     }
                 }
             }

@@ -246,6 +246,67 @@ pub fn readdress(r: &Readdress) -> io::Result<()> {
     Ok(())
 }
 
+/// Announce `addr` at `mac` on the interface with a gratuitous ARP (a request for our own address): the peers
+/// and the host bridge that already asked for this address (an ARP entry still incomplete: they sent to it
+/// before this VM had it) learn it now instead of at their next ARP retry, up to a second later.
+pub fn announce(index: u32, mac: [u8; 6], addr: Ipv4Addr) -> io::Result<()> {
+    const ETH_P_ARP: u16 = 0x0806;
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let sock = Socket { fd, seq: 0 };
+    // ARP over Ethernet for IPv4: htype 1, ptype 0x0800, hlen 6, plen 4, request; sender = target = addr.
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&addr.octets());
+    arp.extend_from_slice(&[0u8; 6]);
+    arp.extend_from_slice(&addr.octets());
+    // SAFETY: a zeroed sockaddr_ll is valid; the fields set are the ones a send needs.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = ETH_P_ARP.to_be();
+    to.sll_ifindex = index as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: arp and to outlive the call; lengths are theirs.
+    let n = unsafe {
+        libc::sendto(
+            sock.fd,
+            arp.as_ptr().cast(),
+            arp.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The MAC address of an interface (`/sys/class/net/NAME/address`).
+pub fn mac_of(name: &str) -> io::Result<[u8; 6]> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    bytes
+        .try_into()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
 /// Destroy every TCP socket whose local address is `addr` (`ss -K -t src ADDR`): their owners see the error
 /// and reconnect at once, to names resolved afresh. Returns how many went.
 pub fn destroy_tcp_from(addr: Ipv4Addr) -> io::Result<usize> {

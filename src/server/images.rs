@@ -70,6 +70,10 @@ pub struct VmTemplate {
     pub cmdline: String,
     #[serde(default = "default_probe")]
     pub probe: String,
+    /// VMs of the same cluster whose probe must pass before this VM's probe starts (n1's probe goes through
+    /// f1 to m1: asking it earlier only makes the guests work for an answer that cannot be yes yet).
+    #[serde(default)]
+    pub probe_after: Vec<String>,
     /// A shell command run inside the guest (by the agent) that must succeed before the onboarding snapshot is
     /// taken: the role's service works, not only its port.
     #[serde(default)]
@@ -102,6 +106,7 @@ impl VmTemplate {
             disk: None,
             cmdline: String::new(),
             probe: default_probe(),
+            probe_after: Vec::new(),
             check: None,
             boot_secs: None,
         }

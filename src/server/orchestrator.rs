@@ -490,12 +490,23 @@ impl Orchestrator {
 
         self.set_cluster(&cluster, ClusterState::Booting, None);
         let started = Instant::now();
+        // Which VMs of this cluster are settled (ready or failed): a VM's probe waits for its `probe_after`.
+        let (settled, _) = tokio::sync::watch::channel(std::collections::HashSet::<String>::new());
         let tasks: Vec<_> = specs
             .into_iter()
             .map(|(vm, spec)| {
                 let this = self.clone();
                 let cluster = cluster.clone();
-                tokio::spawn(async move { this.bring_up_vm(&cluster, &vm, spec).await })
+                let settled = settled.clone();
+                tokio::spawn(async move {
+                    let result = this
+                        .bring_up_vm(&cluster, &vm, spec, settled.subscribe())
+                        .await;
+                    settled.send_modify(|s| {
+                        s.insert(vm.name.clone());
+                    });
+                    result
+                })
             })
             .collect();
         let mut failures = Vec::new();
@@ -567,6 +578,7 @@ impl Orchestrator {
         cluster: &ClusterRow,
         vm: &VmRow,
         spec: VmSpec,
+        mut settled: tokio::sync::watch::Receiver<std::collections::HashSet<String>>,
     ) -> Result<StartMode, String> {
         let mut last_reason = String::new();
         for attempt in 1..=2 {
@@ -638,6 +650,15 @@ impl Orchestrator {
                 }
             };
             let deadline = self.backend.ready_deadline(&spec, mode);
+            let after = &spec.template.probe_after;
+            if !after.is_empty() {
+                // Bounded by this VM's own deadline: a VM it waits for that never settles does not hold it.
+                let _ = tokio::time::timeout(
+                    deadline,
+                    settled.wait_for(|s| after.iter().all(|name| s.contains(name))),
+                )
+                .await;
+            }
             let t_probe = std::time::Instant::now();
             let ready = self.wait_ready(&spec, deadline).await;
             drop(slot);

@@ -263,7 +263,9 @@ fn restore_config(vm: &VmSpec) -> agent::GuestConfig {
     cfg
 }
 
-/// Probe a VM's service on `addr`, ~1 s at most:
+/// Probe a VM's service on `addr`, ~3.5 s at most (a first request after a restore runs every code path of
+/// nginx → app → database for the first time under TCG, and can take more than a second: waiting for it is
+/// cheaper than abandoning it and asking again):
 /// - `tcp:PORT`: the port accepts a connection;
 /// - `http:PORT[/PATH]`: `GET PATH` answers 200 (default `/`);
 /// - `mysql:PORT`: a MySQL/MariaDB server accepts a login of the probe user `fcdev_probe` (no password, no
@@ -281,7 +283,7 @@ pub fn probe_addr(probe: &str, addr: std::net::Ipv4Addr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&sa, Duration::from_millis(500)) else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(900)));
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
     let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
     match kind {
         "http" => probe_http(&mut s, &addr.to_string(), path),
