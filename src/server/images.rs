@@ -147,6 +147,21 @@ impl Image {
                 message: "an image needs at least one [[vm]]".into(),
             });
         }
+        for vm in &spec.vms {
+            if let Some(other) = vm
+                .probe_after
+                .iter()
+                .find(|o| *o == &vm.name || !spec.vms.iter().any(|v| &v.name == *o))
+            {
+                return Err(ImageError::Invalid {
+                    path,
+                    message: format!(
+                        "vm {}: probe_after names `{other}`, which is not another VM of this image",
+                        vm.name
+                    ),
+                });
+            }
+        }
         Ok(Image {
             spec,
             dir: dir.to_path_buf(),
@@ -224,5 +239,28 @@ impl Catalog {
             .collect();
         images.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         images
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_after_naming_no_other_vm_of_the_image_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let toml = |after: &str| {
+            format!("name = \"x\"\n[[vm]]\nname = \"n1\"\nprobe_after = [{after}]\n[[vm]]\nname = \"f1\"\n")
+        };
+        std::fs::write(dir.path().join(IMAGE_FILE), toml("\"f1\"")).expect("write");
+        assert!(Image::load(dir.path()).is_ok());
+        for bad in ["\"m9\"", "\"n1\""] {
+            std::fs::write(dir.path().join(IMAGE_FILE), toml(bad)).expect("write");
+            let Err(err) = Image::load(dir.path()) else {
+                panic!("probe_after = [{bad}] was accepted");
+            };
+            let err = err.to_string();
+            assert!(err.contains("probe_after"), "{err}");
+        }
     }
 }

@@ -631,6 +631,7 @@ mod tests {
             disk: Some("root.qcow2".into()),
             cmdline: "console=ttyS0".into(),
             probe: "tcp:80".into(),
+            probe_after: Vec::new(),
             check: None,
             boot_secs: None,
         }
