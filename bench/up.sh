@@ -117,7 +117,9 @@ measure_up() {  # image runs -> nanoseconds per run, one per line
 
 NVMS=$(grep -c '^\[\[vm\]\]' "$IMG/image.toml")
 echo "fcdev up/reset benchmark: $RUNS runs ($COLD_RUNS cold), $NVMS-VM $IMAGE cluster, accelerator $ACCEL ($(nproc) cores)"
-RESTORE=$(measure_up "$IMAGE" "$RUNS" | median)
+RESTORE_RUNS=$(measure_up "$IMAGE" "$RUNS")
+RESTORE=$(echo "$RESTORE_RUNS" | median)
+echo "  each run (s): $(echo "$RESTORE_RUNS" | awk '{printf "%.2f ", $1/1e9}')"
 COLD=$(measure_up cold "$COLD_RUNS" | median)
 
 pss_of() {  # cluster name -> total PSS in KiB of its qemu processes
@@ -145,9 +147,11 @@ PSS3=$(( $(pss_of bench) + $(pss_of bench2) + $(pss_of bench3) ))
 TB3=$(( $(tb_of bench) + $(tb_of bench2) + $(tb_of bench3) ))
 in_ns "$BIN" down --name bench2 --yes >/dev/null
 in_ns "$BIN" down --name bench3 --yes >/dev/null
-RESETS=$(for i in $(seq "$RUNS"); do
+RESET_RUNS=$(for i in $(seq "$RUNS"); do
   t0=$(now); in_ns "$BIN" reset --name bench --yes --json | all_answer; t1=$(now); echo $((t1 - t0))
-done | median)
+done)
+RESETS=$(echo "$RESET_RUNS" | median)
+echo "  each reset (s): $(echo "$RESET_RUNS" | awk '{printf "%.2f ", $1/1e9}')"
 
 printf '%-44s %8s s\n' "fcdev up, from the onboarding snapshot" "$RESTORE"
 printf '%-44s %8s s\n' "fcdev up, cold boot" "$COLD"
