@@ -50,6 +50,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('known-hosts', 'known-hosts', [CompletionResultType]::ParameterValue, 'Internal: ssh''s KnownHostsCommand (a VM''s host key as the server knows it)')
             [CompletionResult]::new('__socks-connect', '__socks-connect', [CompletionResultType]::ParameterValue, 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy')
             [CompletionResult]::new('__test-vm', '__test-vm', [CompletionResultType]::ParameterValue, 'Internal: the process behind one VM of the test backend')
+            [CompletionResult]::new('guest-agent', 'guest-agent', [CompletionResultType]::ParameterValue, 'Internal: the guest agent of Debian images (runs inside a VM, on its second serial port)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -554,6 +555,14 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
         }
+        'fcdev;guest-agent' {
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'fcdev;help' {
             [CompletionResult]::new('login', 'login', [CompletionResultType]::ParameterValue, 'Log in to an fcdev server with a token (kept 0600 in the config dir)')
             [CompletionResult]::new('up', 'up', [CompletionResultType]::ParameterValue, 'Create your cluster (or resume/repair it) and wait until every VM is ready')
@@ -577,6 +586,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('known-hosts', 'known-hosts', [CompletionResultType]::ParameterValue, 'Internal: ssh''s KnownHostsCommand (a VM''s host key as the server knows it)')
             [CompletionResult]::new('__socks-connect', '__socks-connect', [CompletionResultType]::ParameterValue, 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy')
             [CompletionResult]::new('__test-vm', '__test-vm', [CompletionResultType]::ParameterValue, 'Internal: the process behind one VM of the test backend')
+            [CompletionResult]::new('guest-agent', 'guest-agent', [CompletionResultType]::ParameterValue, 'Internal: the guest agent of Debian images (runs inside a VM, on its second serial port)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -696,6 +706,9 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;help;__test-vm' {
+            break
+        }
+        'fcdev;help;guest-agent' {
             break
         }
         'fcdev;help;help' {

@@ -34,6 +34,9 @@ _fcdev() {
             fcdev,exec)
                 cmd="fcdev__subcmd__exec"
                 ;;
+            fcdev,guest-agent)
+                cmd="fcdev__subcmd__guest__subcmd__agent"
+                ;;
             fcdev,help)
                 cmd="fcdev__subcmd__help"
                 ;;
@@ -102,6 +105,9 @@ _fcdev() {
                 ;;
             fcdev__subcmd__help,exec)
                 cmd="fcdev__subcmd__help__subcmd__exec"
+                ;;
+            fcdev__subcmd__help,guest-agent)
+                cmd="fcdev__subcmd__help__subcmd__guest__subcmd__agent"
                 ;;
             fcdev__subcmd__help,help)
                 cmd="fcdev__subcmd__help__subcmd__help"
@@ -317,7 +323,7 @@ _fcdev() {
 
     case "${cmd}" in
         fcdev)
-            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset exec down stop start snapshot hosts ssh ssh-config logs doctor image server completions known-hosts __socks-connect __test-vm help"
+            opts="-v -h -V --profile --verbose --help --version login up status images tunnel reset exec down stop start snapshot hosts ssh ssh-config logs doctor image server completions known-hosts __socks-connect __test-vm guest-agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -462,8 +468,26 @@ _fcdev() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        fcdev__subcmd__guest__subcmd__agent)
+            opts="-v -h --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         fcdev__subcmd__help)
-            opts="login up status images tunnel reset exec down stop start snapshot hosts ssh ssh-config logs doctor image server completions known-hosts __socks-connect __test-vm help"
+            opts="login up status images tunnel reset exec down stop start snapshot hosts ssh ssh-config logs doctor image server completions known-hosts __socks-connect __test-vm guest-agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -547,6 +571,20 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__exec)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__guest__subcmd__agent)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

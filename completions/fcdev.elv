@@ -47,6 +47,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand known-hosts 'Internal: ssh''s KnownHostsCommand (a VM''s host key as the server knows it)'
             cand __socks-connect 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy'
             cand __test-vm 'Internal: the process behind one VM of the test backend'
+            cand guest-agent 'Internal: the guest agent of Debian images (runs inside a VM, on its second serial port)'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'fcdev;login'= {
@@ -489,6 +490,13 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help'
             cand --help 'Print help'
         }
+        &'fcdev;guest-agent'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
         &'fcdev;help'= {
             cand login 'Log in to an fcdev server with a token (kept 0600 in the config dir)'
             cand up 'Create your cluster (or resume/repair it) and wait until every VM is ready'
@@ -512,6 +520,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand known-hosts 'Internal: ssh''s KnownHostsCommand (a VM''s host key as the server knows it)'
             cand __socks-connect 'Internal: ssh''s ProxyCommand through the rootless tunnel''s SOCKS5 proxy'
             cand __test-vm 'Internal: the process behind one VM of the test backend'
+            cand guest-agent 'Internal: the guest agent of Debian images (runs inside a VM, on its second serial port)'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'fcdev;help;login'= {
@@ -596,6 +605,8 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;__socks-connect'= {
         }
         &'fcdev;help;__test-vm'= {
+        }
+        &'fcdev;help;guest-agent'= {
         }
         &'fcdev;help;help'= {
         }
