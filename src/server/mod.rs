@@ -13,4 +13,5 @@ pub mod netns;
 pub mod netns_enter;
 pub mod orchestrator;
 pub mod run;
+pub mod service;
 pub mod store;

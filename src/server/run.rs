@@ -87,7 +87,7 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
     unsafe {
         libc::umask(0o077);
     }
-    crate::config::create_private_dir(&opts.data_dir)
+    crate::sys::create_private_dir(&opts.data_dir)
         .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
     // Before the server enters its VM network namespace: the PostgreSQL engine's worker threads stay in this
     // one, where the database is reachable.
@@ -159,11 +159,11 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
         if let Some(after) = opts.idle_stop {
             crate::server::idle::spawn(store.clone(), hub.clone(), orchestrator.clone(), after);
         }
-        let state = crate::server::http::AppState {
-            store: store.clone(),
-            orchestrator,
-            hub,
-        };
+        let state = crate::server::service::Service::new(
+            store.clone(),
+            Some(crate::server::service::Local { orchestrator, hub }),
+            crate::server::service::DEFAULT_HOST_LEASE_SECS,
+        );
         let app = crate::server::http::router(state);
         let listener = tokio::net::TcpListener::from_std(api_listener)?;
         let url = format!("http://{api_addr}");
