@@ -83,6 +83,8 @@ impl From<StoreError> for ApiErr {
                 ApiErr::new(StatusCode::INSUFFICIENT_STORAGE, "exhausted", what)
                     .hint("free some (`fcdev down`, delete peers) or ask the operator")
             }
+            StoreError::Claimed(what) => ApiErr::new(StatusCode::CONFLICT, "conflict", what)
+                .hint("two agents cannot share a host name: stop the other one, or give this host its own name (`fcdev server host add NAME`)"),
             StoreError::Unavailable(e) => {
                 tracing::warn!("the database is unreachable: {e}");
                 ApiErr::new(
