@@ -336,5 +336,6 @@ pub struct AgentHeartbeat {
 pub struct AgentLease {
     pub name: String,
     pub lease_secs: u64,
-    pub heartbeat_secs: u64,
+    /// Send the next heartbeat after this many milliseconds (a third of the lease).
+    pub heartbeat_ms: u64,
 }

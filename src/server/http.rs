@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::api;
 use crate::server::orchestrator::{OrchestratorError, UpOutcome};
 use crate::server::service::{Console, ExecLine, Service, ServiceError, MAX_STREAMS_PER_USER};
-use crate::server::store::{StoreError, User};
+use crate::server::store::{HostRow, StoreError, User};
 
 /// What every handler gets: the service layer.
 pub type AppState = Service;
@@ -335,7 +335,8 @@ pub fn router(state: AppState) -> Router {
             post(restore_snapshot),
         )
         .route("/peers", post(create_peer).get(list_peers))
-        .route("/peers/{id}", delete(delete_peer));
+        .route("/peers/{id}", delete(delete_peer))
+        .route("/agent/heartbeat", post(agent_heartbeat));
     Router::new()
         .nest(api::API_PREFIX, v1)
         .fallback(|| async {
@@ -420,6 +421,12 @@ impl From<ServiceError> for ApiErr {
                 ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, "no_host", e.to_string())
                     .hint("the operator starts agents: `fcdev server --role agent --control URL`")
             }
+            e @ ServiceError::WrongHost(_) => ApiErr::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                e.to_string(),
+            )
+            .hint("start the agent with the token `fcdev server host add NAME` printed for its --host-name"),
             ServiceError::Internal(e) => ApiErr::internal(e),
         }
     }
@@ -678,4 +685,44 @@ async fn delete_peer(
     })?;
     state.delete_peer(user, id).await?;
     Ok(Json(serde_json::json!({ "deleted": id })))
+}
+
+/// The host of an agent's request (its host token).
+pub struct AgentHost(pub HostRow);
+
+impl FromRequestParts<AppState> for AgentHost {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let unauthorized = |msg: &str| {
+            ApiErr::new(StatusCode::UNAUTHORIZED, "unauthorized", msg).hint(
+                "the operator makes a host token with `fcdev server host add NAME`; the agent reads it from \
+                 FCDEV_HOST_TOKEN or --host-token-file",
+            )
+        };
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim().to_string())
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| unauthorized("missing bearer host token"))?;
+        let host = state.authenticate_host(token).await?;
+        host.map(AgentHost)
+            .ok_or_else(|| unauthorized("unknown or revoked host token"))
+    }
+}
+
+/// `POST /v1/agent/heartbeat`: an agent registers (its first heartbeat) and renews its host's lease.
+async fn agent_heartbeat(
+    State(state): State<AppState>,
+    AgentHost(host): AgentHost,
+    JsonBody(beat): JsonBody<api::AgentHeartbeat>,
+) -> ApiResult<Json<api::AgentLease>> {
+    Ok(Json(state.host_heartbeat(host, beat).await?))
 }

@@ -1,5 +1,6 @@
 //! The control plane: HTTP API, state, orchestration, VM backends, the hub.
 
+pub mod agent;
 pub mod alloc;
 pub mod backend;
 pub mod console;

@@ -14,7 +14,7 @@ use crate::names;
 use crate::server::hub_control::{HubControl, HubPeerEntry, HubPeerError};
 use crate::server::orchestrator::{hostname, Orchestrator, OrchestratorError, UpOutcome};
 use crate::server::store::{
-    ClusterRow, EventRow, NamespaceRow, SnapshotRow, Store, StoreError, User,
+    ClusterRow, EventRow, HostRow, NamespaceRow, SnapshotRow, Store, StoreError, User,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +60,9 @@ pub enum ServiceError {
         "this server is a control plane and runs no VMs itself, and no agent can take the cluster"
     )]
     NoHost,
+    /// A heartbeat for another host than the token's.
+    #[error("this host token is not host `{0}`'s")]
+    WrongHost(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -774,6 +777,105 @@ impl Service {
             Ok(())
         })
         .await
+    }
+}
+
+// ---- hosts (agents) ----
+
+/// Unix milliseconds now: the control plane's clock, the only one leases are measured on.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Service {
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.host_lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// The host of a host token; None when it is unknown or revoked.
+    pub async fn authenticate_host(&self, token: String) -> ServiceResult<Option<HostRow>> {
+        self.blocking(move |s| Ok(s.store.host_by_token(&token)?))
+            .await
+    }
+
+    /// An agent's heartbeat (its first one registers it): the host is live for another lease. Refused while
+    /// another agent holds the name (`StoreError::Claimed`, 409).
+    pub async fn host_heartbeat(
+        &self,
+        host: HostRow,
+        beat: api::AgentHeartbeat,
+    ) -> ServiceResult<api::AgentLease> {
+        if beat.name != host.name {
+            return Err(ServiceError::WrongHost(beat.name));
+        }
+        if !valid_public_key(&beat.hub_public_key) {
+            return Err(ServiceError::InvalidPublicKey);
+        }
+        let lease_ms = self.lease_ms();
+        let lease_secs = self.host_lease_secs;
+        self.blocking(move |s| {
+            let before = host.state;
+            let now = s.store.host_heartbeat(host.id, &beat, now_ms(), lease_ms)?;
+            if before != now.state || host.instance != now.instance {
+                tracing::info!(
+                    "host {}: {} (agent {}, hub {})",
+                    now.name,
+                    now.state.as_str(),
+                    beat.instance,
+                    beat.hub_endpoint
+                );
+            }
+            Ok(api::AgentLease {
+                name: now.name,
+                lease_secs,
+                heartbeat_ms: (lease_secs * 1000 / 3).max(100),
+            })
+        })
+        .await
+    }
+
+    /// Every quarter second (at most), mark `lost` the live hosts whose lease ran out. For one lease after this
+    /// process starts nothing is marked: agents that kept trying while the control plane was down renew first.
+    pub fn spawn_host_reaper(&self) {
+        let this = self.clone();
+        let lease = std::time::Duration::from_secs(self.host_lease_secs);
+        let every = (lease / 4).clamp(
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_millis(250),
+        );
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if started.elapsed() < lease {
+                    continue;
+                }
+                let lease_ms = this.lease_ms();
+                let secs = this.host_lease_secs;
+                let lost = this
+                    .blocking(move |s| {
+                        let reason =
+                            format!("its agent sent no heartbeat for {secs} s (the lease)");
+                        Ok(s.store.expire_hosts(now_ms(), lease_ms, &reason)?)
+                    })
+                    .await;
+                match lost {
+                    Ok(hosts) => {
+                        for h in hosts {
+                            tracing::warn!(
+                                "host {} is lost: {}",
+                                h.name,
+                                h.reason.unwrap_or_default()
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!("cannot check the hosts' leases: {e}"),
+                }
+            }
+        });
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::server::run::{BackendChoice, ServerOptions};
+use crate::server::run::{BackendChoice, Role, ServerOptions};
 use crate::server::store::{Location, Store, StoreError};
 
 pub mod local;
@@ -79,6 +79,26 @@ pub struct RunArgs {
     /// With --dev: the first engineer's name (default: your login name).
     #[arg(long)]
     pub user: Option<String>,
+    /// What this process does: `all` (API, VMs and hub in one process: the default), `control` (API, auth,
+    /// allocation and the hosts' leases; no VMs, no hub; use --database postgres://…), or `agent` (one per
+    /// host: registers with --control and heartbeats; the token comes from FCDEV_HOST_TOKEN or
+    /// --host-token-file).
+    #[arg(long, default_value = "all")]
+    pub role: Role,
+    /// With --role agent: the control plane's URL (`http://control:7070`).
+    #[arg(long)]
+    pub control: Option<String>,
+    /// With --role agent: this host's name, as added with `fcdev server host add NAME`.
+    #[arg(long)]
+    pub host_name: Option<String>,
+    /// With --role agent: a file holding the host token (instead of FCDEV_HOST_TOKEN).
+    #[arg(long)]
+    pub host_token_file: Option<PathBuf>,
+    /// Seconds a host's lease lasts: a host whose agent sent no heartbeat for that long is `lost` (agents send
+    /// one every third of it).
+    #[arg(long, default_value_t = crate::server::service::DEFAULT_HOST_LEASE_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub host_lease: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,7 +268,10 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                     anyhow::bail!("`{user}` is not a valid engineer name: use lowercase letters, digits and `-` (it names the namespace)");
                 }
             }
-            let data_dir = data_dir(r.data_dir)?;
+            let data_dir = data_dir(r.data_dir.clone())?;
+            if r.role == Role::Agent {
+                return run_agent(&r, data_dir);
+            }
             let database = Location::from_args(r.database.as_deref(), &data_dir)?;
             let netns = match r.netns.as_deref() {
                 Some("none") | Some("") => None,
@@ -272,6 +295,8 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 idle_stop: (!r.idle_stop.is_zero()).then_some(r.idle_stop),
                 netns,
                 dev_user: r.user.unwrap_or_else(default_user_name),
+                role: r.role,
+                host_lease: std::time::Duration::from_secs(r.host_lease),
             };
             crate::server::run::serve(opts)
         }
@@ -375,6 +400,39 @@ fn host(cmd: HostCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `fcdev server --role agent`: its options, its token from FCDEV_HOST_TOKEN or --host-token-file.
+fn run_agent(r: &RunArgs, data_dir: PathBuf) -> anyhow::Result<()> {
+    let control = r.control.clone().ok_or_else(|| {
+        anyhow::anyhow!("--role agent needs --control URL (the control plane's API)")
+    })?;
+    let name = r.host_name.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--role agent needs --host-name NAME (as added with `fcdev server host add NAME`)"
+        )
+    })?;
+    let token = match &r.host_token_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!("cannot read the host token from {}: {e}", path.display())
+        })?,
+        None => std::env::var("FCDEV_HOST_TOKEN").map_err(|_| {
+            anyhow::anyhow!(
+                "--role agent needs its host token in FCDEV_HOST_TOKEN or --host-token-file \
+                 (`fcdev server host add {name}` prints it)"
+            )
+        })?,
+    };
+    crate::server::agent::run(crate::server::agent::AgentOptions {
+        control,
+        name,
+        token: token.trim().to_string(),
+        images_dir: r.images.clone().unwrap_or_else(|| data_dir.join("images")),
+        data_dir,
+        hub_listen: r.hub_listen,
+        hub_endpoint: r.hub_endpoint.clone(),
+        hub_tun: (r.hub_tun != "none").then(|| r.hub_tun.clone()),
+    })
 }
 
 /// `8h`, `30m`, `90s` or plain seconds.
