@@ -310,8 +310,9 @@ fn user_id(conn: &Connection, name: &str) -> StoreResult<i64> {
 /// Schema version 1 is `SCHEMA` with the fix-ups of `migrate` and `MIGRATE_EVENTS` (state files made before the
 /// version table get them at open and are then version 1). Later versions are `MIGRATIONS[n - 2]`.
 const MIGRATIONS: &[&str] = &[
-    // 2: hosts of a control plane (`fcdev server host add`, `--role agent`).
-    "CREATE TABLE hosts (
+    // 2: hosts of a control plane (`fcdev server host add`, `--role agent`). `IF NOT EXISTS`: a file whose
+    // version row was lost (it opens as version 1) may already have the table.
+    "CREATE TABLE IF NOT EXISTS hosts (
         id INTEGER PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         token_hash TEXT NOT NULL UNIQUE,
