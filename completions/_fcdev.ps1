@@ -372,6 +372,11 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('--idle-stop', '--idle-stop', [CompletionResultType]::ParameterName, 'Stop (`fcdev stop`) a ready cluster left alone this long: no state change and no tunnel handshake of its engineer, e.g. `8h`, `30m`; `0`: never (the default). `fcdev start` or `up` resumes it')
             [CompletionResult]::new('--netns', '--netns', [CompletionResultType]::ParameterName, 'Run VMs, bridges and the hub''s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none')
             [CompletionResult]::new('--user', '--user', [CompletionResultType]::ParameterName, 'With --dev: the first engineer''s name (default: your login name)')
+            [CompletionResult]::new('--role', '--role', [CompletionResultType]::ParameterName, 'What this process does: `all` (API, VMs and hub in one process: the default), `control` (API, auth, allocation and the hosts'' leases; no VMs, no hub; use --database postgres://…), or `agent` (one per host: registers with --control and heartbeats; the token comes from FCDEV_HOST_TOKEN or --host-token-file)')
+            [CompletionResult]::new('--control', '--control', [CompletionResultType]::ParameterName, 'With --role agent: the control plane''s URL (`http://control:7070`)')
+            [CompletionResult]::new('--host-name', '--host-name', [CompletionResultType]::ParameterName, 'With --role agent: this host''s name, as added with `fcdev server host add NAME`')
+            [CompletionResult]::new('--host-token-file', '--host-token-file', [CompletionResultType]::ParameterName, 'With --role agent: a file holding the host token (instead of FCDEV_HOST_TOKEN)')
+            [CompletionResult]::new('--host-lease', '--host-lease', [CompletionResultType]::ParameterName, 'Seconds a host''s lease lasts: a host whose agent sent no heartbeat for that long is `lost` (agents send one every third of it)')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
             [CompletionResult]::new('--dev', '--dev', [CompletionResultType]::ParameterName, 'The embedded default for one machine: API and hub on loopback, VMs in their own network namespace (`fcdev-dev`), and a fresh login token printed for the first engineer')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
@@ -379,6 +384,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             [CompletionResult]::new('user', 'user', [CompletionResultType]::ParameterValue, 'Manage engineers and their tokens')
+            [CompletionResult]::new('host', 'host', [CompletionResultType]::ParameterValue, 'Manage the hosts whose agents (`fcdev server --role agent`) may join this control plane')
             [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -475,6 +481,69 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         'fcdev;server;user;help;help' {
             break
         }
+        'fcdev;server;host' {
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add a host and print its token (shown once; the store keeps only its hash). Its agent reads it from FCDEV_HOST_TOKEN or --host-token-file')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the hosts: state (new, live, lost), last heartbeat, hub, capacity')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke a host''s token: its agent is refused (401) from its next heartbeat')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'fcdev;server;host;add' {
+            [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--database', '--database', [CompletionResultType]::ParameterName, 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print JSON: `{"name": …, "token": …}`')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;server;host;list' {
+            [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--database', '--database', [CompletionResultType]::ParameterName, 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Print JSON')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;server;host;revoke' {
+            [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
+            [CompletionResult]::new('--database', '--database', [CompletionResultType]::ParameterName, 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)')
+            [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output (repeat for more)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'fcdev;server;host;help' {
+            [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add a host and print its token (shown once; the store keeps only its hash). Its agent reads it from FCDEV_HOST_TOKEN or --host-token-file')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the hosts: state (new, live, lost), last heartbeat, hub, capacity')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke a host''s token: its agent is refused (401) from its next heartbeat')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'fcdev;server;host;help;add' {
+            break
+        }
+        'fcdev;server;host;help;list' {
+            break
+        }
+        'fcdev;server;host;help;revoke' {
+            break
+        }
+        'fcdev;server;host;help;help' {
+            break
+        }
         'fcdev;server;stop' {
             [CompletionResult]::new('--data-dir', '--data-dir', [CompletionResultType]::ParameterName, 'data-dir')
             [CompletionResult]::new('--profile', '--profile', [CompletionResultType]::ParameterName, 'The profile (server + token) to use')
@@ -487,6 +556,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         }
         'fcdev;server;help' {
             [CompletionResult]::new('user', 'user', [CompletionResultType]::ParameterValue, 'Manage engineers and their tokens')
+            [CompletionResult]::new('host', 'host', [CompletionResultType]::ParameterValue, 'Manage the hosts whose agents (`fcdev server --role agent`) may join this control plane')
             [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -512,6 +582,21 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;server;help;user;list' {
+            break
+        }
+        'fcdev;server;help;host' {
+            [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add a host and print its token (shown once; the store keeps only its hash). Its agent reads it from FCDEV_HOST_TOKEN or --host-token-file')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the hosts: state (new, live, lost), last heartbeat, hub, capacity')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke a host''s token: its agent is refused (401) from its next heartbeat')
+            break
+        }
+        'fcdev;server;help;host;add' {
+            break
+        }
+        'fcdev;server;help;host;list' {
+            break
+        }
+        'fcdev;server;help;host;revoke' {
             break
         }
         'fcdev;server;help;stop' {
@@ -667,6 +752,7 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
         }
         'fcdev;help;server' {
             [CompletionResult]::new('user', 'user', [CompletionResultType]::ParameterValue, 'Manage engineers and their tokens')
+            [CompletionResult]::new('host', 'host', [CompletionResultType]::ParameterValue, 'Manage the hosts whose agents (`fcdev server --role agent`) may join this control plane')
             [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start')
             break
         }
@@ -691,6 +777,21 @@ Register-ArgumentCompleter -Native -CommandName 'fcdev' -ScriptBlock {
             break
         }
         'fcdev;help;server;user;list' {
+            break
+        }
+        'fcdev;help;server;host' {
+            [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Add a host and print its token (shown once; the store keeps only its hash). Its agent reads it from FCDEV_HOST_TOKEN or --host-token-file')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the hosts: state (new, live, lost), last heartbeat, hub, capacity')
+            [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Revoke a host''s token: its agent is refused (401) from its next heartbeat')
+            break
+        }
+        'fcdev;help;server;host;add' {
+            break
+        }
+        'fcdev;help;server;host;list' {
+            break
+        }
+        'fcdev;help;server;host;revoke' {
             break
         }
         'fcdev;help;server;stop' {

@@ -166,11 +166,23 @@ _fcdev() {
             fcdev__subcmd__help__subcmd__image,snapshot)
                 cmd="fcdev__subcmd__help__subcmd__image__subcmd__snapshot"
                 ;;
+            fcdev__subcmd__help__subcmd__server,host)
+                cmd="fcdev__subcmd__help__subcmd__server__subcmd__host"
+                ;;
             fcdev__subcmd__help__subcmd__server,stop)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__stop"
                 ;;
             fcdev__subcmd__help__subcmd__server,user)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user"
+                ;;
+            fcdev__subcmd__help__subcmd__server__subcmd__host,add)
+                cmd="fcdev__subcmd__help__subcmd__server__subcmd__host__subcmd__add"
+                ;;
+            fcdev__subcmd__help__subcmd__server__subcmd__host,list)
+                cmd="fcdev__subcmd__help__subcmd__server__subcmd__host__subcmd__list"
+                ;;
+            fcdev__subcmd__help__subcmd__server__subcmd__host,revoke)
+                cmd="fcdev__subcmd__help__subcmd__server__subcmd__host__subcmd__revoke"
                 ;;
             fcdev__subcmd__help__subcmd__server__subcmd__user,add)
                 cmd="fcdev__subcmd__help__subcmd__server__subcmd__user__subcmd__add"
@@ -220,6 +232,9 @@ _fcdev() {
             fcdev__subcmd__server,help)
                 cmd="fcdev__subcmd__server__subcmd__help"
                 ;;
+            fcdev__subcmd__server,host)
+                cmd="fcdev__subcmd__server__subcmd__host"
+                ;;
             fcdev__subcmd__server,stop)
                 cmd="fcdev__subcmd__server__subcmd__stop"
                 ;;
@@ -229,11 +244,23 @@ _fcdev() {
             fcdev__subcmd__server__subcmd__help,help)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__help"
                 ;;
+            fcdev__subcmd__server__subcmd__help,host)
+                cmd="fcdev__subcmd__server__subcmd__help__subcmd__host"
+                ;;
             fcdev__subcmd__server__subcmd__help,stop)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__stop"
                 ;;
             fcdev__subcmd__server__subcmd__help,user)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__user"
+                ;;
+            fcdev__subcmd__server__subcmd__help__subcmd__host,add)
+                cmd="fcdev__subcmd__server__subcmd__help__subcmd__host__subcmd__add"
+                ;;
+            fcdev__subcmd__server__subcmd__help__subcmd__host,list)
+                cmd="fcdev__subcmd__server__subcmd__help__subcmd__host__subcmd__list"
+                ;;
+            fcdev__subcmd__server__subcmd__help__subcmd__host,revoke)
+                cmd="fcdev__subcmd__server__subcmd__help__subcmd__host__subcmd__revoke"
                 ;;
             fcdev__subcmd__server__subcmd__help__subcmd__user,add)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__user__subcmd__add"
@@ -249,6 +276,30 @@ _fcdev() {
                 ;;
             fcdev__subcmd__server__subcmd__help__subcmd__user,token)
                 cmd="fcdev__subcmd__server__subcmd__help__subcmd__user__subcmd__token"
+                ;;
+            fcdev__subcmd__server__subcmd__host,add)
+                cmd="fcdev__subcmd__server__subcmd__host__subcmd__add"
+                ;;
+            fcdev__subcmd__server__subcmd__host,help)
+                cmd="fcdev__subcmd__server__subcmd__host__subcmd__help"
+                ;;
+            fcdev__subcmd__server__subcmd__host,list)
+                cmd="fcdev__subcmd__server__subcmd__host__subcmd__list"
+                ;;
+            fcdev__subcmd__server__subcmd__host,revoke)
+                cmd="fcdev__subcmd__server__subcmd__host__subcmd__revoke"
+                ;;
+            fcdev__subcmd__server__subcmd__host__subcmd__help,add)
+                cmd="fcdev__subcmd__server__subcmd__host__subcmd__help__subcmd__add"
+                ;;
+            fcdev__subcmd__server__subcmd__host__subcmd__help,help)
+                cmd="fcdev__subcmd__server__subcmd__host__subcmd__help__subcmd__help"
+                ;;
+            fcdev__subcmd__server__subcmd__host__subcmd__help,list)
+                cmd="fcdev__subcmd__server__subcmd__host__subcmd__help__subcmd__list"
+                ;;
+            fcdev__subcmd__server__subcmd__host__subcmd__help,revoke)
+                cmd="fcdev__subcmd__server__subcmd__host__subcmd__help__subcmd__revoke"
                 ;;
             fcdev__subcmd__server__subcmd__user,add)
                 cmd="fcdev__subcmd__server__subcmd__user__subcmd__add"
@@ -739,8 +790,64 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__help__subcmd__server)
-            opts="user stop"
+            opts="user host stop"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__server__subcmd__host)
+            opts="add list revoke"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__server__subcmd__host__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__server__subcmd__host__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__help__subcmd__server__subcmd__host__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1277,7 +1384,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server)
-            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --database --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --profile --verbose --help user stop help"
+            opts="-v -h --dev --listen --hub-listen --hub-endpoint --hub-tun --data-dir --database --images --backend --accel --max-starts --snapshot-quota --idle-stop --netns --user --role --control --host-name --host-token-file --host-lease --profile --verbose --help user host stop help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1339,6 +1446,26 @@ _fcdev() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --role)
+                    COMPREPLY=($(compgen -W "all control agent" -- "${cur}"))
+                    return 0
+                    ;;
+                --control)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --host-name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --host-token-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --host-lease)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --profile)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1351,7 +1478,7 @@ _fcdev() {
             return 0
             ;;
         fcdev__subcmd__server__subcmd__help)
-            opts="user stop help"
+            opts="user host stop help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1367,6 +1494,62 @@ _fcdev() {
         fcdev__subcmd__server__subcmd__help__subcmd__help)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__help__subcmd__host)
+            opts="add list revoke"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__help__subcmd__host__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__help__subcmd__host__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__help__subcmd__host__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1469,6 +1652,172 @@ _fcdev() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__host)
+            opts="-v -h --profile --verbose --help add list revoke help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__host__subcmd__add)
+            opts="-v -h --data-dir --database --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__host__subcmd__help)
+            opts="add list revoke help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__host__subcmd__help__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__host__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__host__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__host__subcmd__help__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__host__subcmd__list)
+            opts="-v -h --data-dir --database --json --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        fcdev__subcmd__server__subcmd__host__subcmd__revoke)
+            opts="-v -h --data-dir --database --profile --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --data-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

@@ -335,6 +335,11 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand --idle-stop 'Stop (`fcdev stop`) a ready cluster left alone this long: no state change and no tunnel handshake of its engineer, e.g. `8h`, `30m`; `0`: never (the default). `fcdev start` or `up` resumes it'
             cand --netns 'Run VMs, bridges and the hub''s TUN inside this network namespace (created if missing); the API and hub sockets stay in the namespace the server was started in. `none` keeps everything where it is. Default: `fcdev-dev` with --dev, else none'
             cand --user 'With --dev: the first engineer''s name (default: your login name)'
+            cand --role 'What this process does: `all` (API, VMs and hub in one process: the default), `control` (API, auth, allocation and the hosts'' leases; no VMs, no hub; use --database postgres://…), or `agent` (one per host: registers with --control and heartbeats; the token comes from FCDEV_HOST_TOKEN or --host-token-file)'
+            cand --control 'With --role agent: the control plane''s URL (`http://control:7070`)'
+            cand --host-name 'With --role agent: this host''s name, as added with `fcdev server host add NAME`'
+            cand --host-token-file 'With --role agent: a file holding the host token (instead of FCDEV_HOST_TOKEN)'
+            cand --host-lease 'Seconds a host''s lease lasts: a host whose agent sent no heartbeat for that long is `lost` (agents send one every third of it)'
             cand --profile 'The profile (server + token) to use'
             cand --dev 'The embedded default for one machine: API and hub on loopback, VMs in their own network namespace (`fcdev-dev`), and a fresh login token printed for the first engineer'
             cand -v 'More log output (repeat for more)'
@@ -342,6 +347,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
             cand -h 'Print help (see more with ''--help'')'
             cand --help 'Print help (see more with ''--help'')'
             cand user 'Manage engineers and their tokens'
+            cand host 'Manage the hosts whose agents (`fcdev server --role agent`) may join this control plane'
             cand stop 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -424,6 +430,60 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;user;help;help'= {
         }
+        &'fcdev;server;host'= {
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand add 'Add a host and print its token (shown once; the store keeps only its hash). Its agent reads it from FCDEV_HOST_TOKEN or --host-token-file'
+            cand list 'List the hosts: state (new, live, lost), last heartbeat, hub, capacity'
+            cand revoke 'Revoke a host''s token: its agent is refused (401) from its next heartbeat'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;server;host;add'= {
+            cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print JSON: `{"name": …, "token": …}`'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;server;host;list'= {
+            cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
+            cand --profile 'The profile (server + token) to use'
+            cand --json 'Print JSON'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;server;host;revoke'= {
+            cand --data-dir 'data-dir'
+            cand --database 'The server''s PostgreSQL database, when it runs with `--database` (default: DATA_DIR/state.db)'
+            cand --profile 'The profile (server + token) to use'
+            cand -v 'More log output (repeat for more)'
+            cand --verbose 'More log output (repeat for more)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+        }
+        &'fcdev;server;host;help'= {
+            cand add 'Add a host and print its token (shown once; the store keeps only its hash). Its agent reads it from FCDEV_HOST_TOKEN or --host-token-file'
+            cand list 'List the hosts: state (new, live, lost), last heartbeat, hub, capacity'
+            cand revoke 'Revoke a host''s token: its agent is refused (401) from its next heartbeat'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'fcdev;server;host;help;add'= {
+        }
+        &'fcdev;server;host;help;list'= {
+        }
+        &'fcdev;server;host;help;revoke'= {
+        }
+        &'fcdev;server;host;help;help'= {
+        }
         &'fcdev;server;stop'= {
             cand --data-dir 'data-dir'
             cand --profile 'The profile (server + token) to use'
@@ -435,6 +495,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;server;help'= {
             cand user 'Manage engineers and their tokens'
+            cand host 'Manage the hosts whose agents (`fcdev server --role agent`) may join this control plane'
             cand stop 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -454,6 +515,17 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;server;help;user;remove'= {
         }
         &'fcdev;server;help;user;list'= {
+        }
+        &'fcdev;server;help;host'= {
+            cand add 'Add a host and print its token (shown once; the store keeps only its hash). Its agent reads it from FCDEV_HOST_TOKEN or --host-token-file'
+            cand list 'List the hosts: state (new, live, lost), last heartbeat, hub, capacity'
+            cand revoke 'Revoke a host''s token: its agent is refused (401) from its next heartbeat'
+        }
+        &'fcdev;server;help;host;add'= {
+        }
+        &'fcdev;server;help;host;list'= {
+        }
+        &'fcdev;server;help;host;revoke'= {
         }
         &'fcdev;server;help;stop'= {
         }
@@ -577,6 +649,7 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         }
         &'fcdev;help;server'= {
             cand user 'Manage engineers and their tokens'
+            cand host 'Manage the hosts whose agents (`fcdev server --role agent`) may join this control plane'
             cand stop 'Stop the server running on this machine''s data dir (the one `fcdev up --local` started). Its VMs keep running and are re-adopted at the next start'
         }
         &'fcdev;help;server;user'= {
@@ -595,6 +668,17 @@ set edit:completion:arg-completer[fcdev] = {|@words|
         &'fcdev;help;server;user;remove'= {
         }
         &'fcdev;help;server;user;list'= {
+        }
+        &'fcdev;help;server;host'= {
+            cand add 'Add a host and print its token (shown once; the store keeps only its hash). Its agent reads it from FCDEV_HOST_TOKEN or --host-token-file'
+            cand list 'List the hosts: state (new, live, lost), last heartbeat, hub, capacity'
+            cand revoke 'Revoke a host''s token: its agent is refused (401) from its next heartbeat'
+        }
+        &'fcdev;help;server;host;add'= {
+        }
+        &'fcdev;help;server;host;list'= {
+        }
+        &'fcdev;help;server;host;revoke'= {
         }
         &'fcdev;help;server;stop'= {
         }

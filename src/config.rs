@@ -10,7 +10,7 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const CREDENTIALS_FILE: &str = "credentials.toml";
 pub const DEFAULT_PROFILE: &str = "default";
 pub const DEFAULT_IMAGE: &str = "tiny";
-pub const DEFAULT_CLUSTER: &str = "dev";
+pub use crate::names::DEFAULT_CLUSTER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -150,15 +150,7 @@ pub fn write_private(path: &Path, contents: &str, mode: u32) -> Result<(), Confi
     Ok(())
 }
 
-/// Make `dir` (and missing parents) a directory only its owner can enter (0700), tightening an existing one.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
+pub use crate::sys::create_private_dir;
 
 /// Both files of one config dir.
 #[derive(Debug, Clone)]

@@ -11,6 +11,9 @@ pub fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// The cluster `fcdev up` makes when no `--name` is given; its VMs are `<vm>.<namespace>.fcdev` (no cluster part).
+pub const DEFAULT_CLUSTER: &str = "dev";
+
 /// The DNS suffix of every VM name.
 pub const DNS_SUFFIX: &str = "fcdev";
 

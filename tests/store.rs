@@ -66,6 +66,8 @@ on_both_engines!(
     removal_and_revocation_reach_a_running_server,
     ssh_keys_keep_the_newest,
     clusters_ready_for_a_while_are_found,
+    host_tokens_are_hashed_and_revocable,
+    host_leases_refuse_a_second_agent_and_expire,
 );
 
 const ONE_VM: [NewVm<'static>; 1] = [NewVm {
@@ -432,6 +434,105 @@ fn clusters_ready_for_a_while_are_found(engine: Engine) {
     let ready = store.clusters_ready_since(1).unwrap();
     assert_eq!(ready.len(), 1);
     assert_eq!(ready[0].id, c.id);
+}
+
+fn host_tokens_are_hashed_and_revocable(engine: Engine) {
+    use fcdev::server::store::HostState;
+    let store = engine.store();
+    let (h, token) = store.add_host("h1").unwrap();
+    assert!(token.starts_with("fch_") && token.len() == 68, "{token}");
+    assert_eq!((h.name.as_str(), h.state), ("h1", HostState::New));
+    assert!(h.capacity.is_none() && !h.revoked && h.heartbeat_ms.is_none());
+    assert!(matches!(store.add_host("h1"), Err(StoreError::Exists(_))));
+    let (_, other) = store.add_host("h2").unwrap();
+    assert_eq!(store.host_by_token(&token).unwrap(), Some(h.clone()));
+    assert_eq!(store.host_by_token(&other).unwrap().unwrap().name, "h2");
+    assert_eq!(store.host_by_token("fch_nope").unwrap(), None);
+    // A user token is not a host token, nor the other way round.
+    let (_, user_token) = store.add_user("alice").unwrap();
+    assert_eq!(store.host_by_token(&user_token).unwrap(), None);
+    assert_eq!(store.user_by_token(&token).unwrap(), None);
+    assert!(store.revoke_host("h1").unwrap());
+    assert!(!store.revoke_host("h1").unwrap(), "already revoked");
+    assert!(matches!(
+        store.revoke_host("nope"),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.host_by_token(&token).unwrap(), None);
+    drop(store);
+    let store = engine.store();
+    let hosts = store.hosts().unwrap();
+    assert_eq!(
+        hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+        ["h1", "h2"]
+    );
+    assert!(hosts[0].revoked && !hosts[1].revoked);
+}
+
+fn host_leases_refuse_a_second_agent_and_expire(engine: Engine) {
+    use fcdev::api::{AgentHeartbeat, HostCapacity};
+    use fcdev::server::store::HostState;
+    let store = engine.store();
+    let (h, _) = store.add_host("h1").unwrap();
+    let beat = |instance: &str| AgentHeartbeat {
+        name: "h1".into(),
+        instance: instance.into(),
+        hub_endpoint: "10.0.0.1:51820".into(),
+        hub_public_key: "k".repeat(44),
+        capacity: HostCapacity {
+            memory_mb: 4096,
+            free_memory_mb: 3000,
+            cpus: 4,
+            disk_free_bytes: 1 << 40,
+            images: vec!["press".into(), "tiny".into()],
+        },
+    };
+    const LEASE: i64 = 2000;
+    let live = store
+        .host_heartbeat(h.id, &beat("a"), 10_000, LEASE)
+        .unwrap();
+    assert_eq!(live.state, HostState::Live);
+    assert_eq!(live.heartbeat_ms, Some(10_000));
+    assert_eq!(live.instance.as_deref(), Some("a"));
+    assert_eq!(live.capacity, Some(beat("a").capacity));
+    assert_eq!(live.hub_endpoint.as_deref(), Some("10.0.0.1:51820"));
+    // Another agent while a's lease runs: refused; a renews.
+    assert!(matches!(
+        store.host_heartbeat(h.id, &beat("b"), 11_000, LEASE),
+        Err(StoreError::Claimed(_))
+    ));
+    store
+        .host_heartbeat(h.id, &beat("a"), 11_500, LEASE)
+        .unwrap();
+    assert!(store
+        .expire_hosts(13_000, LEASE, "gone")
+        .unwrap()
+        .is_empty());
+    let lost = store.expire_hosts(13_500, LEASE, "gone").unwrap();
+    assert_eq!(lost.len(), 1);
+    assert_eq!(
+        (lost[0].state, lost[0].reason.as_deref()),
+        (HostState::Lost, Some("gone"))
+    );
+    assert!(
+        store
+            .expire_hosts(20_000, LEASE, "gone")
+            .unwrap()
+            .is_empty(),
+        "once"
+    );
+    assert_eq!(store.hosts().unwrap()[0].state, HostState::Lost);
+    // A lost host's name may be taken by another agent; it is live again.
+    let back = store
+        .host_heartbeat(h.id, &beat("b"), 14_000, LEASE)
+        .unwrap();
+    assert_eq!((back.state, back.reason), (HostState::Live, None));
+    // A revoked host gets no heartbeat in.
+    store.revoke_host("h1").unwrap();
+    assert!(matches!(
+        store.host_heartbeat(h.id, &beat("b"), 14_500, LEASE),
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 // ---- the real binary on PostgreSQL ----

@@ -302,3 +302,40 @@ pub struct Peer {
     pub dropped_packets: u64,
     pub endpoint: Option<String>,
 }
+
+/// What a host offers (`fcdev server --role agent` reports it with every heartbeat).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HostCapacity {
+    pub memory_mb: u64,
+    /// Memory not in use now (MemAvailable): what placement compares.
+    pub free_memory_mb: u64,
+    pub cpus: u32,
+    /// Free disk under the agent's data dir.
+    pub disk_free_bytes: u64,
+    /// The images the agent has (names).
+    pub images: Vec<String>,
+}
+
+/// `POST /v1/agent/heartbeat`: an agent registers (its first heartbeat) and renews its lease.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentHeartbeat {
+    /// The host's name (`fcdev server host add NAME`); must be the name of the token's host.
+    pub name: String,
+    /// This agent's identity, kept in its data dir: a restarted agent is the same agent, a second one on
+    /// another machine with the same name is not.
+    pub instance: String,
+    /// `host:port` laptops send WireGuard to, on this host.
+    pub hub_endpoint: String,
+    /// The host hub's x25519 public key, base64.
+    pub hub_public_key: String,
+    pub capacity: HostCapacity,
+}
+
+/// The answer to a heartbeat: how long the lease lasts and when to send the next one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentLease {
+    pub name: String,
+    pub lease_secs: u64,
+    /// Send the next heartbeat after this many milliseconds (a third of the lease).
+    pub heartbeat_ms: u64,
+}

@@ -1,7 +1,6 @@
 //! The control API (axum): routes under `/v1`, bearer-token auth, JSON errors `{"error": {code, message, hint}}`.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -13,18 +12,13 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::api::{self, ClusterState};
-use crate::names;
-use crate::server::hub_control::{HubControl, HubPeerEntry, HubPeerError};
-use crate::server::orchestrator::{hostname, Orchestrator, OrchestratorError, UpOutcome};
-use crate::server::store::{NamespaceRow, Store, StoreError, User};
+use crate::api;
+use crate::server::orchestrator::{OrchestratorError, UpOutcome};
+use crate::server::service::{Console, ExecLine, Service, ServiceError, MAX_STREAMS_PER_USER};
+use crate::server::store::{HostRow, StoreError, User};
 
-#[derive(Clone)]
-pub struct AppState {
-    pub store: Arc<Store>,
-    pub orchestrator: Arc<Orchestrator>,
-    pub hub: Arc<dyn HubControl>,
-}
+/// What every handler gets: the service layer.
+pub type AppState = Service;
 
 /// An API error: status + the JSON body of DESIGN.md.
 #[derive(Debug)]
@@ -89,6 +83,8 @@ impl From<StoreError> for ApiErr {
                 ApiErr::new(StatusCode::INSUFFICIENT_STORAGE, "exhausted", what)
                     .hint("free some (`fcdev down`, delete peers) or ask the operator")
             }
+            StoreError::Claimed(what) => ApiErr::new(StatusCode::CONFLICT, "conflict", what)
+                .hint("two agents cannot share a host name: stop the other one, or give this host its own name (`fcdev server host add NAME`)"),
             StoreError::Unavailable(e) => {
                 tracing::warn!("the database is unreachable: {e}");
                 ApiErr::new(
@@ -306,20 +302,10 @@ impl FromRequestParts<AppState> for AuthUser {
             .map(|(_, token)| token.trim())
             .filter(|token| !token.is_empty())
             .ok_or_else(|| unauthorized("the Authorization header must be `Bearer TOKEN`"))?;
-        let store = state.store.clone();
-        let token = token.to_string();
-        let user = tokio::task::spawn_blocking(move || store.user_by_token(&token))
-            .await
-            .map_err(ApiErr::internal)??;
+        let user = state.authenticate(token.to_string()).await?;
         user.map(AuthUser)
             .ok_or_else(|| unauthorized("unknown or revoked token"))
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiErr::internal)
 }
 
 pub fn router(state: AppState) -> Router {
@@ -350,7 +336,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/peers", post(create_peer).get(list_peers))
         .route("/peers/{id}", delete(delete_peer))
-        .layer(axum::Extension(Arc::new(StreamLimits::default())));
+        .route("/agent/heartbeat", post(agent_heartbeat));
     Router::new()
         .nest(api::API_PREFIX, v1)
         .fallback(|| async {
@@ -377,72 +363,101 @@ async fn version_header(mut resp: Response) -> Response {
     resp
 }
 
-async fn health(State(state): State<AppState>) -> Json<api::Health> {
-    let backend = state.orchestrator.backend();
-    Json(api::Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        backend: backend.kind().into(),
-        accelerator: backend.accelerator(),
-    })
-}
-
-fn namespace_view(ns: &NamespaceRow) -> api::Namespace {
-    api::Namespace {
-        name: ns.name.clone(),
-        subnet: ns.subnet.to_string(),
-        gateway: ns.gateway().to_string(),
+impl From<ServiceError> for ApiErr {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Store(e) => e.into(),
+            ServiceError::Orchestrator(e) => e.into(),
+            e @ ServiceError::InvalidName { .. } => ApiErr::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_name",
+                e.to_string(),
+            )
+            .hint("use 1–63 lowercase letters, digits and `-`, not starting or ending with `-` (it becomes a DNS label)"),
+            e @ ServiceError::InvalidSshKey(_) => {
+                ApiErr::new(StatusCode::BAD_REQUEST, "invalid_ssh_key", e.to_string()).hint(
+                    "send `ssh-ed25519 AAAA… comment` lines (ed25519 or ECDSA, at most 256 bytes each)",
+                )
+            }
+            e @ ServiceError::TooManySshKeys => {
+                ApiErr::new(StatusCode::BAD_REQUEST, "invalid_ssh_key", e.to_string())
+            }
+            e @ ServiceError::InvalidPublicKey => {
+                ApiErr::new(StatusCode::BAD_REQUEST, "invalid_public_key", e.to_string())
+                    .hint("`fcdev tunnel` generates the key pair for you; never send a private key")
+            }
+            e @ ServiceError::EmptyCommand => {
+                ApiErr::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            }
+            ServiceError::ClusterNotFound(name) => cluster_not_found(&name),
+            e @ ServiceError::BeingDeleted(_) => {
+                ApiErr::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            e @ ServiceError::NoSuchVm { .. } => {
+                ApiErr::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+                    .hint("`fcdev status` lists your clusters and their VMs")
+            }
+            e @ ServiceError::NoConsole(_) => {
+                ApiErr::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            e @ ServiceError::PeerNotFound(_) => {
+                ApiErr::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            ServiceError::DeleteFailed(reason) => ApiErr::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "delete_failed",
+                reason,
+            )
+            .hint("run `fcdev down` again; the server log has details"),
+            ServiceError::TooManyStreams => ApiErr::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!(
+                    "at most {MAX_STREAMS_PER_USER} streams (events and followed logs) may be open at once"
+                ),
+            )
+            .hint("close other streams (`fcdev up`, `fcdev logs -f` in other terminals) and try again"),
+            e @ ServiceError::NoHost => {
+                ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, "no_host", e.to_string())
+                    .hint("the operator starts agents: `fcdev server --role agent --control URL`")
+            }
+            e @ ServiceError::WrongHost(_) => ApiErr::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                e.to_string(),
+            )
+            .hint("start the agent with the token `fcdev server host add NAME` printed for its --host-name"),
+            ServiceError::Internal(e) => ApiErr::internal(e),
+        }
     }
 }
 
+async fn health(State(state): State<AppState>) -> Json<api::Health> {
+    Json(state.health())
+}
+
 async fn me(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<api::Me>> {
-    let store = state.store.clone();
-    let uid = user.id;
-    let ns = blocking(move || store.namespace_of(uid)).await??;
-    Ok(Json(api::Me {
-        user: user.name,
-        namespace: ns.as_ref().map(namespace_view),
-    }))
-}
-
-async fn my_namespace(state: &AppState, user: User) -> ApiResult<NamespaceRow> {
-    let store = state.store.clone();
-    Ok(blocking(move || store.ensure_namespace(&user)).await??)
-}
-
-async fn existing_namespace(state: &AppState, user: &User) -> ApiResult<Option<NamespaceRow>> {
-    let store = state.store.clone();
-    let uid = user.id;
-    Ok(blocking(move || store.namespace_of(uid)).await??)
+    Ok(Json(state.me(user).await?))
 }
 
 async fn ensure_namespace(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
 ) -> ApiResult<Json<api::Namespace>> {
-    let ns = my_namespace(&state, user).await?;
-    Ok(Json(namespace_view(&ns)))
+    Ok(Json(state.ensure_namespace(user).await?))
 }
 
 async fn images(
     State(state): State<AppState>,
     AuthUser(_): AuthUser,
 ) -> ApiResult<Json<Vec<api::ImageInfo>>> {
-    let catalog = state.orchestrator.catalog().clone();
-    let list = blocking(move || catalog.list().iter().map(|i| i.info()).collect()).await?;
-    Ok(Json(list))
+    Ok(Json(state.images().await?))
 }
 
-fn check_name(kind: &str, name: &str) -> ApiResult<()> {
-    if names::is_dns_label(name) {
-        Ok(())
-    } else {
-        Err(ApiErr::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_name",
-            format!("`{name}` is not a valid {kind} name"),
-        )
-        .hint("use 1–63 lowercase letters, digits and `-`, not starting or ending with `-` (it becomes a DNS label)"))
+fn up_status(outcome: UpOutcome) -> StatusCode {
+    match outcome {
+        UpOutcome::AlreadyReady => StatusCode::OK,
+        UpOutcome::Created | UpOutcome::Resumed => StatusCode::ACCEPTED,
     }
 }
 
@@ -451,94 +466,15 @@ async fn create_cluster(
     AuthUser(user): AuthUser,
     JsonBody(req): JsonBody<api::CreateCluster>,
 ) -> ApiResult<Response> {
-    check_name("cluster", &req.name)?;
-    check_name("image", &req.image)?;
-    let bad_key = req.ssh_keys.iter().find(|k| !valid_ssh_public_key(k));
-    if let Some(key) = bad_key {
-        return Err(ApiErr::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_ssh_key",
-            format!(
-                "`{}` is not an ssh public key",
-                key.chars().take(40).collect::<String>()
-            ),
-        )
-        .hint(
-            "send `ssh-ed25519 AAAA… comment` lines (ed25519 or ECDSA, at most 256 bytes each)",
-        ));
-    }
-    if req.ssh_keys.len() > MAX_SSH_KEYS {
-        return Err(ApiErr::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_ssh_key",
-            format!("at most {MAX_SSH_KEYS} ssh keys per request"),
-        ));
-    }
-    let ns = my_namespace(&state, user).await?;
-    if !req.ssh_keys.is_empty() {
-        let store = state.store.clone();
-        let (nsid, keys) = (ns.id, req.ssh_keys.clone());
-        blocking(move || store.add_ssh_keys(nsid, &keys, MAX_SSH_KEYS)).await??;
-    }
-    // Events after this one belong to this request: the client follows `/events?after=event_seq`.
-    let seq_before = match state.store.cluster(ns.id, &req.name)? {
-        Some(existing) => {
-            // Notice a dead VM first, so its `failed` event comes before this request's progress.
-            let orch = state.orchestrator.clone();
-            let e = existing.clone();
-            blocking(move || orch.refresh(&e)).await??;
-            state.store.last_event_seq(existing.id)?
-        }
-        // A new cluster's events are numbered from 1.
-        None => 0,
-    };
-    // `up` spawns background work on this runtime; its own blocking parts are short store reads.
-    let (row, outcome) = state.orchestrator.up(&ns, &req.name, &req.image)?;
-    let store = state.store.clone();
-    let row = blocking(move || store.cluster_by_id(row.id))
-        .await??
-        .unwrap_or(row);
-    let mut view = state.orchestrator.view(&ns, &row)?;
-    view.event_seq = seq_before;
-    let status = match outcome {
-        UpOutcome::AlreadyReady => StatusCode::OK,
-        UpOutcome::Created | UpOutcome::Resumed => StatusCode::ACCEPTED,
-    };
-    Ok((status, Json(view)).into_response())
+    let (view, outcome) = state.up(user, req).await?;
+    Ok((up_status(outcome), Json(view)).into_response())
 }
 
 async fn list_clusters(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
 ) -> ApiResult<Json<Vec<api::Cluster>>> {
-    let Some(ns) = existing_namespace(&state, &user).await? else {
-        return Ok(Json(Vec::new()));
-    };
-    let store = state.store.clone();
-    let nsid = ns.id;
-    let rows = blocking(move || store.clusters_in(nsid)).await??;
-    let mut out = Vec::new();
-    for row in rows {
-        out.push(state.orchestrator.view(&ns, &row)?);
-    }
-    Ok(Json(out))
-}
-
-async fn find_cluster(
-    state: &AppState,
-    user: &User,
-    name: &str,
-) -> ApiResult<(NamespaceRow, crate::server::store::ClusterRow)> {
-    check_name("cluster", name)?;
-    let ns = existing_namespace(state, user)
-        .await?
-        .ok_or_else(|| cluster_not_found(name))?;
-    let store = state.store.clone();
-    let (nsid, n) = (ns.id, name.to_string());
-    let row = blocking(move || store.cluster(nsid, &n))
-        .await??
-        .ok_or_else(|| cluster_not_found(name))?;
-    Ok((ns, row))
+    Ok(Json(state.clusters(user).await?))
 }
 
 async fn get_cluster(
@@ -546,15 +482,7 @@ async fn get_cluster(
     AuthUser(user): AuthUser,
     PathParam(name): PathParam<String>,
 ) -> ApiResult<Json<api::Cluster>> {
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
-    let orch = state.orchestrator.clone();
-    let r = row.clone();
-    blocking(move || orch.refresh(&r)).await??;
-    let store = state.store.clone();
-    let row = blocking(move || store.cluster_by_id(row.id))
-        .await??
-        .ok_or_else(|| cluster_not_found(&name))?;
-    Ok(Json(state.orchestrator.view(&ns, &row)?))
+    Ok(Json(state.cluster(user, name).await?))
 }
 
 async fn reset_cluster(
@@ -562,22 +490,7 @@ async fn reset_cluster(
     AuthUser(user): AuthUser,
     PathParam(name): PathParam<String>,
 ) -> ApiResult<Response> {
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
-    if matches!(row.state, ClusterState::Deleting) {
-        return Err(ApiErr::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("cluster `{name}` is being deleted"),
-        ));
-    }
-    let seq_before = state.store.last_event_seq(row.id)?;
-    state.orchestrator.reset(&row)?;
-    let store = state.store.clone();
-    let row = blocking(move || store.cluster_by_id(row.id))
-        .await??
-        .ok_or_else(|| cluster_not_found(&name))?;
-    let mut view = state.orchestrator.view(&ns, &row)?;
-    view.event_seq = seq_before;
+    let view = state.reset(user, name).await?;
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
@@ -591,38 +504,21 @@ async fn exec_in_vm(
     JsonBody(req): JsonBody<api::ExecRequest>,
 ) -> ApiResult<Response> {
     use base64::Engine;
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
-    check_name("VM", &vm)?;
-    if req.command.trim().is_empty() {
-        return Err(ApiErr::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the command is empty",
-        ));
-    }
-    let orch = state.orchestrator.clone();
-    let spec = blocking(move || orch.spec_of(&ns, &row, &vm)).await??;
-    let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
-    let backend = state.orchestrator.backend().clone();
-    tokio::task::spawn_blocking(move || {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut out = |bytes: &[u8]| {
-            let line = serde_json::json!({ "out": b64.encode(bytes) }).to_string() + "\n";
-            tx.blocking_send(line).is_ok()
-        };
-        let last = match backend.exec(&spec, &req.command, &mut out) {
-            Ok(code) => serde_json::json!({ "exit": code }),
-            Err(e) => serde_json::json!({ "error": e.to_string() }),
-        };
-        let _ = tx.blocking_send(last.to_string() + "\n");
-    });
-    let body = axum::body::Body::from_stream(tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::ReceiverStream::new(rx),
-        Ok::<_, Infallible>,
-    ));
+    let rx = state.exec(user, name, vm, req.command).await?;
+    let lines =
+        tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |line| {
+            let v = match line {
+                ExecLine::Out(bytes) => serde_json::json!({
+                    "out": base64::engine::general_purpose::STANDARD.encode(bytes)
+                }),
+                ExecLine::Exit(code) => serde_json::json!({ "exit": code }),
+                ExecLine::Error(e) => serde_json::json!({ "error": e }),
+            };
+            Ok::<_, Infallible>(v.to_string() + "\n")
+        });
     Response::builder()
         .header("content-type", "application/x-ndjson")
-        .body(body)
+        .body(axum::body::Body::from_stream(lines))
         .map_err(ApiErr::internal)
 }
 
@@ -631,42 +527,8 @@ async fn delete_cluster(
     AuthUser(user): AuthUser,
     PathParam(name): PathParam<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (_ns, row) = find_cluster(&state, &user, &name).await?;
-    state
-        .orchestrator
-        .spawn_delete(row.clone())
-        .await
-        .map_err(ApiErr::internal)??;
-    let store = state.store.clone();
-    let id = row.id;
-    if let Some(after) = blocking(move || store.cluster_by_id(id)).await?? {
-        return Err(ApiErr::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "delete_failed",
-            after.reason.unwrap_or_else(|| "delete failed".into()),
-        )
-        .hint("run `fcdev down` again; the server log has details"));
-    }
+    state.delete(user, name.clone()).await?;
     Ok(Json(serde_json::json!({ "deleted": name })))
-}
-
-/// The cluster's view as the 202 of an operation that goes on in the background: `event_seq` is where its
-/// events start.
-async fn accepted(
-    state: &AppState,
-    ns: &NamespaceRow,
-    id: i64,
-    name: &str,
-    seq_before: i64,
-    status: StatusCode,
-) -> ApiResult<Response> {
-    let store = state.store.clone();
-    let row = blocking(move || store.cluster_by_id(id))
-        .await??
-        .ok_or_else(|| cluster_not_found(name))?;
-    let mut view = state.orchestrator.view(ns, &row)?;
-    view.event_seq = seq_before;
-    Ok((status, Json(view)).into_response())
 }
 
 async fn stop_cluster(
@@ -674,15 +536,13 @@ async fn stop_cluster(
     AuthUser(user): AuthUser,
     PathParam(name): PathParam<String>,
 ) -> ApiResult<Response> {
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
-    let seq_before = state.store.last_event_seq(row.id)?;
-    let stopping = state.orchestrator.stop(&row)?;
+    let (view, stopping) = state.stop(user, name).await?;
     let status = if stopping {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
-    accepted(&state, &ns, row.id, &name, seq_before, status).await
+    Ok((status, Json(view)).into_response())
 }
 
 async fn start_cluster(
@@ -690,25 +550,8 @@ async fn start_cluster(
     AuthUser(user): AuthUser,
     PathParam(name): PathParam<String>,
 ) -> ApiResult<Response> {
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
-    let seq_before = state.store.last_event_seq(row.id)?;
-    // `up` of the existing cluster: a stopped one resumes, a failed one is repaired, a ready one is left alone.
-    let (_, outcome) = state.orchestrator.up(&ns, &row.name, &row.image)?;
-    let status = match outcome {
-        UpOutcome::AlreadyReady => StatusCode::OK,
-        UpOutcome::Created | UpOutcome::Resumed => StatusCode::ACCEPTED,
-    };
-    accepted(&state, &ns, row.id, &name, seq_before, status).await
-}
-
-fn snapshot_view(row: &crate::server::store::SnapshotRow) -> api::Snapshot {
-    api::Snapshot {
-        name: row.name.clone(),
-        cluster: row.cluster.clone(),
-        image: row.image.clone(),
-        size_bytes: row.size_bytes,
-        created_at: row.created_at.clone(),
-    }
+    let (view, outcome) = state.start(user, name).await?;
+    Ok((up_status(outcome), Json(view)).into_response())
 }
 
 async fn create_snapshot(
@@ -717,17 +560,8 @@ async fn create_snapshot(
     PathParam(name): PathParam<String>,
     JsonBody(req): JsonBody<api::CreateSnapshot>,
 ) -> ApiResult<Response> {
-    check_name("snapshot", &req.name)?;
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
-    // A task of its own: a client that goes away must not leave the VMs paused half-way.
-    let task = tokio::spawn(
-        state
-            .orchestrator
-            .clone()
-            .save_snapshot(ns, row.id, req.name),
-    );
-    let snap = task.await.map_err(ApiErr::internal)??;
-    Ok((StatusCode::CREATED, Json(snapshot_view(&snap))).into_response())
+    let snap = state.save_snapshot(user, name, req.name).await?;
+    Ok((StatusCode::CREATED, Json(snap)).into_response())
 }
 
 async fn list_snapshots(
@@ -735,10 +569,7 @@ async fn list_snapshots(
     AuthUser(user): AuthUser,
     PathParam(name): PathParam<String>,
 ) -> ApiResult<Json<Vec<api::Snapshot>>> {
-    let (_ns, row) = find_cluster(&state, &user, &name).await?;
-    let orch = state.orchestrator.clone();
-    let rows = blocking(move || orch.snapshots(&row)).await??;
-    Ok(Json(rows.iter().map(snapshot_view).collect()))
+    Ok(Json(state.snapshots(user, name).await?))
 }
 
 async fn delete_snapshot(
@@ -746,15 +577,7 @@ async fn delete_snapshot(
     AuthUser(user): AuthUser,
     PathParam((name, snapshot)): PathParam<(String, String)>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    check_name("snapshot", &snapshot)?;
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
-    let task = tokio::spawn(
-        state
-            .orchestrator
-            .clone()
-            .delete_snapshot(ns, row, snapshot.clone()),
-    );
-    task.await.map_err(ApiErr::internal)??;
+    state.delete_snapshot(user, name, snapshot.clone()).await?;
     Ok(Json(serde_json::json!({ "deleted": snapshot })))
 }
 
@@ -763,14 +586,8 @@ async fn restore_snapshot(
     AuthUser(user): AuthUser,
     PathParam((name, snapshot)): PathParam<(String, String)>,
 ) -> ApiResult<Response> {
-    check_name("snapshot", &snapshot)?;
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
-    let seq_before = state.store.last_event_seq(row.id)?;
-    state
-        .orchestrator
-        .restore_snapshot(&ns, &row, &snapshot)
-        .await?;
-    accepted(&state, &ns, row.id, &name, seq_before, StatusCode::ACCEPTED).await
+    let view = state.restore_snapshot(user, name, snapshot).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -779,152 +596,24 @@ struct EventsQuery {
     after: i64,
 }
 
-/// Event streams one engineer may have open at once; one more is answered 429.
-pub const MAX_STREAMS_PER_USER: usize = 16;
-
-/// Open event streams per engineer.
-#[derive(Default)]
-pub struct StreamLimits {
-    open: std::sync::Mutex<std::collections::HashMap<i64, usize>>,
-}
-
-/// One open stream, counted until it is dropped (the stream's task ends).
-pub struct StreamPermit {
-    limits: Arc<StreamLimits>,
-    user_id: i64,
-}
-
-impl StreamLimits {
-    fn acquire(self: &Arc<Self>, user_id: i64) -> Option<StreamPermit> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(user_id).or_default();
-        if *n >= MAX_STREAMS_PER_USER {
-            return None;
-        }
-        *n += 1;
-        Some(StreamPermit {
-            limits: self.clone(),
-            user_id,
-        })
-    }
-}
-
-impl Drop for StreamPermit {
-    fn drop(&mut self) {
-        let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.user_id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&self.user_id);
-            }
-        }
-    }
-}
-
-/// A cluster in a final state (or gone) produces no more events until someone acts on it.
-fn is_final(cluster: &Option<crate::server::store::ClusterRow>) -> bool {
-    cluster.as_ref().is_none_or(|c| !c.state.is_transient())
-}
-
 /// Server-sent events: every stored event after `?after=SEQ`, then live ones. The stream ends once the cluster is
 /// ready, failed or deleted, at once when it already is; a client that goes away ends it at once too.
 async fn cluster_events(
     State(state): State<AppState>,
-    axum::Extension(limits): axum::Extension<Arc<StreamLimits>>,
     AuthUser(user): AuthUser,
     PathParam(name): PathParam<String>,
     QueryParams(q): QueryParams<EventsQuery>,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
-    let (_ns, row) = find_cluster(&state, &user, &name).await?;
-    let permit = limits.acquire(user.id).ok_or_else(too_many_streams)?;
-    // Subscribe before reading the store, so no event falls between the two.
-    let mut live = state.orchestrator.subscribe();
-    let store = state.store.clone();
-    let cid = row.id;
-    // The state is read before the events: a final state's event is stored with it, so it is among `past`.
-    let (current, past) = blocking(move || -> Result<_, StoreError> {
-        let current = store.cluster_by_id(cid)?;
-        Ok((current, store.events_after(cid, q.after)?))
-    })
-    .await??;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
-    let cluster_name = row.name.clone();
-    let store = state.store.clone();
-    tokio::spawn(async move {
-        let _permit = permit;
-        let to_event = |e: &crate::server::store::EventRow| {
-            let ev = api::ClusterEvent {
-                seq: e.seq,
-                cluster: cluster_name.clone(),
-                vm: e.vm.clone(),
-                state: e.state.clone(),
-                message: e.message.clone(),
-                at: e.at.clone(),
-            };
-            Event::default()
+    let rx = state.events(user, name, q.after).await?;
+    let stream = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        |e: api::ClusterEvent| {
+            Ok(Event::default()
                 .id(e.seq.to_string())
-                .json_data(&ev)
-                .unwrap_or_default()
-        };
-        let is_end = |e: &crate::server::store::EventRow| {
-            e.vm.is_none() && ClusterState::ends_stream(&e.state)
-        };
-        let reread = |store: Arc<Store>| async move {
-            tokio::task::spawn_blocking(move || store.cluster_by_id(cid).ok().flatten())
-                .await
-                .ok()
-                .flatten()
-        };
-        let mut last = q.after;
-        let mut ended = false;
-        for e in &past {
-            last = e.seq;
-            if tx.send(Ok(to_event(e))).await.is_err() {
-                return;
-            }
-            ended = is_end(e);
-        }
-        if is_final(&current) {
-            return;
-        }
-        // A stored terminal event ends the stream unless the cluster moved on since (a retry after failure).
-        if ended && is_final(&reread(store.clone()).await) {
-            return;
-        }
-        loop {
-            let received = tokio::select! {
-                // The client went away: end now, not at the next write.
-                _ = tx.closed() => return,
-                received = live.recv() => received,
-            };
-            match received {
-                Ok(e) if e.cluster_id == cid && e.seq > last => {
-                    last = e.seq;
-                    if tx.send(Ok(to_event(&e))).await.is_err() || is_end(&e) {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    // Catch up from the store.
-                    let s = store.clone();
-                    let missed = tokio::task::spawn_blocking(move || s.events_after(cid, last))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .unwrap_or_default();
-                    for e in missed {
-                        last = e.seq;
-                        if tx.send(Ok(to_event(&e))).await.is_err() || is_end(&e) {
-                            return;
-                        }
-                    }
-                }
-                Err(_) => return,
-            }
-        }
-    });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+                .json_data(&e)
+                .unwrap_or_default())
+        },
+    );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
@@ -940,157 +629,29 @@ fn default_console_lines() -> usize {
     100
 }
 
-/// How often a followed console log is read for what was appended.
-const CONSOLE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
-/// How often a follow checks that the cluster still exists (it ends when the cluster is deleted).
-const CONSOLE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// A VM's console log as `text/plain`: its last `?lines=N` lines (at most 10 000), and with `?follow=true` what is
 /// appended after them, until the cluster is deleted or the client goes away. A follow counts as one of the
 /// engineer's streams (like an event stream). An unknown VM is a 404 naming the cluster's VMs.
 async fn vm_console(
     State(state): State<AppState>,
-    axum::Extension(limits): axum::Extension<Arc<StreamLimits>>,
     AuthUser(user): AuthUser,
     PathParam((name, vm)): PathParam<(String, String)>,
     QueryParams(q): QueryParams<ConsoleQuery>,
 ) -> ApiResult<Response> {
-    use crate::server::console;
-    let (ns, row) = find_cluster(&state, &user, &name).await?;
-    let store = state.store.clone();
-    let cid = row.id;
-    let vms = blocking(move || store.vms_of(cid)).await??;
-    let Some(vm_row) = vms.iter().find(|v| v.name == vm).cloned() else {
-        let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
-        return Err(ApiErr::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!(
-                "no VM `{vm}` in cluster `{name}`; its VMs are: {}",
-                names.join(", ")
-            ),
-        )
-        .hint("`fcdev status` lists your clusters and their VMs"));
-    };
-    let orch = state.orchestrator.clone();
-    let (ns2, row2) = (ns.clone(), row.clone());
-    let path = blocking(move || orch.console_log(&ns2, &row2, &vm_row))
-        .await??
-        .ok_or_else(|| {
-            ApiErr::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("VM `{vm}` has no console log"),
-            )
-        })?;
-    let permit = if q.follow {
-        Some(limits.acquire(user.id).ok_or_else(too_many_streams)?)
-    } else {
-        None
-    };
-    let p = path.clone();
-    let lines = q.lines;
-    let first = blocking(move || console::tail(&p, lines))
-        .await?
-        .map_err(ApiErr::internal)?;
     let text_plain = [(
         axum::http::header::CONTENT_TYPE,
         "text/plain; charset=utf-8",
     )];
-    let Some(permit) = permit else {
-        return Ok((text_plain, first.bytes).into_response());
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, Infallible>>(16);
-    let store = state.store.clone();
-    tokio::spawn(async move {
-        let _permit = permit;
-        if !first.bytes.is_empty() && tx.send(Ok(first.bytes)).await.is_err() {
-            return;
-        }
-        let mut next = first.next;
-        let mut checked = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = tx.closed() => return,
-                _ = tokio::time::sleep(CONSOLE_POLL) => {}
+    Ok(
+        match state.console(user, name, vm, q.lines, q.follow).await? {
+            Console::Text(bytes) => (text_plain, bytes).into_response(),
+            Console::Follow(rx) => {
+                let body =
+                    axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+                (text_plain, body).into_response()
             }
-            if checked.elapsed() >= CONSOLE_CHECK {
-                checked = tokio::time::Instant::now();
-                let s = store.clone();
-                let exists = tokio::task::spawn_blocking(move || s.cluster_by_id(cid))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .map(|c| c.is_some());
-                // Gone (a store error is not "gone": keep following).
-                if exists == Some(false) {
-                    return;
-                }
-            }
-            let p = path.clone();
-            let from = next;
-            let Ok(Ok(chunk)) =
-                tokio::task::spawn_blocking(move || console::read_from(&p, from)).await
-            else {
-                continue;
-            };
-            next = chunk.next;
-            if !chunk.bytes.is_empty() && tx.send(Ok(chunk.bytes)).await.is_err() {
-                return;
-            }
-        }
-    });
-    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    Ok((text_plain, body).into_response())
-}
-
-fn too_many_streams() -> ApiErr {
-    ApiErr::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "too_many_streams",
-        format!(
-            "at most {MAX_STREAMS_PER_USER} streams (events and followed logs) may be open at once"
-        ),
+        },
     )
-    .hint("close other streams (`fcdev up`, `fcdev logs -f` in other terminals) and try again")
-}
-
-/// The longest ssh key line accepted (an ed25519 key with a comment is ~100 bytes).
-const MAX_SSH_KEY_LEN: usize = 256;
-/// Keys kept per namespace (the newest win): the guest gets them all on its kernel command line.
-pub const MAX_SSH_KEYS: usize = 4;
-
-/// One line `TYPE BASE64 [comment]` of a known key type, nothing that could break the guest's authorized_keys.
-fn valid_ssh_public_key(key: &str) -> bool {
-    use base64::Engine;
-    let mut parts = key.split_whitespace();
-    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    // Short key types only: every key rides on the guest's kernel command line (2 KB in all) at boot.
-    key.len() <= MAX_SSH_KEY_LEN
-        && !key.contains(['\n', '\r', '\0'])
-        && matches!(
-            kind,
-            "ssh-ed25519" | "ecdsa-sha2-nistp256" | "ecdsa-sha2-nistp384"
-        )
-        && base64::engine::general_purpose::STANDARD
-            .decode(blob)
-            .is_ok()
-}
-
-/// 32 bytes of base64 and not a point of small order (with such a key anyone completes a handshake).
-fn valid_public_key(key: &str) -> bool {
-    crate::tunnel::PublicKey::from_base64(key).is_ok()
-}
-
-fn invalid_public_key() -> ApiErr {
-    ApiErr::new(
-        StatusCode::BAD_REQUEST,
-        "invalid_public_key",
-        "public_key must be a base64 x25519 public key (32 bytes, not a point of small order)",
-    )
-    .hint("`fcdev tunnel` generates the key pair for you; never send a private key")
 }
 
 async fn create_peer(
@@ -1098,56 +659,7 @@ async fn create_peer(
     AuthUser(user): AuthUser,
     JsonBody(req): JsonBody<api::CreatePeer>,
 ) -> ApiResult<Response> {
-    check_name("peer", &req.name)?;
-    if !valid_public_key(&req.public_key) {
-        return Err(invalid_public_key());
-    }
-    let ns = my_namespace(&state, user).await?;
-    let store = state.store.clone();
-    let (ns2, name, key) = (
-        ns.clone(),
-        req.name.clone(),
-        req.public_key.trim().to_string(),
-    );
-    let peer = blocking(move || store.add_peer(&ns2, &name, &key)).await??;
-    if let Err(e) = state.hub.add_peer(HubPeerEntry {
-        id: peer.id,
-        public_key: peer.public_key.clone(),
-        address: peer.address,
-        subnet: ns.subnet,
-    }) {
-        return Err(match e {
-            HubPeerError::InvalidKey(_) => {
-                let store = state.store.clone();
-                let id = peer.id;
-                blocking(move || store.remove_peer(id)).await??;
-                invalid_public_key()
-            }
-            HubPeerError::Refused(e) => ApiErr::internal(format!("the hub refused the peer: {e}")),
-        });
-    }
-    let store = state.store.clone();
-    let nsid = ns.id;
-    let vms = blocking(move || store.vms_in_namespace(nsid)).await??;
-    let hosts = vms
-        .into_iter()
-        .map(|(cluster, vm)| api::HostEntry {
-            name: hostname(&vm.name, &cluster, &ns.name),
-            address: vm.address.to_string(),
-        })
-        .collect();
-    let config = api::PeerConfig {
-        id: peer.id,
-        name: peer.name,
-        address: peer.address.to_string(),
-        server_public_key: state.hub.public_key(),
-        endpoint: state.hub.endpoint(),
-        allowed_ips: vec![ns.subnet.to_string()],
-        keepalive: 25,
-        namespace: ns.name.clone(),
-        dns_suffix: format!("{}.{}", ns.name, names::DNS_SUFFIX),
-        hosts,
-    };
+    let config = state.register_peer(user, req).await?;
     Ok((StatusCode::CREATED, Json(config)).into_response())
 }
 
@@ -1155,31 +667,7 @@ async fn list_peers(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
 ) -> ApiResult<Json<Vec<api::Peer>>> {
-    let Some(ns) = existing_namespace(&state, &user).await? else {
-        return Ok(Json(Vec::new()));
-    };
-    let store = state.store.clone();
-    let nsid = ns.id;
-    let peers = blocking(move || store.peers_in(nsid)).await??;
-    Ok(Json(
-        peers
-            .into_iter()
-            .map(|p| {
-                let c = state.hub.counters(p.id).unwrap_or_default();
-                api::Peer {
-                    id: p.id,
-                    name: p.name,
-                    public_key: p.public_key,
-                    address: p.address.to_string(),
-                    handshake_age_secs: c.handshake_age.map(|d| d.as_secs()),
-                    rx_bytes: c.rx_bytes,
-                    tx_bytes: c.tx_bytes,
-                    dropped_packets: c.dropped_packets,
-                    endpoint: c.endpoint,
-                }
-            })
-            .collect(),
-    ))
+    Ok(Json(state.peers(user).await?))
 }
 
 async fn delete_peer(
@@ -1195,21 +683,46 @@ async fn delete_peer(
         )
         .hint("`fcdev status` lists your peers with their ids")
     })?;
-    let not_found = || {
-        ApiErr::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("peer {id} not found"),
-        )
-    };
-    let ns = existing_namespace(&state, &user)
-        .await?
-        .ok_or_else(not_found)?;
-    let store = state.store.clone();
-    let nsid = ns.id;
-    if !blocking(move || store.delete_peer(nsid, id)).await?? {
-        return Err(not_found());
-    }
-    state.hub.remove_peer(id);
+    state.delete_peer(user, id).await?;
     Ok(Json(serde_json::json!({ "deleted": id })))
+}
+
+/// The host of an agent's request (its host token).
+pub struct AgentHost(pub HostRow);
+
+impl FromRequestParts<AppState> for AgentHost {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let unauthorized = |msg: &str| {
+            ApiErr::new(StatusCode::UNAUTHORIZED, "unauthorized", msg).hint(
+                "the operator makes a host token with `fcdev server host add NAME`; the agent reads it from \
+                 FCDEV_HOST_TOKEN or --host-token-file",
+            )
+        };
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim().to_string())
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| unauthorized("missing bearer host token"))?;
+        let host = state.authenticate_host(token).await?;
+        host.map(AgentHost)
+            .ok_or_else(|| unauthorized("unknown or revoked host token"))
+    }
+}
+
+/// `POST /v1/agent/heartbeat`: an agent registers (its first heartbeat) and renews its host's lease.
+async fn agent_heartbeat(
+    State(state): State<AppState>,
+    AgentHost(host): AgentHost,
+    JsonBody(beat): JsonBody<api::AgentHeartbeat>,
+) -> ApiResult<Json<api::AgentLease>> {
+    Ok(Json(state.host_heartbeat(host, beat).await?))
 }

@@ -1,5 +1,6 @@
 //! The control plane: HTTP API, state, orchestration, VM backends, the hub.
 
+pub mod agent;
 pub mod alloc;
 pub mod backend;
 pub mod console;
@@ -13,4 +14,5 @@ pub mod netns;
 pub mod netns_enter;
 pub mod orchestrator;
 pub mod run;
+pub mod service;
 pub mod store;

@@ -145,7 +145,7 @@ pub fn namespace_net(ns: &NamespaceRow) -> NamespaceNet {
 
 /// `<vm>.<namespace>.fcdev` for the default cluster, `<vm>.<cluster>.<namespace>.fcdev` for the others.
 pub fn hostname(vm: &str, cluster: &str, namespace: &str) -> String {
-    if cluster == crate::config::DEFAULT_CLUSTER {
+    if cluster == names::DEFAULT_CLUSTER {
         names::vm_hostname(vm, namespace)
     } else {
         names::vm_hostname(&format!("{vm}.{cluster}"), namespace)

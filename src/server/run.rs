@@ -45,6 +45,17 @@ pub enum BackendChoice {
     Process,
 }
 
+/// What one `fcdev server` process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// API, VMs and hub in one process (one host).
+    All,
+    /// API, auth, allocation and the hosts' leases; no VMs, no hub.
+    Control,
+    /// One per host: registers with the control plane and heartbeats.
+    Agent,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub dev: bool,
@@ -66,6 +77,10 @@ pub struct ServerOptions {
     pub idle_stop: Option<Duration>,
     pub netns: Option<String>,
     pub dev_user: String,
+    /// `all` or `control` (an agent runs `server::agent`).
+    pub role: Role,
+    /// How long a host's lease lasts.
+    pub host_lease: Duration,
 }
 
 fn make_backend(opts: &ServerOptions) -> anyhow::Result<Arc<dyn Backend>> {
@@ -87,7 +102,7 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
     unsafe {
         libc::umask(0o077);
     }
-    crate::config::create_private_dir(&opts.data_dir)
+    crate::sys::create_private_dir(&opts.data_dir)
         .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
     // Before the server enters its VM network namespace: the PostgreSQL engine's worker threads stay in this
     // one, where the database is reachable.
@@ -118,6 +133,9 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
         )
     })?;
     api_listener.set_nonblocking(true)?;
+    if opts.role == Role::Control {
+        return serve_control(opts, store, api_listener, login_token);
+    }
     let hub_socket = std::net::UdpSocket::bind(opts.hub_listen)
         .with_context(|| format!("cannot bind the hub's UDP socket on {}", opts.hub_listen))?;
     hub_socket.set_nonblocking(true)?;
@@ -159,11 +177,12 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
         if let Some(after) = opts.idle_stop {
             crate::server::idle::spawn(store.clone(), hub.clone(), orchestrator.clone(), after);
         }
-        let state = crate::server::http::AppState {
-            store: store.clone(),
-            orchestrator,
-            hub,
-        };
+        let state = crate::server::service::Service::new(
+            store.clone(),
+            Some(crate::server::service::Local { orchestrator, hub }),
+            opts.host_lease.as_secs(),
+        );
+        state.spawn_host_reaper();
         let app = crate::server::http::router(state);
         let listener = tokio::net::TcpListener::from_std(api_listener)?;
         let url = format!("http://{api_addr}");
@@ -194,7 +213,47 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
     })
 }
 
-async fn shutdown_signal() {
+/// `--role control`: the API, auth, allocation and the hosts' leases; no backend, no hub, no VM network.
+fn serve_control(
+    opts: ServerOptions,
+    store: Arc<Store>,
+    api_listener: std::net::TcpListener,
+    login_token: Option<String>,
+) -> anyhow::Result<()> {
+    let api_addr = api_listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let state =
+            crate::server::service::Service::new(store.clone(), None, opts.host_lease.as_secs());
+        state.spawn_host_reaper();
+        let app = crate::server::http::router(state);
+        let listener = tokio::net::TcpListener::from_std(api_listener)?;
+        let url = format!("http://{api_addr}");
+        println!(
+            "fcdev server {} listening on {url} (role control: no VMs, no hub; store {}, host lease {} s)",
+            env!("CARGO_PKG_VERSION"),
+            store.kind(),
+            opts.host_lease.as_secs()
+        );
+        if let Some(token) = &login_token {
+            println!("Log in as `{}` with:", opts.dev_user);
+            println!("  echo {token} | fcdev login --server {url} --token-stdin");
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("the API server failed")?;
+        eprintln!("fcdev server: stopped");
+        anyhow::Ok(())
+    })
+}
+
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

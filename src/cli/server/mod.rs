@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::server::run::{BackendChoice, ServerOptions};
+use crate::server::run::{BackendChoice, Role, ServerOptions};
 use crate::server::store::{Location, Store, StoreError};
 
 pub mod local;
@@ -79,6 +79,26 @@ pub struct RunArgs {
     /// With --dev: the first engineer's name (default: your login name).
     #[arg(long)]
     pub user: Option<String>,
+    /// What this process does: `all` (API, VMs and hub in one process: the default), `control` (API, auth,
+    /// allocation and the hosts' leases; no VMs, no hub; use --database postgres://…), or `agent` (one per
+    /// host: registers with --control and heartbeats; the token comes from FCDEV_HOST_TOKEN or
+    /// --host-token-file).
+    #[arg(long, default_value = "all")]
+    pub role: Role,
+    /// With --role agent: the control plane's URL (`http://control:7070`).
+    #[arg(long)]
+    pub control: Option<String>,
+    /// With --role agent: this host's name, as added with `fcdev server host add NAME`.
+    #[arg(long)]
+    pub host_name: Option<String>,
+    /// With --role agent: a file holding the host token (instead of FCDEV_HOST_TOKEN).
+    #[arg(long)]
+    pub host_token_file: Option<PathBuf>,
+    /// Seconds a host's lease lasts: a host whose agent sent no heartbeat for that long is `lost` (agents send
+    /// one every third of it).
+    #[arg(long, default_value_t = crate::server::service::DEFAULT_HOST_LEASE_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub host_lease: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +106,9 @@ pub enum ServerCommand {
     /// Manage engineers and their tokens.
     #[command(subcommand)]
     User(UserCommand),
+    /// Manage the hosts whose agents (`fcdev server --role agent`) may join this control plane.
+    #[command(subcommand)]
+    Host(HostCommand),
     /// Stop the server running on this machine's data dir (the one `fcdev up --local` started). Its VMs keep
     /// running and are re-adopted at the next start.
     Stop {
@@ -131,6 +154,34 @@ pub enum UserCommand {
         /// Print JSON: `[{"name": …}]`.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Add a host and print its token (shown once; the store keeps only its hash). Its agent reads it from
+    /// FCDEV_HOST_TOKEN or --host-token-file.
+    Add {
+        name: String,
+        #[command(flatten)]
+        at: StoreArgs,
+        /// Print JSON: `{"name": …, "token": …}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the hosts: state (new, live, lost), last heartbeat, hub, capacity.
+    List {
+        #[command(flatten)]
+        at: StoreArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a host's token: its agent is refused (401) from its next heartbeat.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        at: StoreArgs,
     },
 }
 
@@ -208,6 +259,7 @@ pub fn default_user_name() -> String {
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     match args.command {
         Some(ServerCommand::User(cmd)) => user(cmd),
+        Some(ServerCommand::Host(cmd)) => host(cmd),
         Some(ServerCommand::Stop { data_dir: d, .. }) => local::stop(&data_dir(d)?),
         None => {
             let r = args.run;
@@ -216,7 +268,10 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                     anyhow::bail!("`{user}` is not a valid engineer name: use lowercase letters, digits and `-` (it names the namespace)");
                 }
             }
-            let data_dir = data_dir(r.data_dir)?;
+            let data_dir = data_dir(r.data_dir.clone())?;
+            if r.role == Role::Agent {
+                return run_agent(&r, data_dir);
+            }
             let database = Location::from_args(r.database.as_deref(), &data_dir)?;
             let netns = match r.netns.as_deref() {
                 Some("none") | Some("") => None,
@@ -240,10 +295,144 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 idle_stop: (!r.idle_stop.is_zero()).then_some(r.idle_stop),
                 netns,
                 dev_user: r.user.unwrap_or_else(default_user_name),
+                role: r.role,
+                host_lease: std::time::Duration::from_secs(r.host_lease),
             };
             crate::server::run::serve(opts)
         }
     }
+}
+
+fn host(cmd: HostCommand) -> anyhow::Result<()> {
+    match cmd {
+        HostCommand::Add { name, at, json } => {
+            if !crate::names::is_dns_label(&name) {
+                anyhow::bail!(
+                    "`{name}` is not a valid host name: use lowercase letters, digits and `-`"
+                );
+            }
+            let (_, store) = admin_store(at)?;
+            match store.add_host(&name) {
+                Ok((_, token)) => {
+                    if json {
+                        crate::cli::output::print_json(
+                            &serde_json::json!({ "name": name, "token": token }),
+                        );
+                    } else {
+                        eprintln!("Host `{name}` added. Its token (shown once; give it to its agent as FCDEV_HOST_TOKEN):");
+                        println!("{token}");
+                    }
+                    Ok(())
+                }
+                Err(StoreError::Exists(_)) => anyhow::bail!(
+                    "host `{name}` already exists; `fcdev server host list` shows the hosts"
+                ),
+                Err(e) => Err(e.into()),
+            }
+        }
+        HostCommand::List { at, json } => {
+            let (_, store) = admin_store(at)?;
+            let hosts = store.hosts()?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let state = |h: &crate::server::store::HostRow| {
+                if h.revoked {
+                    "revoked"
+                } else {
+                    h.state.as_str()
+                }
+            };
+            if json {
+                let list: Vec<serde_json::Value> = hosts
+                    .iter()
+                    .map(|h| {
+                        serde_json::json!({
+                            "name": h.name,
+                            "state": state(h),
+                            "reason": h.reason,
+                            "created_at": h.created_at,
+                            "heartbeat_age_ms": h.heartbeat_ms.map(|t| (now_ms - t).max(0)),
+                            "hub_endpoint": h.hub_endpoint,
+                            "hub_public_key": h.hub_public_key,
+                            "capacity": h.capacity,
+                        })
+                    })
+                    .collect();
+                crate::cli::output::print_json(&list);
+                return Ok(());
+            }
+            for h in &hosts {
+                let seen = h.heartbeat_ms.map_or("never heard from".to_string(), |t| {
+                    format!("heartbeat {:.1} s ago", (now_ms - t).max(0) as f64 / 1000.0)
+                });
+                let cap = h.capacity.as_ref().map_or(String::new(), |c| {
+                    format!(
+                        ", {} MiB free of {}, {} CPUs, images: {}",
+                        c.free_memory_mb,
+                        c.memory_mb,
+                        c.cpus,
+                        if c.images.is_empty() {
+                            "none".to_string()
+                        } else {
+                            c.images.join(" ")
+                        }
+                    )
+                });
+                let why = h
+                    .reason
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(" ({r})"));
+                println!("{}\t{}{why}\t{seen}{cap}", h.name, state(h));
+            }
+            Ok(())
+        }
+        HostCommand::Revoke { name, at } => {
+            let (_, store) = admin_store(at)?;
+            match store.revoke_host(&name) {
+                Ok(true) => println!("Revoked the token of host `{name}`: its agent is refused from its next heartbeat."),
+                Ok(false) => println!("Host `{name}` was already revoked."),
+                Err(StoreError::NotFound(_)) => {
+                    anyhow::bail!("no host `{name}`; `fcdev server host list` shows them")
+                }
+                Err(e) => return Err(e.into()),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `fcdev server --role agent`: its options, its token from FCDEV_HOST_TOKEN or --host-token-file.
+fn run_agent(r: &RunArgs, data_dir: PathBuf) -> anyhow::Result<()> {
+    let control = r.control.clone().ok_or_else(|| {
+        anyhow::anyhow!("--role agent needs --control URL (the control plane's API)")
+    })?;
+    let name = r.host_name.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--role agent needs --host-name NAME (as added with `fcdev server host add NAME`)"
+        )
+    })?;
+    let token = match &r.host_token_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!("cannot read the host token from {}: {e}", path.display())
+        })?,
+        None => std::env::var("FCDEV_HOST_TOKEN").map_err(|_| {
+            anyhow::anyhow!(
+                "--role agent needs its host token in FCDEV_HOST_TOKEN or --host-token-file \
+                 (`fcdev server host add {name}` prints it)"
+            )
+        })?,
+    };
+    crate::server::agent::run(crate::server::agent::AgentOptions {
+        control,
+        name,
+        token: token.trim().to_string(),
+        images_dir: r.images.clone().unwrap_or_else(|| data_dir.join("images")),
+        data_dir,
+        hub_listen: r.hub_listen,
+        hub_endpoint: r.hub_endpoint.clone(),
+        hub_tun: (r.hub_tun != "none").then(|| r.hub_tun.clone()),
+    })
 }
 
 /// `8h`, `30m`, `90s` or plain seconds.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::api::{ClusterState, Subnet, VmState};
+use crate::api::{AgentHeartbeat, ClusterState, HostCapacity, Subnet, VmState};
 
 // The columns each row type is read from, in its mapper's order: the same tables in both engines.
 pub(super) const EVENT_COLS: &str = "seq, cluster_id, vm, state, message, at";
@@ -28,6 +28,9 @@ pub(super) const SNAPSHOT_COLS: &str =
     "s.id, s.cluster_id, s.namespace_id, c.name, s.name, s.image, s.size_bytes, s.created_at";
 pub(super) const VM_COLS: &str = "id, cluster_id, slot, name, role, address, mac, state, detail";
 pub(super) const PEER_COLS: &str = "id, namespace_id, name, public_key, address";
+pub(super) const HOST_COLS: &str =
+    "id, name, state, reason, revoked_at, created_at, instance, heartbeat_ms, \
+     hub_endpoint, hub_public_key, memory_mb, free_memory_mb, cpus, disk_free_bytes, images";
 
 pub mod postgres;
 pub mod sqlite;
@@ -61,6 +64,9 @@ pub enum StoreError {
     /// Every namespace subnet is taken: only removing an engineer frees one.
     #[error("no free namespace subnet left")]
     NamespacesExhausted,
+    /// Another agent holds this host's name: its lease has not run out.
+    #[error("{0}")]
+    Claimed(String),
     #[error("invalid --database `{0}`: use postgres://USER@HOST/DB (without --database the state is DATA_DIR/state.db)")]
     BadLocation(String),
 }
@@ -170,6 +176,111 @@ pub struct Removal {
     pub peers: usize,
 }
 
+/// A host's state, as the control plane sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostState {
+    /// Added (`fcdev server host add`), no agent heard from yet.
+    New,
+    /// Its agent's lease runs.
+    Live,
+    /// Its agent's lease ran out (no heartbeat within `--host-lease`).
+    Lost,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::New => "new",
+            HostState::Live => "live",
+            HostState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> HostState {
+        match s {
+            "live" => HostState::Live,
+            "lost" => HostState::Lost,
+            _ => HostState::New,
+        }
+    }
+}
+
+/// A host of the control plane (`fcdev server host add`), with what its agent last reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRow {
+    pub id: i64,
+    pub name: String,
+    pub state: HostState,
+    /// Why it is lost.
+    pub reason: Option<String>,
+    /// Its token was revoked (`fcdev server host revoke`).
+    pub revoked: bool,
+    pub created_at: String,
+    /// The agent that holds the name (see [`AgentHeartbeat::instance`]).
+    pub instance: Option<String>,
+    /// Unix milliseconds of the last heartbeat, on the control plane's clock.
+    pub heartbeat_ms: Option<i64>,
+    pub hub_endpoint: Option<String>,
+    pub hub_public_key: Option<String>,
+    /// None before the first heartbeat.
+    pub capacity: Option<HostCapacity>,
+}
+
+/// A host token as handed to the operator: `fch_` + 32 random bytes in hex. Only its SHA-256 is stored.
+pub fn new_host_token() -> String {
+    format!("fch_{}", &new_token()[4..])
+}
+
+/// A number for an integer column (capacities are far below `i64::MAX`).
+pub(super) fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The images list as stored (a JSON array).
+pub(super) fn images_json(images: &[String]) -> String {
+    serde_json::to_string(images).unwrap_or_else(|_| "[]".into())
+}
+
+/// A host's capacity from its stored columns (None before the first heartbeat).
+pub(super) fn capacity_of(
+    memory_mb: Option<i64>,
+    free_memory_mb: Option<i64>,
+    cpus: Option<i64>,
+    disk_free_bytes: Option<i64>,
+    images: Option<String>,
+) -> Option<HostCapacity> {
+    let n = |v: Option<i64>| v.unwrap_or(0).max(0) as u64;
+    memory_mb.map(|m| HostCapacity {
+        memory_mb: m.max(0) as u64,
+        free_memory_mb: n(free_memory_mb),
+        cpus: n(cpus) as u32,
+        disk_free_bytes: n(disk_free_bytes),
+        images: images
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default(),
+    })
+}
+
+/// Whether a heartbeat from `instance` may take the host: refused while another agent's lease runs.
+pub(super) fn check_claim(
+    host: &HostRow,
+    instance: &str,
+    now_ms: i64,
+    lease_ms: i64,
+) -> StoreResult<()> {
+    let held_by_other = host.state == HostState::Live
+        && host.instance.as_deref().is_some_and(|i| i != instance)
+        && host.heartbeat_ms.is_some_and(|t| t + lease_ms > now_ms);
+    if held_by_other {
+        let ago = host.heartbeat_ms.map_or(0, |t| (now_ms - t).max(0)) as f64 / 1000.0;
+        return Err(StoreError::Claimed(format!(
+            "host `{}` is held by another live agent (its last heartbeat {ago:.1} s ago)",
+            host.name
+        )));
+    }
+    Ok(())
+}
+
 /// A token as handed to a user: `fcd_` + 32 random bytes in hex. Only its SHA-256 is stored.
 pub fn new_token() -> String {
     use rand::RngCore;
@@ -243,6 +354,28 @@ pub trait StoreEngine: Send + Sync {
     fn data_version(&self) -> StoreResult<i64>;
     fn list_users(&self) -> StoreResult<Vec<User>>;
     fn user_by_token(&self, token: &str) -> StoreResult<Option<User>>;
+
+    // ---- hosts (agents of `fcdev server --role agent`) ----
+    /// Add a host and return its token (shown once; only its hash is stored). `Exists` when the name is taken.
+    fn add_host(&self, name: &str) -> StoreResult<(HostRow, String)>;
+    /// Every host, by name.
+    fn hosts(&self) -> StoreResult<Vec<HostRow>>;
+    /// Revoke a host's token: its agent is refused from its next heartbeat. False when it already was revoked.
+    fn revoke_host(&self, name: &str) -> StoreResult<bool>;
+    /// The host of a token that is not revoked.
+    fn host_by_token(&self, token: &str) -> StoreResult<Option<HostRow>>;
+    /// An agent's heartbeat (the first one registers it): the host is `live` with what it reported, at `now_ms`.
+    /// `Claimed` while another agent (another `instance`) holds the name and its lease of `lease_ms` runs.
+    fn host_heartbeat(
+        &self,
+        id: i64,
+        beat: &AgentHeartbeat,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<HostRow>;
+    /// Mark `lost` (with `reason`) every live host whose last heartbeat is `lease_ms` or more before `now_ms`;
+    /// returns them.
+    fn expire_hosts(&self, now_ms: i64, lease_ms: i64, reason: &str) -> StoreResult<Vec<HostRow>>;
 
     // ---- namespaces ----
     fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>>;

@@ -25,10 +25,11 @@ use ::postgres::types::ToSql;
 use ::postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Transaction};
 
 use super::{
-    hash_token, mac_for, new_token, ClusterRow, EventRow, HubPeerRow, NamespaceRow, NewVm, PeerRow,
-    Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+    capacity_of, check_claim, hash_token, images_json, mac_for, new_host_token, new_token, to_i64,
+    ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm, PeerRow, Removal,
+    SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
 };
-use crate::api::{ClusterState, Subnet, VmState};
+use crate::api::{AgentHeartbeat, ClusterState, Subnet, VmState};
 use crate::server::alloc;
 
 /// Connections (and worker threads) per store.
@@ -43,7 +44,8 @@ const MAX_ATTEMPTS: u32 = 50;
 const MIGRATION_LOCK: i64 = 0x6663_6465_7601;
 
 /// Schema version n is `MIGRATIONS[n - 1]`, applied in one transaction with its version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE FUNCTION fcdev_now() RETURNS text LANGUAGE sql VOLATILE AS
     $$ SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') $$;
 CREATE FUNCTION fcdev_now_ms() RETURNS text LANGUAGE sql VOLATILE AS
@@ -139,7 +141,29 @@ CREATE TABLE admin_changes (
     version BIGINT NOT NULL
 );
 INSERT INTO admin_changes (id, version) VALUES (1, 0);
-"#];
+"#,
+    // 2: hosts of a control plane (`fcdev server host add`, `--role agent`).
+    r#"
+CREATE TABLE hosts (
+    id BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL DEFAULT fcdev_now(),
+    revoked_at TEXT,
+    state TEXT NOT NULL DEFAULT 'new',
+    reason TEXT,
+    instance TEXT,
+    heartbeat_ms BIGINT,
+    hub_endpoint TEXT,
+    hub_public_key TEXT,
+    memory_mb BIGINT,
+    free_memory_mb BIGINT,
+    cpus BIGINT,
+    disk_free_bytes BIGINT,
+    images TEXT
+);
+"#,
+];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -494,6 +518,28 @@ fn row_peer(r: &Row) -> StoreResult<PeerRow> {
     })
 }
 
+fn row_host(r: &Row) -> StoreResult<HostRow> {
+    Ok(HostRow {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        state: HostState::parse(r.try_get(2)?),
+        reason: r.try_get(3)?,
+        revoked: r.try_get::<_, Option<String>>(4)?.is_some(),
+        created_at: r.try_get(5)?,
+        instance: r.try_get(6)?,
+        heartbeat_ms: r.try_get(7)?,
+        hub_endpoint: r.try_get(8)?,
+        hub_public_key: r.try_get(9)?,
+        capacity: capacity_of(
+            r.try_get(10)?,
+            r.try_get(11)?,
+            r.try_get(12)?,
+            r.try_get(13)?,
+            r.try_get(14)?,
+        ),
+    })
+}
+
 fn row_event(r: &Row) -> StoreResult<EventRow> {
     Ok(EventRow {
         seq: r.try_get(0)?,
@@ -505,7 +551,7 @@ fn row_event(r: &Row) -> StoreResult<EventRow> {
     })
 }
 
-use super::{CLUSTER_COLS, EVENT_COLS, NS_COLS, PEER_COLS, SNAPSHOT_COLS, VM_COLS};
+use super::{CLUSTER_COLS, EVENT_COLS, HOST_COLS, NS_COLS, PEER_COLS, SNAPSHOT_COLS, VM_COLS};
 
 /// Store an event as the next one of its cluster.
 fn insert_event(
@@ -743,6 +789,143 @@ impl StoreEngine for PgStore {
             params![hash_token(token)],
             row_user,
         )
+    }
+
+    // ---- hosts ----
+
+    fn add_host(&self, name: &str) -> StoreResult<(HostRow, String)> {
+        let name = name.to_string();
+        self.run(move |c| {
+            let token = new_host_token();
+            let hash = hash_token(&token);
+            let host = transaction(c, |tx| {
+                if tx
+                    .query_opt("SELECT id FROM hosts WHERE name = $1", &[&name])?
+                    .is_some()
+                {
+                    return Err(StoreError::Exists(format!("host `{name}`")));
+                }
+                let row = tx.query_one(
+                    &format!(
+                        "INSERT INTO hosts (name, token_hash) VALUES ($1, $2) RETURNING {HOST_COLS}"
+                    ),
+                    &[&name, &hash],
+                )?;
+                row_host(&row)
+            });
+            match host {
+                Err(StoreError::Pg(e)) if is_unique_violation(&e) => {
+                    Err(StoreError::Exists(format!("host `{name}`")))
+                }
+                Err(e) => Err(e),
+                Ok(host) => Ok((host, token)),
+            }
+        })
+    }
+
+    fn hosts(&self) -> StoreResult<Vec<HostRow>> {
+        self.all(
+            format!("SELECT {HOST_COLS} FROM hosts ORDER BY name"),
+            params![],
+            row_host,
+        )
+    }
+
+    fn revoke_host(&self, name: &str) -> StoreResult<bool> {
+        let name = name.to_string();
+        self.run(move |c| {
+            transaction(c, |tx| {
+                let Some(row) = tx.query_opt(
+                    "SELECT revoked_at FROM hosts WHERE name = $1 FOR UPDATE",
+                    &[&name],
+                )?
+                else {
+                    return Err(StoreError::NotFound(format!("host `{name}`")));
+                };
+                if row.try_get::<_, Option<String>>(0)?.is_some() {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "UPDATE hosts SET revoked_at = fcdev_now() WHERE name = $1",
+                    &[&name],
+                )?;
+                Ok(true)
+            })
+        })
+    }
+
+    fn host_by_token(&self, token: &str) -> StoreResult<Option<HostRow>> {
+        self.opt(
+            format!("SELECT {HOST_COLS} FROM hosts WHERE token_hash = $1 AND revoked_at IS NULL"),
+            params![hash_token(token)],
+            row_host,
+        )
+    }
+
+    fn host_heartbeat(
+        &self,
+        id: i64,
+        beat: &AgentHeartbeat,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<HostRow> {
+        let beat = beat.clone();
+        self.run(move |c| {
+            transaction(c, |tx| {
+                let Some(row) = tx.query_opt(
+                    &format!("SELECT {HOST_COLS} FROM hosts WHERE id = $1 FOR UPDATE"),
+                    &[&id],
+                )?
+                else {
+                    return Err(StoreError::NotFound(format!("host #{id}")));
+                };
+                let host = row_host(&row)?;
+                if host.revoked {
+                    return Err(StoreError::NotFound(format!("host `{}`", host.name)));
+                }
+                check_claim(&host, &beat.instance, now_ms, lease_ms)?;
+                let cap = &beat.capacity;
+                let row = tx.query_one(
+                    &format!(
+                        "UPDATE hosts SET state = 'live', reason = NULL, instance = $2, heartbeat_ms = $3,
+                             hub_endpoint = $4, hub_public_key = $5, memory_mb = $6, free_memory_mb = $7,
+                             cpus = $8, disk_free_bytes = $9, images = $10
+                         WHERE id = $1 RETURNING {HOST_COLS}"
+                    ),
+                    &[
+                        &id,
+                        &beat.instance,
+                        &now_ms,
+                        &beat.hub_endpoint,
+                        &beat.hub_public_key,
+                        &to_i64(cap.memory_mb),
+                        &to_i64(cap.free_memory_mb),
+                        &i64::from(cap.cpus),
+                        &to_i64(cap.disk_free_bytes),
+                        &images_json(&cap.images),
+                    ],
+                )?;
+                row_host(&row)
+            })
+        })
+    }
+
+    fn expire_hosts(&self, now_ms: i64, lease_ms: i64, reason: &str) -> StoreResult<Vec<HostRow>> {
+        let reason = reason.to_string();
+        self.run(move |c| {
+            transaction(c, |tx| {
+                tx.query(
+                    &format!(
+                        "UPDATE hosts SET state = 'lost', reason = $3
+                         WHERE state = 'live' AND heartbeat_ms <= $1::BIGINT - $2::BIGINT RETURNING {HOST_COLS}"
+                    ),
+                    &[&now_ms, &lease_ms, &reason],
+                )?
+                .iter()
+                .map(row_host)
+                .collect()
+            })
+        })
     }
 
     // ---- namespaces ----

@@ -10,10 +10,11 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    hash_token, mac_for, new_token, ClusterRow, EventRow, HubPeerRow, NamespaceRow, NewVm, PeerRow,
-    Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+    capacity_of, check_claim, hash_token, images_json, mac_for, new_host_token, new_token, to_i64,
+    ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm, PeerRow, Removal,
+    SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
 };
-use crate::api::{ClusterState, VmState};
+use crate::api::{AgentHeartbeat, ClusterState, VmState};
 use crate::server::alloc;
 
 const SCHEMA: &str = "
@@ -261,6 +262,32 @@ fn used_hosts(conn: &Connection, table: &str, ns: &NamespaceRow) -> rusqlite::Re
     Ok(used)
 }
 
+fn row_host(r: &rusqlite::Row) -> rusqlite::Result<HostRow> {
+    Ok(HostRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        state: HostState::parse(&r.get::<_, String>(2)?),
+        reason: r.get(3)?,
+        revoked: r.get::<_, Option<String>>(4)?.is_some(),
+        created_at: r.get(5)?,
+        instance: r.get(6)?,
+        heartbeat_ms: r.get(7)?,
+        hub_endpoint: r.get(8)?,
+        hub_public_key: r.get(9)?,
+        capacity: capacity_of(r.get(10)?, r.get(11)?, r.get(12)?, r.get(13)?, r.get(14)?),
+    })
+}
+
+fn host_by_id(conn: &Connection, id: i64) -> StoreResult<HostRow> {
+    conn.query_row(
+        &format!("SELECT {HOST_COLS} FROM hosts WHERE id = ?1"),
+        [id],
+        row_host,
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::NotFound(format!("host #{id}")))
+}
+
 fn row_event(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
         seq: r.get(0)?,
@@ -272,7 +299,7 @@ fn row_event(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
     })
 }
 
-use super::{CLUSTER_COLS, EVENT_COLS, NS_COLS, PEER_COLS, SNAPSHOT_COLS, VM_COLS};
+use super::{CLUSTER_COLS, EVENT_COLS, HOST_COLS, NS_COLS, PEER_COLS, SNAPSHOT_COLS, VM_COLS};
 
 fn user_id(conn: &Connection, name: &str) -> StoreResult<i64> {
     conn.query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
@@ -282,7 +309,28 @@ fn user_id(conn: &Connection, name: &str) -> StoreResult<i64> {
 
 /// Schema version 1 is `SCHEMA` with the fix-ups of `migrate` and `MIGRATE_EVENTS` (state files made before the
 /// version table get them at open and are then version 1). Later versions are `MIGRATIONS[n - 2]`.
-const MIGRATIONS: &[&str] = &[];
+const MIGRATIONS: &[&str] = &[
+    // 2: hosts of a control plane (`fcdev server host add`, `--role agent`). `IF NOT EXISTS`: a file whose
+    // version row was lost (it opens as version 1) may already have the table.
+    "CREATE TABLE IF NOT EXISTS hosts (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now')),
+        revoked_at TEXT,
+        state TEXT NOT NULL DEFAULT 'new',
+        reason TEXT,
+        instance TEXT,
+        heartbeat_ms INTEGER,
+        hub_endpoint TEXT,
+        hub_public_key TEXT,
+        memory_mb INTEGER,
+        free_memory_mb INTEGER,
+        cpus INTEGER,
+        disk_free_bytes INTEGER,
+        images TEXT
+    );",
+];
 
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
 
@@ -563,6 +611,121 @@ impl StoreEngine for SqliteStore {
                 },
             )
             .optional()?)
+    }
+
+    // ---- hosts ----
+
+    fn add_host(&self, name: &str) -> StoreResult<(HostRow, String)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: Option<i64> = tx
+            .query_row("SELECT id FROM hosts WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?;
+        if exists.is_some() {
+            return Err(StoreError::Exists(format!("host `{name}`")));
+        }
+        let token = new_host_token();
+        tx.execute(
+            "INSERT INTO hosts (name, token_hash) VALUES (?1, ?2)",
+            params![name, hash_token(&token)],
+        )?;
+        let host = host_by_id(&tx, tx.last_insert_rowid())?;
+        tx.commit()?;
+        Ok((host, token))
+    }
+
+    fn hosts(&self) -> StoreResult<Vec<HostRow>> {
+        self.query_all(
+            &format!("SELECT {HOST_COLS} FROM hosts ORDER BY name"),
+            [],
+            row_host,
+        )
+    }
+
+    fn revoke_host(&self, name: &str) -> StoreResult<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let found: Option<Option<String>> = tx
+            .query_row(
+                "SELECT revoked_at FROM hosts WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(revoked_at) = found else {
+            return Err(StoreError::NotFound(format!("host `{name}`")));
+        };
+        if revoked_at.is_some() {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE hosts SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ','now') WHERE name = ?1",
+            [name],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn host_by_token(&self, token: &str) -> StoreResult<Option<HostRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {HOST_COLS} FROM hosts WHERE token_hash = ?1 AND revoked_at IS NULL"
+                ),
+                [hash_token(token)],
+                row_host,
+            )
+            .optional()?)
+    }
+
+    fn host_heartbeat(
+        &self,
+        id: i64,
+        beat: &AgentHeartbeat,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<HostRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let host = host_by_id(&tx, id)?;
+        if host.revoked {
+            return Err(StoreError::NotFound(format!("host `{}`", host.name)));
+        }
+        check_claim(&host, &beat.instance, now_ms, lease_ms)?;
+        let c = &beat.capacity;
+        tx.execute(
+            "UPDATE hosts SET state = 'live', reason = NULL, instance = ?2, heartbeat_ms = ?3,
+                 hub_endpoint = ?4, hub_public_key = ?5, memory_mb = ?6, free_memory_mb = ?7, cpus = ?8,
+                 disk_free_bytes = ?9, images = ?10
+             WHERE id = ?1",
+            params![
+                id,
+                beat.instance,
+                now_ms,
+                beat.hub_endpoint,
+                beat.hub_public_key,
+                to_i64(c.memory_mb),
+                to_i64(c.free_memory_mb),
+                i64::from(c.cpus),
+                to_i64(c.disk_free_bytes),
+                images_json(&c.images),
+            ],
+        )?;
+        let host = host_by_id(&tx, id)?;
+        tx.commit()?;
+        Ok(host)
+    }
+
+    fn expire_hosts(&self, now_ms: i64, lease_ms: i64, reason: &str) -> StoreResult<Vec<HostRow>> {
+        self.query_all(
+            &format!(
+                "UPDATE hosts SET state = 'lost', reason = ?3
+                 WHERE state = 'live' AND heartbeat_ms <= ?1 - ?2 RETURNING {HOST_COLS}"
+            ),
+            params![now_ms, lease_ms, reason],
+            row_host,
+        )
     }
 
     // ---- namespaces ----

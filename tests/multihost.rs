@@ -1,0 +1,490 @@
+//! Many hosts behind one control plane, through the real binary on loopback: `fcdev server host add/list/revoke`
+//! on both stores, `fcdev server --role control` on PostgreSQL, and agents (`--role agent`) that register,
+//! heartbeat, are refused (wrong or revoked token, a name another live agent holds) and go `lost` when killed.
+
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{fcdev_bin, json, TestServer, TINY_TOML};
+
+/// `fcdev server host …` with these store arguments (`--data-dir D` or `--database URL`).
+fn host_cmd(at: &[&str], args: &[&str]) -> std::process::Output {
+    Command::new(fcdev_bin())
+        .args(["server", "host"])
+        .args(args)
+        .args(at)
+        .env_remove("FCDEV_DATABASE")
+        .env_remove("FCDEV_DATA_DIR")
+        .output()
+        .expect("run fcdev server host")
+}
+
+fn add_host(at: &[&str], name: &str) -> String {
+    let out = host_cmd(at, &["add", name, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out.stdout);
+    assert_eq!(v["name"], name);
+    v["token"].as_str().expect("a token").to_string()
+}
+
+fn hosts(at: &[&str]) -> serde_json::Value {
+    let out = host_cmd(at, &["list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(&out.stdout)
+}
+
+fn host<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no host {name} in {list}"))
+}
+
+/// add, list, a second add of the name, revoke, revoke again, revoke of an unknown host.
+fn host_admin_commands_work(at: &[&str]) {
+    let token = add_host(at, "h1");
+    assert!(token.starts_with("fch_") && token.len() == 68, "{token}");
+    let token2 = add_host(at, "h2");
+    assert_ne!(token, token2);
+    let list = hosts(at);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(host(&list, "h1")["state"], "new");
+    assert_eq!(host(&list, "h1")["capacity"], serde_json::Value::Null);
+    // Only the hash is stored: the token is nowhere in what list shows.
+    assert!(!list.to_string().contains(&token[4..]), "{list}");
+
+    let again = host_cmd(at, &["add", "h1"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let bad = host_cmd(at, &["add", "Bad_Name"]);
+    assert!(!bad.status.success());
+
+    let out = host_cmd(at, &["revoke", "h1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(host(&hosts(at), "h1")["state"], "revoked");
+    assert_eq!(host(&hosts(at), "h2")["state"], "new");
+    assert!(
+        host_cmd(at, &["revoke", "h1"]).status.success(),
+        "twice is fine"
+    );
+    let unknown = host_cmd(at, &["revoke", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no host `nope`"));
+}
+
+#[test]
+fn host_add_list_revoke_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let at = ["--data-dir", d.to_str().unwrap()];
+    host_admin_commands_work(&at);
+    assert!(d.join("state.db").exists());
+}
+
+#[test]
+fn host_add_list_revoke_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let url = pg::shared().database();
+    let at = ["--data-dir", d.to_str().unwrap(), "--database", &url];
+    host_admin_commands_work(&at);
+    assert!(!d.join("state.db").exists(), "nothing went to SQLite");
+}
+
+// ---- a control plane and its agents ----
+
+/// A control plane (`--role control`) on a fresh PostgreSQL database, with this lease.
+struct Control {
+    server: TestServer,
+    url: String,
+}
+
+impl Control {
+    fn start(lease_secs: u64) -> Control {
+        let url = pg::shared().database();
+        let lease = lease_secs.to_string();
+        let server = TestServer::start_with(
+            &[],
+            &[
+                "--role",
+                "control",
+                "--database",
+                &url,
+                "--host-lease",
+                &lease,
+            ],
+        );
+        Control { server, url }
+    }
+
+    fn at(&self) -> [&str; 2] {
+        ["--database", &self.url]
+    }
+
+    fn hosts(&self) -> serde_json::Value {
+        hosts(&self.at())
+    }
+
+    fn state_of(&self, name: &str) -> String {
+        host(&self.hosts(), name)["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// An agent process (`--role agent`); killed when dropped.
+struct Agent {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    registered: mpsc::Receiver<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Agent {
+    /// Start an agent for `name` with `token`, its data dir in `data` (a fresh one when None), the tiny image
+    /// in its catalog.
+    fn start(control: &str, name: &str, token: &str, data: Option<&Path>) -> Agent {
+        let (dir, data): (Option<tempfile::TempDir>, PathBuf) = match data {
+            Some(d) => (None, d.to_path_buf()),
+            None => {
+                let t = tempfile::tempdir().unwrap();
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let images = data.join("images").join("tiny");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::write(images.join("image.toml"), TINY_TOML).unwrap();
+        let mut child = Command::new(fcdev_bin())
+            .args([
+                "server",
+                "--role",
+                "agent",
+                "--control",
+                control,
+                "--host-name",
+                name,
+            ])
+            .args(["--hub-listen", "127.0.0.1:0", "--hub-tun", "none"])
+            .arg("--data-dir")
+            .arg(&data)
+            .env("FCDEV_HOST_TOKEN", token)
+            .env_remove("FCDEV_DATABASE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the agent");
+        let (tx, registered) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("registered with") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Agent {
+            child,
+            stderr,
+            registered,
+            _dir: dir,
+        }
+    }
+
+    /// Wait until the agent says it registered; panics with its stderr when it exits first.
+    fn wait_registered(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self
+                .registered
+                .recv_timeout(Duration::from_millis(100))
+                .is_ok()
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the agent exited ({status}): {}", self.stderr());
+            }
+        }
+        panic!("the agent did not register: {}", self.stderr());
+    }
+
+    /// Wait for the agent to exit: its exit status and stderr.
+    fn wait_exit(&mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the stderr thread take the last bytes.
+                std::thread::sleep(Duration::from_millis(100));
+                return (status, self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the agent still runs after {within:?}: {}", self.stderr());
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[test]
+fn an_agent_registers_and_reports_its_hub_and_capacity() {
+    let control = Control::start(15);
+    let token = add_host(&control.at(), "h1");
+    let mut agent = Agent::start(&control.server.url, "h1", &token, None);
+    agent.wait_registered();
+    let list = control.hosts();
+    let h = host(&list, "h1");
+    assert_eq!(h["state"], "live", "{list}");
+    assert!(h["capacity"]["memory_mb"].as_u64().unwrap() > 0, "{h}");
+    assert!(h["capacity"]["free_memory_mb"].as_u64().unwrap() > 0, "{h}");
+    assert!(h["capacity"]["cpus"].as_u64().unwrap() > 0, "{h}");
+    assert!(
+        h["capacity"]["disk_free_bytes"].as_u64().unwrap() > 0,
+        "{h}"
+    );
+    assert_eq!(h["capacity"]["images"], serde_json::json!(["tiny"]), "{h}");
+    assert!(
+        h["hub_endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{h}"
+    );
+    assert_eq!(h["hub_public_key"].as_str().unwrap().len(), 44, "{h}");
+    assert!(h["heartbeat_age_ms"].as_i64().unwrap() < 15_000, "{h}");
+}
+
+#[test]
+fn a_control_plane_runs_no_vms_and_says_so() {
+    let control = Control::start(15);
+    let (code, body) = common::http(&control.server.url, "GET", "/v1/health", None, None);
+    assert_eq!(code, 200);
+    assert_eq!(json(body.as_bytes())["backend"], "none", "{body}");
+    let (code, body) = common::http(
+        &control.server.url,
+        "POST",
+        "/v1/clusters",
+        Some(&control.server.token),
+        Some(r#"{"name": "dev", "image": "tiny"}"#),
+    );
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(json(body.as_bytes())["error"]["code"], "no_host", "{body}");
+    // Auth and allocation still work there.
+    let (code, body) = common::http(
+        &control.server.url,
+        "PUT",
+        "/v1/namespace",
+        Some(&control.server.token),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn an_agent_with_a_wrong_token_is_refused() {
+    let control = Control::start(15);
+    let token = add_host(&control.at(), "h1");
+    let wrong = format!("fch_{}", "0".repeat(64));
+    let mut agent = Agent::start(&control.server.url, "h1", &wrong, None);
+    let (status, stderr) = agent.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(stderr.contains("HTTP 401"), "{stderr}");
+    assert!(stderr.contains("unknown or revoked host token"), "{stderr}");
+    // Another host's (valid) token for this name: refused too.
+    let other = add_host(&control.at(), "h2");
+    let mut agent = Agent::start(&control.server.url, "h1", &other, None);
+    let (status, stderr) = agent.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(stderr.contains("HTTP 401"), "{stderr}");
+    assert_eq!(control.state_of("h1"), "new");
+    drop(token);
+}
+
+#[test]
+fn a_revoked_host_token_is_refused() {
+    let control = Control::start(15);
+    let token = add_host(&control.at(), "h1");
+    let mut agent = Agent::start(&control.server.url, "h1", &token, None);
+    agent.wait_registered();
+    let out = host_cmd(&control.at(), &["revoke", "h1"]);
+    assert!(out.status.success());
+    // Refused at its next heartbeat (every 5 s with a 15 s lease).
+    let (status, stderr) = agent.wait_exit(Duration::from_secs(15));
+    assert!(!status.success());
+    assert!(stderr.contains("HTTP 401"), "{stderr}");
+    // A new agent with the revoked token: refused at once.
+    let mut again = Agent::start(&control.server.url, "h1", &token, None);
+    let (status, stderr) = again.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(stderr.contains("HTTP 401"), "{stderr}");
+}
+
+#[test]
+fn two_live_agents_claiming_one_name_are_refused() {
+    let control = Control::start(15);
+    let token = add_host(&control.at(), "h1");
+    let mut first = Agent::start(&control.server.url, "h1", &token, None);
+    first.wait_registered();
+    // Another machine (its own data dir: another agent id) with the same name and token.
+    let mut second = Agent::start(&control.server.url, "h1", &token, None);
+    let (status, stderr) = second.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(stderr.contains("HTTP 409"), "{stderr}");
+    assert!(stderr.contains("held by another live agent"), "{stderr}");
+    // The first one is untouched and keeps its lease.
+    assert!(
+        first.child.try_wait().unwrap().is_none(),
+        "{}",
+        first.stderr()
+    );
+    assert_eq!(control.state_of("h1"), "live");
+}
+
+#[test]
+fn an_agent_restarted_on_its_data_dir_takes_its_host_back_at_once() {
+    let control = Control::start(15);
+    let token = add_host(&control.at(), "h1");
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&control.server.url, "h1", &token, Some(dir.path()));
+    agent.wait_registered();
+    agent.kill9();
+    // Same host (same agent id in its data dir): not a second agent, even while the old lease runs.
+    let mut again = Agent::start(&control.server.url, "h1", &token, Some(dir.path()));
+    again.wait_registered();
+    assert_eq!(control.state_of("h1"), "live");
+}
+
+#[test]
+fn an_agent_killed_with_sigkill_goes_lost_within_the_lease() {
+    const LEASE: u64 = 2;
+    let control = Control::start(LEASE);
+    let token = add_host(&control.at(), "h1");
+    let token2 = add_host(&control.at(), "h2");
+    let mut agent = Agent::start(&control.server.url, "h1", &token, None);
+    let mut other = Agent::start(&control.server.url, "h2", &token2, None);
+    agent.wait_registered();
+    other.wait_registered();
+    // Past the control plane's start-up grace (one lease), and live for more than a lease: heartbeats renew.
+    std::thread::sleep(Duration::from_secs(2 * LEASE + 1));
+    assert_eq!(control.state_of("h1"), "live");
+    let last_seen = host(&control.hosts(), "h1")["heartbeat_age_ms"]
+        .as_u64()
+        .unwrap();
+    agent.kill9();
+    let killed = Instant::now();
+    loop {
+        let list = control.hosts();
+        let h = host(&list, "h1");
+        if h["state"] == "lost" {
+            assert!(
+                h["reason"].as_str().unwrap().contains("no heartbeat"),
+                "{h}"
+            );
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_millis(LEASE * 1000 + 1500),
+            "still {} {:?} after the kill: {list}",
+            h["state"],
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Lost no earlier than a lease after its last heartbeat.
+    assert!(
+        killed.elapsed() + Duration::from_millis(last_seen)
+            >= Duration::from_millis(LEASE * 1000 - 300),
+        "lost too early: {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(
+        control.state_of("h2"),
+        "live",
+        "the other host is untouched"
+    );
+}
+
+#[test]
+fn a_control_plane_restart_loses_no_host_rows() {
+    let mut control = Control::start(3);
+    let t1 = add_host(&control.at(), "h1");
+    let t2 = add_host(&control.at(), "h2");
+    add_host(&control.at(), "h3");
+    let mut a1 = Agent::start(&control.server.url, "h1", &t1, None);
+    let mut a2 = Agent::start(&control.server.url, "h2", &t2, None);
+    a1.wait_registered();
+    a2.wait_registered();
+    let before = control.hosts();
+    control.server.kill();
+    // Down for longer than a lease: the agents keep trying.
+    std::thread::sleep(Duration::from_secs(4));
+    control.server.restart();
+    let after = control.hosts();
+    assert_eq!(after.as_array().unwrap().len(), 3, "{after}");
+    for name in ["h1", "h2", "h3"] {
+        assert_eq!(
+            host(&after, name)["created_at"],
+            host(&before, name)["created_at"]
+        );
+        assert_eq!(
+            host(&after, name)["hub_public_key"],
+            host(&before, name)["hub_public_key"]
+        );
+    }
+    assert_eq!(host(&after, "h3")["state"], "new");
+    // The agents come back by themselves, and no host is marked lost for the control plane's own downtime.
+    std::thread::sleep(Duration::from_secs(5));
+    let list = control.hosts();
+    assert_eq!(host(&list, "h1")["state"], "live", "{list}");
+    assert_eq!(host(&list, "h2")["state"], "live", "{list}");
+    assert!(a1.child.try_wait().unwrap().is_none(), "{}", a1.stderr());
+    assert!(a2.child.try_wait().unwrap().is_none(), "{}", a2.stderr());
+}
