@@ -30,11 +30,12 @@ use crate::tunnel::keys::PrivateKey;
 use crate::tunnel::packet::ipv4_addrs;
 use crate::tunnel::peer::{Outcome, Peer, PeerStats};
 use crate::tunnel::plan::Plan;
-use crate::tunnel::udp::{RecvBatch, SendBatch};
+use crate::tunnel::udp::RecvBatch;
 use crate::tunnel::TunnelError;
 
 mod forward;
 mod http;
+mod seal;
 mod socks;
 mod stack;
 
@@ -217,10 +218,6 @@ impl RootlessClient {
             .name("fcdev-proxy".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let udp = match UdpSocket::from_std(udp) {
-                        Ok(u) => u,
-                        Err(e) => return tracing::error!("proxy UDP socket: {e}"),
-                    };
                     for (l, target) in listeners {
                         let Ok(l) = TcpListener::from_std(l) else {
                             continue;
@@ -234,8 +231,10 @@ impl RootlessClient {
                             }
                         };
                     }
-                    let stack = Stack::new(&key, plan, udp, thread_stats);
-                    stack.run(cmd_rx, wake).await;
+                    match Stack::new(&key, plan, udp, thread_stats, wake.clone()) {
+                        Ok(stack) => stack.run(cmd_rx, wake).await,
+                        Err(e) => tracing::error!("proxy: {e}"),
+                    }
                 });
             })
             .map_err(TunnelError::io("spawning the proxy thread"))?;
@@ -331,11 +330,6 @@ fn bind_std_udp(bind: SocketAddr) -> Result<std::net::UdpSocket, TunnelError> {
     std.set_nonblocking(true)
         .map_err(TunnelError::io("UDP socket"))?;
     Ok(std)
-}
-
-/// Inside the proxy runtime (rebinding).
-fn bind_udp(bind: SocketAddr) -> Result<UdpSocket, TunnelError> {
-    UdpSocket::from_std(bind_std_udp(bind)?).map_err(TunnelError::io("UDP socket"))
 }
 
 /// Congestion control for connections smoltcp sends on (uploads): without it smoltcp sends the whole
