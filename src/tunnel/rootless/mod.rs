@@ -45,8 +45,21 @@ use socks::serve_socks;
 use stack::Stack;
 
 const BUF: usize = 65536 + 64;
-/// Per-connection TCP buffers: large enough for window scaling to keep a fast link busy.
+/// Per-connection TCP receive buffer: large enough for window scaling to keep a fast link busy.
 const TCP_BUF: usize = 2 << 20;
+/// Per-connection TCP send buffer, which is also the most smoltcp keeps in flight. smoltcp answers a loss
+/// (three duplicate ACKs, or its 10 ms minimum retransmission timeout on a busy machine) by sending again
+/// everything in flight from the first unacknowledged byte (go-back-N: it has no SACK), so a large window
+/// turns one loss into megabytes of duplicates. `FCDEV_TCP_TXBUF` (bytes) overrides it (benchmarks).
+const TCP_TXBUF: usize = 1 << 20;
+
+fn tcp_txbuf() -> usize {
+    std::env::var("FCDEV_TCP_TXBUF")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 16 << 10)
+        .unwrap_or(TCP_TXBUF)
+}
 /// Chunks in flight between a local connection and the stack, each way.
 const CHANNEL_DEPTH: usize = 32;
 const CHUNK: usize = 64 * 1024;

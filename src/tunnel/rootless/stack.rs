@@ -3,6 +3,7 @@
 //! smoltcp sockets and the local connections.
 
 use super::seal::{lock, Sealer};
+use crate::tunnel::packet::is_dsack_ack;
 use super::*;
 
 struct Conn {
@@ -181,7 +182,12 @@ impl Stack {
                         let inside = ipv4_addrs(packet).is_some_and(|(src, dst)| {
                             plan.subnet.contains(src) && dst == plan.address
                         });
-                        if inside {
+                        // smoltcp has no SACK: on three duplicate ACKs it sends again everything in
+                        // flight. The receiver answers each of those duplicates with a D-SACK ACK, which
+                        // smoltcp would count as duplicate ACKs again: one loss became a storm of
+                        // go-back-N rounds (hundreds of MB of duplicates a second, measured). Such an ACK
+                        // acknowledges nothing new; drop it.
+                        if inside && !is_dsack_ack(packet) {
                             let mut buf = free.pop().unwrap_or_else(|| Vec::with_capacity(2048));
                             buf.clear();
                             buf.extend_from_slice(packet);
@@ -234,7 +240,7 @@ impl Stack {
     ) {
         let mut sock = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
+            tcp::SocketBuffer::new(vec![0u8; tcp_txbuf()]),
         );
         sock.set_nagle_enabled(false);
         sock.set_congestion_control(congestion());
