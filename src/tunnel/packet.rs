@@ -14,6 +14,17 @@ pub fn ipv4_addrs(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
     Some((src, dst))
 }
 
+/// The flow (source and destination port) and acknowledgement number of an IPv4 TCP segment with ACK set.
+pub fn tcp_ack(p: &[u8]) -> Option<(u32, u32)> {
+    let ihl = usize::from(*p.first()? & 0x0f) * 4;
+    if p[0] >> 4 != 4 || ihl < 20 || *p.get(9)? != 6 || *p.get(ihl + 13)? & 0x10 == 0 {
+        return None;
+    }
+    let tcp = p.get(ihl..ihl + 12)?;
+    let flow = u32::from_be_bytes(tcp[0..4].try_into().ok()?);
+    Some((flow, u32::from_be_bytes(tcp[8..12].try_into().ok()?)))
+}
+
 /// True for a pure TCP acknowledgement (no data, no SYN/FIN/RST) whose first SACK block is a D-SACK
 /// (RFC 2883): the receiver reporting a segment it already had. Such an ACK repeats the last acknowledgement
 /// number, so a sender counts it as a duplicate ACK, though it says nothing was lost: the duplicate was ours.
@@ -114,7 +125,12 @@ mod tests {
     fn tells_duplicate_reports_from_loss_reports() {
         // A duplicate below the cumulative ACK (also across the sequence wrap).
         assert!(is_dsack_ack(&tcp(0x10, 5000, &sack(&[(3000, 4000)]), 0)));
-        assert!(is_dsack_ack(&tcp(0x10, 100, &sack(&[(u32::MAX - 999, 50)]), 0)));
+        assert!(is_dsack_ack(&tcp(
+            0x10,
+            100,
+            &sack(&[(u32::MAX - 999, 50)]),
+            0
+        )));
         // A duplicate above it, inside the next (ordinary) SACK block.
         assert!(is_dsack_ack(&tcp(
             0x10,
@@ -141,5 +157,8 @@ mod tests {
             assert!(!is_dsack_ack(&p[..n]));
         }
         assert!(!is_dsack_ack(&[0x45, 0, 0, 0, 0, 0, 0, 0, 0, 6]));
+        assert_eq!(tcp_ack(&p).map(|(_, ack)| ack), Some(5000));
+        assert_eq!(tcp_ack(&tcp(0x02, 5000, &[], 0)), None);
+        assert_eq!(tcp_ack(&p[..30]), None);
     }
 }

@@ -26,7 +26,7 @@ const INLINE_MAX: usize = 4;
 /// Plaintext IP packets on their way to the worker, each in a fixed slot.
 pub(super) struct Plain {
     buf: Vec<u8>,
-    lens: [usize; BATCH],
+    lens: Vec<usize>,
     n: usize,
 }
 
@@ -34,7 +34,7 @@ impl Plain {
     fn new() -> Plain {
         Plain {
             buf: vec![0u8; BATCH * SLOT],
-            lens: [0; BATCH],
+            lens: vec![0; BATCH],
             n: 0,
         }
     }

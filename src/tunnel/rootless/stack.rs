@@ -3,8 +3,8 @@
 //! smoltcp sockets and the local connections.
 
 use super::seal::{lock, Sealer};
-use crate::tunnel::packet::is_dsack_ack;
 use super::*;
+use crate::tunnel::packet::{is_dsack_ack, tcp_ack};
 
 struct Conn {
     handle: SocketHandle,
@@ -41,6 +41,8 @@ pub(super) struct Stack {
     next_port: u16,
     stats: Arc<Mutex<PeerStats>>,
     inbatch: RecvBatch,
+    /// The last acknowledgement number handed to smoltcp, per flow (ports), for the D-SACK filter.
+    acks: std::collections::HashMap<u32, u32>,
 }
 
 impl Stack {
@@ -88,6 +90,7 @@ impl Stack {
             next_port: 49152 + rand::random::<u16>() % 8192,
             stats,
             inbatch: RecvBatch::new(),
+            acks: std::collections::HashMap::new(),
         })
     }
 
@@ -172,7 +175,7 @@ impl Stack {
                 }
                 let link = &mut self.link;
                 let (udp, endpoint, plan) = (&link.udp, link.endpoint, &self.plan);
-                let (free, rx) = (&mut link.free, &mut link.rx);
+                let (free, rx, acks) = (&mut link.free, &mut link.rx, &mut self.acks);
                 lock(link.sealer.peer()).receive(
                     from,
                     datagram,
@@ -185,9 +188,23 @@ impl Stack {
                         // smoltcp has no SACK: on three duplicate ACKs it sends again everything in
                         // flight. The receiver answers each of those duplicates with a D-SACK ACK, which
                         // smoltcp would count as duplicate ACKs again: one loss became a storm of
-                        // go-back-N rounds (hundreds of MB of duplicates a second, measured). Such an ACK
-                        // acknowledges nothing new; drop it.
-                        if inside && !is_dsack_ack(packet) {
+                        // go-back-N rounds (hundreds of MB of duplicates a second, measured). Drop such an
+                        // ACK when it acknowledges nothing beyond the last ACK of its flow that smoltcp saw
+                        // (one that moves the ACK on always goes through, or smoltcp would stall).
+                        let ack = if inside { tcp_ack(packet) } else { None };
+                        let duplicate = ack.is_some_and(|(flow, ack)| {
+                            let old = acks
+                                .get(&flow)
+                                .is_some_and(|last| ack.wrapping_sub(*last) as i32 <= 0);
+                            old && is_dsack_ack(packet)
+                        });
+                        if let (Some((flow, ack)), false) = (ack, duplicate) {
+                            if acks.len() >= 4096 {
+                                acks.clear();
+                            }
+                            acks.insert(flow, ack);
+                        }
+                        if inside && !duplicate {
                             let mut buf = free.pop().unwrap_or_else(|| Vec::with_capacity(2048));
                             buf.clear();
                             buf.extend_from_slice(packet);
