@@ -381,6 +381,31 @@ fn tunnel_end_to_end() {
         (got == want).then_some(got)
     });
     assert!(uploaded.is_some(), "100 MB laptop -> VM through -L");
+    // Both at once: the upload's data goes through the sealing thread in full batches while the download's
+    // acknowledgements are sealed on the stack task in between; neither may lose or reorder a byte.
+    let up3 = keys.dir.path().join("uploaded3.bin");
+    nss.spawn_bg(
+        "host",
+        &format!(
+            "socat -u TCP-LISTEN:9001,bind=10.240.1.10,reuseaddr OPEN:{},creat,trunc",
+            up3.display()
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    nss.spawn_bg(
+        "laptop",
+        &format!("socat -u FILE:{} TCP:127.0.0.1:9001", big.display()),
+    );
+    let got = nss.must(
+        "laptop",
+        "curl -s --fail --max-time 60 http://127.0.0.1:8080/big.bin | sha256sum",
+    );
+    assert_eq!(got, want, "100 MB VM -> laptop during an upload");
+    let uploaded = eventually(Duration::from_secs(60), || {
+        let got = nss.must("host", &format!("sha256sum < {}", up3.display()));
+        (got == want).then_some(got)
+    });
+    assert!(uploaded.is_some(), "100 MB laptop -> VM during a download");
     alice.stop();
     let _ = hub.cmd("stats");
     hub.stop();

@@ -137,7 +137,7 @@ impl Hub {
             .map_err(TunnelError::io("hub UDP socket"))?;
         let tun = match &cfg.tun_name {
             Some(name) => {
-                let dev = TunDevice::create(name, super::MTU)?;
+                let dev = TunDevice::create(name, super::MTU, None)?;
                 // Peers and VMs talk through this host: it must forward.
                 if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
                     tracing::warn!("could not enable ip_forward: {e}");

@@ -1,55 +1,69 @@
-//! A Linux TUN device (tun-tap, no packet info) and the `ip` commands that configure it. Shared by the hub
-//! and the client's TUN mode; the rest of the code only sees `recv`/`send`/`wait_readable`.
+//! The TUN device of the hub and of the client's TUN mode, through tun-rs: its address, MTU and up state
+//! are set with tun-rs's own calls (ioctls on Linux, the utun calls on macOS, where tun-rs also adds the
+//! route of the address's subnet), never with the `ip` command. On Linux the device has offloads
+//! (IFF_VNET_HDR, TSO/GRO): one read can return a whole 64 KB TCP burst, split here into MTU-sized packets,
+//! and one write can carry many coalesced packets; elsewhere a read or write is one packet. The rest of the
+//! code only sees [`TunReader`], [`TunWriter`] and `wait_readable`.
 
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
-use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{DeviceBuilder, SyncDevice};
+#[cfg(target_os = "linux")]
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::TunnelError;
 
-/// A TUN device with Linux offloads (IFF_VNET_HDR, TSO/GRO through tun-rs): one read can return a whole
-/// 64 KB TCP burst, split here into MTU-sized packets, and one write can carry many coalesced packets.
+/// Packets per read or write batch elsewhere than Linux (no offloads: one packet per syscall).
+#[cfg(not(target_os = "linux"))]
+const IDEAL_BATCH_SIZE: usize = 64;
+
+/// A TUN device, up, with its MTU and (for a client) its address.
 pub struct TunDevice {
     dev: SyncDevice,
     name: String,
 }
 
 impl TunDevice {
-    /// Creates the device, sets its MTU and brings it up.
-    pub fn create(name: &str, mtu: u32) -> Result<TunDevice, TunnelError> {
+    /// Creates the device with `mtu`, gives it `address` (the address and the prefix length of the subnet
+    /// behind it: the system then routes that subnet to the device) and brings it up. On macOS the name
+    /// must be `utunN`; another name lets the system choose one ([`TunDevice::name`] tells which).
+    pub fn create(
+        name: &str,
+        mtu: u32,
+        address: Option<(Ipv4Addr, u8)>,
+    ) -> Result<TunDevice, TunnelError> {
+        #[cfg(target_os = "linux")]
         if !std::path::Path::new("/dev/net/tun").exists() {
             return Err(TunnelError::NoPrivilege("/dev/net/tun".into()));
         }
         let mtu16 = u16::try_from(mtu).unwrap_or(super::MTU as u16);
-        let dev = DeviceBuilder::new()
-            .name(name)
-            .mtu(mtu16)
-            .offload(true)
-            .build_sync()
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::PermissionDenied {
-                    TunnelError::NoPrivilege("CAP_NET_ADMIN to create a TUN device".into())
-                } else {
-                    TunnelError::Io {
-                        context: format!("creating TUN device {name}"),
-                        source: e,
-                    }
+        let mut builder = DeviceBuilder::new().mtu(mtu16);
+        if cfg!(not(target_os = "macos")) || name.starts_with("utun") {
+            builder = builder.name(name);
+        }
+        if let Some((addr, prefix)) = address {
+            builder = builder.ipv4(addr, prefix, None);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            builder = builder.offload(true);
+        }
+        let dev = builder.build_sync().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                TunnelError::NoPrivilege("CAP_NET_ADMIN to create a TUN device".into())
+            } else {
+                TunnelError::Io {
+                    context: format!("creating TUN device {name}"),
+                    source: e,
                 }
-            })?;
+            }
+        })?;
         let name = dev.name().unwrap_or_else(|_| name.to_string());
         let dev = TunDevice { dev, name };
         tracing::info!("TUN device {}: offload {}", dev.name, dev.offload());
-        ip(&[
-            "link",
-            "set",
-            "dev",
-            dev.name(),
-            "mtu",
-            &mtu.to_string(),
-            "up",
-        ])?;
         Ok(dev)
     }
 
@@ -58,8 +72,14 @@ impl TunDevice {
     }
 
     /// True when the kernel accepted the offloads (else packets come and go one per syscall).
+    #[cfg(target_os = "linux")]
     pub fn offload(&self) -> bool {
         self.dev.tcp_gso()
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn offload(&self) -> bool {
+        false
     }
 
     /// Reads return `WouldBlock` instead of waiting (use [`TunDevice::wait_readable`]).
@@ -75,8 +95,9 @@ impl TunDevice {
     }
 }
 
-/// Packets of one TUN read (a GSO burst split into MTU-sized packets), in reused buffers.
+/// Packets of one TUN read (on Linux a GSO burst split into MTU-sized packets), in reused buffers.
 pub struct TunReader {
+    #[cfg(target_os = "linux")]
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
@@ -90,6 +111,7 @@ impl Default for TunReader {
 }
 
 impl TunReader {
+    #[cfg(target_os = "linux")]
     pub fn new() -> TunReader {
         TunReader {
             original: vec![0u8; VIRTIO_NET_HDR_LEN + 65535],
@@ -99,13 +121,32 @@ impl TunReader {
         }
     }
 
+    #[cfg(not(target_os = "linux"))]
+    pub fn new() -> TunReader {
+        TunReader {
+            bufs: vec![vec![0u8; 65535]],
+            sizes: vec![0],
+            n: 0,
+        }
+    }
+
     /// One read from the device; returns how many packets it gave.
+    #[cfg(target_os = "linux")]
     pub fn read(&mut self, dev: &TunDevice) -> std::io::Result<usize> {
         self.n = 0;
         self.n = dev
             .dev
             .recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0)?;
         Ok(self.n)
+    }
+
+    /// One read from the device: one packet.
+    #[cfg(not(target_os = "linux"))]
+    pub fn read(&mut self, dev: &TunDevice) -> std::io::Result<usize> {
+        self.n = 0;
+        self.sizes[0] = dev.dev.recv(&mut self.bufs[0])?;
+        self.n = 1;
+        Ok(1)
     }
 
     pub fn len(&self) -> usize {
@@ -124,12 +165,19 @@ impl TunReader {
     }
 }
 
-/// Packets collected for one batched write (coalesced by GRO where they belong to one TCP flow).
+/// Packets collected for one batched write (on Linux coalesced by GRO where they belong to one TCP flow).
 pub struct TunWriter {
     bufs: Vec<Vec<u8>>,
     n: usize,
+    #[cfg(target_os = "linux")]
     gro: GROTable,
 }
+
+/// Room in front of each packet a write needs (the virtio header of Linux's offloads).
+#[cfg(target_os = "linux")]
+const HEADROOM: usize = VIRTIO_NET_HDR_LEN;
+#[cfg(not(target_os = "linux"))]
+const HEADROOM: usize = 0;
 
 impl Default for TunWriter {
     fn default() -> Self {
@@ -142,18 +190,18 @@ impl TunWriter {
         TunWriter {
             bufs: Vec::new(),
             n: 0,
+            #[cfg(target_os = "linux")]
             gro: GROTable::default(),
         }
     }
 
     pub fn push(&mut self, packet: &[u8]) {
         if self.n == self.bufs.len() {
-            self.bufs
-                .push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + 2048));
+            self.bufs.push(Vec::with_capacity(HEADROOM + 2048));
         }
         if let Some(b) = self.bufs.get_mut(self.n) {
             b.clear();
-            b.resize(VIRTIO_NET_HDR_LEN, 0);
+            b.resize(HEADROOM, 0);
             b.extend_from_slice(packet);
             self.n += 1;
         }
@@ -164,6 +212,7 @@ impl TunWriter {
     }
 
     /// Writes what was pushed; a failed write drops the batch (like a full queue).
+    #[cfg(target_os = "linux")]
     pub fn flush(&mut self, dev: &TunDevice) {
         let n = std::mem::take(&mut self.n);
         if n == 0 {
@@ -175,6 +224,17 @@ impl TunWriter {
                 .send_multiple(&mut self.gro, bufs, VIRTIO_NET_HDR_LEN)
             {
                 tracing::debug!("TUN write of {n} packets: {e}");
+            }
+        }
+    }
+
+    /// Writes what was pushed, one packet per write; a failed write drops the packet (like a full queue).
+    #[cfg(not(target_os = "linux"))]
+    pub fn flush(&mut self, dev: &TunDevice) {
+        let n = std::mem::take(&mut self.n);
+        for b in self.bufs.iter().take(n) {
+            if let Err(e) = dev.dev.send(b) {
+                tracing::debug!("TUN write: {e}");
             }
         }
     }
@@ -192,7 +252,8 @@ pub(crate) fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
     n > 0 && pfd.revents & libc::POLLIN != 0
 }
 
-/// Runs `ip ARGS…` and maps a failure to an error carrying its stderr.
+/// Runs `ip ARGS…` and maps a failure to an error carrying its stderr. Only the hub uses it (its per-peer
+/// routes; the hub runs on a Linux host); the client's TUN setup goes through tun-rs.
 pub fn ip(args: &[&str]) -> Result<(), TunnelError> {
     let out = Command::new("ip")
         .args(args)
@@ -209,6 +270,7 @@ pub fn ip(args: &[&str]) -> Result<(), TunnelError> {
 }
 
 /// True when this process may create TUN devices (root or CAP_NET_ADMIN, and /dev/net/tun exists).
+#[cfg(target_os = "linux")]
 pub fn can_create_tun() -> bool {
     if !std::path::Path::new("/dev/net/tun").exists() {
         return false;
@@ -219,4 +281,11 @@ pub fn can_create_tun() -> bool {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+/// True when this process may create TUN devices (a utun needs root).
+#[cfg(not(target_os = "linux"))]
+pub fn can_create_tun() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }

@@ -1,5 +1,6 @@
-//! Client TUN mode: a TUN device holding the peer address, a route for the namespace subnet, and two
-//! threads moving packets between it and the UDP socket. The device and its routes vanish when it closes.
+//! Client TUN mode: a TUN device holding the peer address with the namespace's prefix (so the namespace is
+//! routed to it; set up through tun-rs, no `ip` command), and two threads moving packets between it and the
+//! UDP socket. The device and its routes vanish when it closes.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use super::keys::PrivateKey;
 use super::packet::ipv4_addrs;
 use super::peer::{Outcome, Peer, PeerStats};
 use super::plan::Plan;
-use super::tun_dev::{self, TunDevice, TunReader, TunWriter};
+use super::tun_dev::{TunDevice, TunReader, TunWriter};
 use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
 
@@ -46,16 +47,12 @@ impl TunClient {
         tun_name: &str,
         bind: SocketAddr,
     ) -> Result<TunClient, TunnelError> {
-        let tun = TunDevice::create(tun_name, super::MTU)?;
-        let addr = format!("{}/32", plan.address);
-        tun_dev::ip(&["addr", "add", &addr, "dev", tun.name()])?;
-        tun_dev::ip(&[
-            "route",
-            "replace",
-            &plan.subnet.to_string(),
-            "dev",
-            tun.name(),
-        ])?;
+        // The peer address with the namespace's prefix: the system routes the namespace to the device.
+        let tun = TunDevice::create(
+            tun_name,
+            super::MTU,
+            Some((plan.address, plan.subnet.prefix)),
+        )?;
         let mut peer = Peer::new(
             key,
             plan.server_key,

@@ -30,11 +30,12 @@ use crate::tunnel::keys::PrivateKey;
 use crate::tunnel::packet::ipv4_addrs;
 use crate::tunnel::peer::{Outcome, Peer, PeerStats};
 use crate::tunnel::plan::Plan;
-use crate::tunnel::udp::{RecvBatch, SendBatch};
+use crate::tunnel::udp::RecvBatch;
 use crate::tunnel::TunnelError;
 
 mod forward;
 mod http;
+mod seal;
 mod socks;
 mod stack;
 
@@ -44,8 +45,21 @@ use socks::serve_socks;
 use stack::Stack;
 
 const BUF: usize = 65536 + 64;
-/// Per-connection TCP buffers: large enough for window scaling to keep a fast link busy.
+/// Per-connection TCP receive buffer: large enough for window scaling to keep a fast link busy.
 const TCP_BUF: usize = 2 << 20;
+/// Per-connection TCP send buffer, which is also the most smoltcp keeps in flight. smoltcp answers a loss
+/// (three duplicate ACKs, or its 10 ms minimum retransmission timeout on a busy machine) by sending again
+/// everything in flight from the first unacknowledged byte (go-back-N: it has no SACK), so a large window
+/// turns one loss into megabytes of duplicates. `FCDEV_TCP_TXBUF` (bytes) overrides it (benchmarks).
+const TCP_TXBUF: usize = 1 << 20;
+
+fn tcp_txbuf() -> usize {
+    std::env::var("FCDEV_TCP_TXBUF")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 16 << 10)
+        .unwrap_or(TCP_TXBUF)
+}
 /// Chunks in flight between a local connection and the stack, each way.
 const CHANNEL_DEPTH: usize = 32;
 const CHUNK: usize = 64 * 1024;
@@ -217,10 +231,6 @@ impl RootlessClient {
             .name("fcdev-proxy".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let udp = match UdpSocket::from_std(udp) {
-                        Ok(u) => u,
-                        Err(e) => return tracing::error!("proxy UDP socket: {e}"),
-                    };
                     for (l, target) in listeners {
                         let Ok(l) = TcpListener::from_std(l) else {
                             continue;
@@ -234,8 +244,10 @@ impl RootlessClient {
                             }
                         };
                     }
-                    let stack = Stack::new(&key, plan, udp, thread_stats);
-                    stack.run(cmd_rx, wake).await;
+                    match Stack::new(&key, plan, udp, thread_stats, wake.clone()) {
+                        Ok(stack) => stack.run(cmd_rx, wake).await,
+                        Err(e) => tracing::error!("proxy: {e}"),
+                    }
                 });
             })
             .map_err(TunnelError::io("spawning the proxy thread"))?;
@@ -331,11 +343,6 @@ fn bind_std_udp(bind: SocketAddr) -> Result<std::net::UdpSocket, TunnelError> {
     std.set_nonblocking(true)
         .map_err(TunnelError::io("UDP socket"))?;
     Ok(std)
-}
-
-/// Inside the proxy runtime (rebinding).
-fn bind_udp(bind: SocketAddr) -> Result<UdpSocket, TunnelError> {
-    UdpSocket::from_std(bind_std_udp(bind)?).map_err(TunnelError::io("UDP socket"))
 }
 
 /// Congestion control for connections smoltcp sends on (uploads): without it smoltcp sends the whole

@@ -2,7 +2,9 @@
 //! device (packets in from the tunnel, out through the batched UDP socket); `Stack` moves data between
 //! smoltcp sockets and the local connections.
 
+use super::seal::{lock, Sealer};
 use super::*;
+use crate::tunnel::packet::{is_dsack_ack, tcp_ack};
 
 struct Conn {
     handle: SocketHandle,
@@ -13,16 +15,15 @@ struct Conn {
     ready: Option<oneshot::Sender<bool>>,
 }
 
-/// Everything the smoltcp device needs to move packets: received packets, recycled buffers, the peer.
+/// Everything the smoltcp device needs to move packets: received packets, recycled buffers, and the sealer
+/// (the peer and the worker thread that encrypts and sends).
 struct Link {
-    peer: Peer,
+    sealer: Sealer,
     udp: UdpSocket,
     endpoint: SocketAddr,
     rx: VecDeque<Vec<u8>>,
     free: Vec<Vec<u8>>,
-    scratch: Vec<u8>,
     out: Vec<u8>,
-    batch: SendBatch,
 }
 
 /// Sends with a plain `sendto`: tokio's `try_send_to` refuses until the reactor has seen the socket
@@ -40,15 +41,18 @@ pub(super) struct Stack {
     next_port: u16,
     stats: Arc<Mutex<PeerStats>>,
     inbatch: RecvBatch,
+    /// The last acknowledgement number handed to smoltcp, per flow (ports), for the D-SACK filter.
+    acks: std::collections::HashMap<u32, u32>,
 }
 
 impl Stack {
     pub(super) fn new(
         key: &PrivateKey,
         plan: Arc<Plan>,
-        udp: UdpSocket,
+        udp: std::net::UdpSocket,
         stats: Arc<Mutex<PeerStats>>,
-    ) -> Stack {
+        wake: Arc<Notify>,
+    ) -> Result<Stack, TunnelError> {
         let mut peer = Peer::new(
             key,
             plan.server_key,
@@ -58,15 +62,15 @@ impl Stack {
         );
         peer.set_endpoint(plan.endpoint);
         peer.set_recovery(true);
+        let sealer = Sealer::start(Arc::new(Mutex::new(peer)), plan.endpoint, &udp, wake)
+            .map_err(TunnelError::io("starting the sealing thread"))?;
         let mut link = Link {
-            peer,
-            udp,
+            sealer,
+            udp: UdpSocket::from_std(udp).map_err(TunnelError::io("UDP socket"))?,
             endpoint: plan.endpoint,
             rx: VecDeque::new(),
             free: Vec::new(),
-            scratch: vec![0u8; BUF],
             out: vec![0u8; BUF],
-            batch: SendBatch::new(),
         };
         let config = Config::new(HardwareAddress::Ip);
         let mut iface = Interface::new(config, &mut link, SmolInstant::now());
@@ -77,7 +81,7 @@ impl Stack {
         let _ = iface
             .routes_mut()
             .add_default_ipv4_route(plan.subnet.host(1));
-        Stack {
+        Ok(Stack {
             plan,
             link,
             iface,
@@ -86,12 +90,13 @@ impl Stack {
             next_port: 49152 + rand::random::<u16>() % 8192,
             stats,
             inbatch: RecvBatch::new(),
-        }
+            acks: std::collections::HashMap::new(),
+        })
     }
 
     pub(super) async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, wake: Arc<Notify>) {
         let mut next_tick = tokio::time::Instant::now();
-        if let Outcome::Network(d) = self.link.peer.initiate(&mut self.link.out) {
+        if let Outcome::Network(d) = lock(self.link.sealer.peer()).initiate(&mut self.link.out) {
             send_to(&self.link.udp, self.link.endpoint, d);
         }
         loop {
@@ -117,18 +122,19 @@ impl Stack {
                 {
                     break;
                 }
-                if self.link.batch.is_full() {
-                    self.link.batch.flush(&self.link.udp);
+                if self.link.sealer.take_submitted() {
                     self.pump();
                 }
             }
-            self.link.batch.flush(&self.link.udp);
+            self.link.sealer.submit();
+            self.link.sealer.take_submitted();
             if tokio::time::Instant::now() >= next_tick {
                 next_tick = tokio::time::Instant::now() + TICK;
-                if let Outcome::Network(d) = self.link.peer.tick(&mut self.link.out) {
+                let mut peer = lock(self.link.sealer.peer());
+                if let Outcome::Network(d) = peer.tick(&mut self.link.out) {
                     send_to(&self.link.udp, self.link.endpoint, d);
                 }
-                *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.link.peer.stats();
+                *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = peer.stats();
             }
             let delay = self
                 .iface
@@ -169,8 +175,8 @@ impl Stack {
                 }
                 let link = &mut self.link;
                 let (udp, endpoint, plan) = (&link.udp, link.endpoint, &self.plan);
-                let (free, rx) = (&mut link.free, &mut link.rx);
-                link.peer.receive(
+                let (free, rx, acks) = (&mut link.free, &mut link.rx, &mut self.acks);
+                lock(link.sealer.peer()).receive(
                     from,
                     datagram,
                     &mut link.out,
@@ -179,7 +185,26 @@ impl Stack {
                         let inside = ipv4_addrs(packet).is_some_and(|(src, dst)| {
                             plan.subnet.contains(src) && dst == plan.address
                         });
-                        if inside {
+                        // smoltcp has no SACK: on three duplicate ACKs it sends again everything in
+                        // flight. The receiver answers each of those duplicates with a D-SACK ACK, which
+                        // smoltcp would count as duplicate ACKs again: one loss became a storm of
+                        // go-back-N rounds (hundreds of MB of duplicates a second, measured). Drop such an
+                        // ACK when it acknowledges nothing beyond the last ACK of its flow that smoltcp saw
+                        // (one that moves the ACK on always goes through, or smoltcp would stall).
+                        let ack = if inside { tcp_ack(packet) } else { None };
+                        let duplicate = ack.is_some_and(|(flow, ack)| {
+                            let old = acks
+                                .get(&flow)
+                                .is_some_and(|last| ack.wrapping_sub(*last) as i32 <= 0);
+                            old && is_dsack_ack(packet)
+                        });
+                        if let (Some((flow, ack)), false) = (ack, duplicate) {
+                            if acks.len() >= 4096 {
+                                acks.clear();
+                            }
+                            acks.insert(flow, ack);
+                        }
+                        if inside && !duplicate {
                             let mut buf = free.pop().unwrap_or_else(|| Vec::with_capacity(2048));
                             buf.clear();
                             buf.extend_from_slice(packet);
@@ -200,9 +225,9 @@ impl Stack {
                 ready,
             } => self.connect(dst, to_remote, to_local, ready),
             Cmd::Rebind(addr, reply) => {
-                let r = bind_udp(addr).map(|udp| {
-                    self.link.udp = udp;
-                    if let Outcome::Network(d) = self.link.peer.initiate(&mut self.link.out) {
+                let r = self.rebind(addr).map(|()| {
+                    let mut peer = lock(self.link.sealer.peer());
+                    if let Outcome::Network(d) = peer.initiate(&mut self.link.out) {
                         send_to(&self.link.udp, self.link.endpoint, d);
                     }
                 });
@@ -210,6 +235,17 @@ impl Stack {
             }
             Cmd::Shutdown => {}
         }
+    }
+
+    /// A new local UDP socket for the stack and the sealing worker.
+    fn rebind(&mut self, addr: SocketAddr) -> Result<(), TunnelError> {
+        let std = bind_std_udp(addr)?;
+        self.link
+            .sealer
+            .set_socket(&std)
+            .map_err(TunnelError::io("UDP socket"))?;
+        self.link.udp = UdpSocket::from_std(std).map_err(TunnelError::io("UDP socket"))?;
+        Ok(())
     }
 
     fn connect(
@@ -221,7 +257,7 @@ impl Stack {
     ) {
         let mut sock = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUF]),
+            tcp::SocketBuffer::new(vec![0u8; tcp_txbuf()]),
         );
         sock.set_nagle_enabled(false);
         sock.set_congestion_control(congestion());
@@ -354,37 +390,17 @@ impl phy::Device for Link {
 
     fn receive(&mut self, _: SmolInstant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let buf = self.rx.pop_front()?;
-        let Link {
-            peer,
-            udp,
-            endpoint,
-            free,
-            scratch,
-            out,
-            batch,
-            ..
-        } = self;
-        Some((
-            RxToken { buf, free },
-            TxToken {
-                peer,
-                udp,
-                endpoint: *endpoint,
-                scratch,
-                out,
-                batch,
-            },
-        ))
+        let Link { sealer, free, .. } = self;
+        Some((RxToken { buf, free }, TxToken { sealer }))
     }
 
+    /// No token while every batch is at the sealing worker: smoltcp keeps the data until it wakes us.
     fn transmit(&mut self, _: SmolInstant) -> Option<TxToken<'_>> {
+        if !self.sealer.has_room() {
+            return None;
+        }
         Some(TxToken {
-            peer: &mut self.peer,
-            udp: &self.udp,
-            endpoint: self.endpoint,
-            scratch: &mut self.scratch,
-            out: &mut self.out,
-            batch: &mut self.batch,
+            sealer: &mut self.sealer,
         })
     }
 
@@ -416,27 +432,12 @@ impl phy::RxToken for RxToken<'_> {
 }
 
 struct TxToken<'a> {
-    peer: &'a mut Peer,
-    udp: &'a UdpSocket,
-    endpoint: SocketAddr,
-    scratch: &'a mut Vec<u8>,
-    out: &'a mut Vec<u8>,
-    batch: &'a mut SendBatch,
+    sealer: &'a mut Sealer,
 }
 
 impl phy::TxToken for TxToken<'_> {
+    /// smoltcp writes the packet straight into a slot of the batch going to the sealing worker.
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        if self.scratch.len() < len {
-            self.scratch.resize(len, 0);
-        }
-        let r = f(&mut self.scratch[..len]);
-        self.batch.encapsulate(
-            self.peer,
-            &self.scratch[..len],
-            self.endpoint,
-            self.out,
-            self.udp,
-        );
-        r
+        self.sealer.send(len, f)
     }
 }
