@@ -43,6 +43,21 @@ fn aliases(full: &str, namespace: &str) -> Vec<String> {
 }
 
 impl Plan {
+    /// The laptop's side of the tunnel to this plan's hub: its key, keepalive and endpoint, recovering by
+    /// itself when the hub forgets the session (both clients, TUN and rootless, start from this).
+    pub fn client_peer(&self, key: &super::keys::PrivateKey) -> super::peer::Peer {
+        let mut peer = super::peer::Peer::new(
+            key,
+            self.server_key,
+            Some(self.keepalive).filter(|k| *k > 0),
+            rand::random::<u32>(),
+            None,
+        );
+        peer.set_endpoint(self.endpoint);
+        peer.set_recovery(true);
+        peer
+    }
+
     pub fn from_config(cfg: &PeerConfig) -> Result<Plan, TunnelError> {
         let bad = |what: &str, v: &str| TunnelError::Config(format!("{what} `{v}`"));
         let address: Ipv4Addr = cfg

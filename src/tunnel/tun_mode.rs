@@ -53,15 +53,7 @@ impl TunClient {
             super::MTU,
             Some((plan.address, plan.subnet.prefix)),
         )?;
-        let mut peer = Peer::new(
-            key,
-            plan.server_key,
-            Some(plan.keepalive).filter(|k| *k > 0),
-            rand::random::<u32>(),
-            None,
-        );
-        peer.set_endpoint(plan.endpoint);
-        peer.set_recovery(true);
+        let peer = plan.client_peer(key);
         let shared = Arc::new(Shared {
             udp: RwLock::new(bind_udp(bind)?),
             peer: Mutex::new(peer),

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::tunnel::keys::PrivateKey;
 use crate::tunnel::packet::ipv4_addrs;
-use crate::tunnel::peer::{Outcome, Peer, PeerStats};
+use crate::tunnel::peer::{Outcome, PeerStats};
 use crate::tunnel::plan::Plan;
 use crate::tunnel::udp::RecvBatch;
 use crate::tunnel::TunnelError;

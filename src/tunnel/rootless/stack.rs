@@ -53,15 +53,7 @@ impl Stack {
         stats: Arc<Mutex<PeerStats>>,
         wake: Arc<Notify>,
     ) -> Result<Stack, TunnelError> {
-        let mut peer = Peer::new(
-            key,
-            plan.server_key,
-            Some(plan.keepalive).filter(|k| *k > 0),
-            rand::random::<u32>(),
-            None,
-        );
-        peer.set_endpoint(plan.endpoint);
-        peer.set_recovery(true);
+        let peer = plan.client_peer(key);
         let sealer = Sealer::start(Arc::new(Mutex::new(peer)), plan.endpoint, &udp, wake)
             .map_err(TunnelError::io("starting the sealing thread"))?;
         let mut link = Link {
