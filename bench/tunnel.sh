@@ -35,6 +35,8 @@ cleanup() {
 }
 trap cleanup EXIT
 [ -n "${BENCH_KEEP:-}" ] && trap "cp -r $WORK /tmp/bench-last; cleanup" EXIT
+# BENCH_SAVE=DIR: keep each path's iperf3 JSON (per-interval figures) as DIR/iperf-PATH.json.
+[ -n "${BENCH_SAVE:-}" ] && trap "mkdir -p '$BENCH_SAVE'; cp $WORK/iperf-*.json '$BENCH_SAVE'/ 2>/dev/null; cleanup" EXIT
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 [ -e /dev/net/tun ] || { echo "needs /dev/net/tun" >&2; exit 1; }

@@ -350,7 +350,12 @@ fn lookup(shared: &Shared, from: SocketAddr, datagram: &[u8], out: &mut [u8]) ->
 fn udp_loop(shared: &Shared) {
     let mut batch = RecvBatch::new();
     let mut out = vec![0u8; BUF];
-    let mut writer = TunWriter::new();
+    // Decrypting here, writing into the TUN (the host's TCP receive) on the writer's own thread.
+    let mut writer = shared
+        .tun
+        .as_ref()
+        .map(TunDevice::writer)
+        .unwrap_or_default();
     while !shared.stop.load(Ordering::Relaxed) {
         if let Err(e) = batch.recv(&shared.udp) {
             if !matches!(

@@ -22,7 +22,7 @@ const IDEAL_BATCH_SIZE: usize = 64;
 
 /// A TUN device, up, with its MTU and (for a client) its address.
 pub struct TunDevice {
-    dev: SyncDevice,
+    dev: std::sync::Arc<SyncDevice>,
     name: String,
 }
 
@@ -62,7 +62,10 @@ impl TunDevice {
             }
         })?;
         let name = dev.name().unwrap_or_else(|_| name.to_string());
-        let dev = TunDevice { dev, name };
+        let dev = TunDevice {
+            dev: std::sync::Arc::new(dev),
+            name,
+        };
         tracing::info!("TUN device {}: offload {}", dev.name, dev.offload());
         Ok(dev)
     }
@@ -166,11 +169,9 @@ impl TunReader {
 }
 
 /// Packets collected for one batched write (on Linux coalesced by GRO where they belong to one TCP flow).
-pub struct TunWriter {
+struct Batch {
     bufs: Vec<Vec<u8>>,
     n: usize,
-    #[cfg(target_os = "linux")]
-    gro: GROTable,
 }
 
 /// Room in front of each packet a write needs (the virtio header of Linux's offloads).
@@ -179,23 +180,18 @@ const HEADROOM: usize = VIRTIO_NET_HDR_LEN;
 #[cfg(not(target_os = "linux"))]
 const HEADROOM: usize = 0;
 
-impl Default for TunWriter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// Batches a threaded writer keeps queued for its thread (each up to a few hundred packets).
+const QUEUED: usize = 4;
 
-impl TunWriter {
-    pub fn new() -> TunWriter {
-        TunWriter {
+impl Batch {
+    fn new() -> Batch {
+        Batch {
             bufs: Vec::new(),
             n: 0,
-            #[cfg(target_os = "linux")]
-            gro: GROTable::default(),
         }
     }
 
-    pub fn push(&mut self, packet: &[u8]) {
+    fn push(&mut self, packet: &[u8]) {
         if self.n == self.bufs.len() {
             self.bufs.push(Vec::with_capacity(HEADROOM + 2048));
         }
@@ -207,35 +203,148 @@ impl TunWriter {
         }
     }
 
-    pub fn is_full(&self) -> bool {
-        self.n >= IDEAL_BATCH_SIZE
-    }
-
-    /// Writes what was pushed; a failed write drops the batch (like a full queue).
     #[cfg(target_os = "linux")]
-    pub fn flush(&mut self, dev: &TunDevice) {
+    fn write(&mut self, dev: &SyncDevice, gro: &mut GROTable) {
         let n = std::mem::take(&mut self.n);
         if n == 0 {
             return;
         }
         if let Some(bufs) = self.bufs.get_mut(..n) {
-            if let Err(e) = dev
-                .dev
-                .send_multiple(&mut self.gro, bufs, VIRTIO_NET_HDR_LEN)
-            {
+            if let Err(e) = dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
                 tracing::debug!("TUN write of {n} packets: {e}");
             }
         }
     }
 
-    /// Writes what was pushed, one packet per write; a failed write drops the packet (like a full queue).
     #[cfg(not(target_os = "linux"))]
-    pub fn flush(&mut self, dev: &TunDevice) {
+    fn write(&mut self, dev: &SyncDevice, _: &mut GROTable) {
         let n = std::mem::take(&mut self.n);
         for b in self.bufs.iter().take(n) {
-            if let Err(e) = dev.dev.send(b) {
+            if let Err(e) = dev.send(b) {
                 tracing::debug!("TUN write: {e}");
             }
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+#[derive(Default)]
+struct GROTable;
+
+/// Packets on their way into the TUN device, written in batches. [`TunWriter::new`] writes on the caller's
+/// thread when it flushes; [`TunDevice::writer`] gives one that hands each batch to a thread of its own, so the
+/// thread that decrypts goes back to the socket while the kernel takes the previous batch (a write into the
+/// TUN runs the receiving TCP stack in the writer's context: the larger half of a receive, measured).
+pub struct TunWriter {
+    batch: Batch,
+    gro: GROTable,
+    thread: Option<WriterThread>,
+}
+
+/// The writing thread of a threaded [`TunWriter`]: batches go to it and come back empty, in order.
+struct WriterThread {
+    jobs: Option<std::sync::mpsc::SyncSender<Batch>>,
+    free: std::sync::mpsc::Receiver<Batch>,
+    /// Batches in existence besides the one being filled.
+    made: usize,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Default for TunWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TunDevice {
+    /// A writer for this device whose batches are written on a thread of its own (see [`TunWriter`]); a
+    /// plain writer when the thread cannot be started.
+    pub fn writer(&self) -> TunWriter {
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<Batch>(QUEUED);
+        let (free_tx, free_rx) = std::sync::mpsc::channel();
+        let dev = self.dev.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fcdev-tun-write".into())
+            .spawn(move || {
+                let mut gro = GROTable::default();
+                while let Ok(mut batch) = jobs_rx.recv() {
+                    batch.write(&dev, &mut gro);
+                    if free_tx.send(batch).is_err() {
+                        return;
+                    }
+                }
+            });
+        let mut w = TunWriter::new();
+        match spawned {
+            Ok(handle) => {
+                w.thread = Some(WriterThread {
+                    jobs: Some(jobs_tx),
+                    free: free_rx,
+                    made: 0,
+                    handle: Some(handle),
+                })
+            }
+            Err(e) => tracing::warn!("TUN writer thread: {e}; writing inline"),
+        }
+        w
+    }
+}
+
+impl TunWriter {
+    pub fn new() -> TunWriter {
+        TunWriter {
+            batch: Batch::new(),
+            gro: GROTable::default(),
+            thread: None,
+        }
+    }
+
+    pub fn push(&mut self, packet: &[u8]) {
+        self.batch.push(packet);
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.batch.n >= IDEAL_BATCH_SIZE
+    }
+
+    /// Writes what was pushed: here, or (threaded) by handing the batch to the writing thread, which only
+    /// waits when [`QUEUED`] batches are already ahead of it.
+    pub fn flush(&mut self, dev: &TunDevice) {
+        if self.batch.n == 0 {
+            return;
+        }
+        if let Some(t) = self.thread.as_mut() {
+            let next = match t.free.try_recv() {
+                Ok(b) => Some(b),
+                Err(_) if t.made < QUEUED + 1 => {
+                    t.made += 1;
+                    Some(Batch::new())
+                }
+                Err(_) => t.free.recv().ok(),
+            };
+            if let (Some(next), Some(jobs)) = (next, t.jobs.as_ref()) {
+                let full = std::mem::replace(&mut self.batch, next);
+                match jobs.send(full) {
+                    Ok(()) => return,
+                    // The thread is gone: write here from now on.
+                    Err(std::sync::mpsc::SendError(full)) => {
+                        self.batch = full;
+                        self.thread = None;
+                    }
+                }
+            } else {
+                self.thread = None;
+            }
+        }
+        self.batch.write(&dev.dev, &mut self.gro);
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        self.jobs = None; // ends the thread's loop once it has written what is queued
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
         }
     }
 }

@@ -12,7 +12,7 @@ use super::keys::PrivateKey;
 use super::packet::ipv4_addrs;
 use super::peer::{Outcome, Peer, PeerStats};
 use super::plan::Plan;
-use super::tun_dev::{TunDevice, TunReader, TunWriter};
+use super::tun_dev::{TunDevice, TunReader};
 use super::udp::{RecvBatch, SendBatch};
 use super::TunnelError;
 
@@ -133,7 +133,8 @@ fn send(shared: &Shared, datagram: &[u8]) {
 fn udp_loop(shared: &Shared) {
     let mut batch = RecvBatch::new();
     let mut out = vec![0u8; BUF];
-    let mut writer = TunWriter::new();
+    // Decrypting here, writing into the TUN (the laptop's TCP receive) on the writer's own thread.
+    let mut writer = shared.tun.writer();
     while !shared.stop.load(Ordering::Relaxed) {
         writer.flush(&shared.tun);
         let udp = socket(shared);
