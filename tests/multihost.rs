@@ -534,7 +534,10 @@ fn wait_state(url: &str, token: &str, state: &str, within: Duration) -> serde_js
         if c["state"] == state {
             return c;
         }
-        assert!(Instant::now() < deadline, "not {state} after {within:?}: {c}");
+        assert!(
+            Instant::now() < deadline,
+            "not {state} after {within:?}: {c}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -562,7 +565,10 @@ fn clusters_run_on_agents_and_a_lost_hosts_clusters_are_recreated_elsewhere() {
     let mut control = Control::start(LEASE);
     let url = control.server.url.clone();
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let tokens: Vec<String> = ["h1", "h2"].iter().map(|h| add_host(&control.at(), h)).collect();
+    let tokens: Vec<String> = ["h1", "h2"]
+        .iter()
+        .map(|h| add_host(&control.at(), h))
+        .collect();
     let mut agents: Vec<Agent> = ["h1", "h2"]
         .iter()
         .zip(&tokens)
@@ -616,7 +622,10 @@ fn clusters_run_on_agents_and_a_lost_hosts_clusters_are_recreated_elsewhere() {
     for t in &lost {
         let c = wait_state(&url, t, "lost", Duration::from_millis(LEASE * 1000 + 2000));
         assert!(
-            c["reason"].as_str().unwrap().contains(&format!("host {victim} is lost")),
+            c["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("host {victim} is lost")),
             "{c}"
         );
     }
@@ -663,7 +672,10 @@ fn clusters_run_on_agents_and_a_lost_hosts_clusters_are_recreated_elsewhere() {
     assert!(code == 200 || code == 204, "{code} {body}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while vm_pids(dirs[other].path()) != before - 3 {
-        assert!(Instant::now() < deadline, "the deleted cluster's VMs still run");
+        assert!(
+            Instant::now() < deadline,
+            "the deleted cluster's VMs still run"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -315,7 +315,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Runner {
     /// The local user of an engineer (made at first sight: the local store is this host's copy).
     fn local_user(&self, name: &str) -> anyhow::Result<User> {
-        if let Some(u) = self.store.list_users()?.into_iter().find(|u| u.name == name) {
+        if let Some(u) = self
+            .store
+            .list_users()?
+            .into_iter()
+            .find(|u| u.name == name)
+        {
             return Ok(u);
         }
         Ok(self.store.add_user(name)?.0)
@@ -347,7 +352,10 @@ impl Runner {
                 )?;
             }
             for p in &ns.peers {
-                wanted_peers.insert(p.id, (p.public_key.clone(), p.address.clone(), local.subnet));
+                wanted_peers.insert(
+                    p.id,
+                    (p.public_key.clone(), p.address.clone(), local.subnet),
+                );
             }
             for c in &ns.clusters {
                 wanted_clusters.insert((ns.user.clone(), c.name.clone()), ());

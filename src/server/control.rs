@@ -11,7 +11,9 @@ use crate::api::{self, ClusterState};
 use crate::names;
 use crate::server::orchestrator::{hostname, OrchestratorError, UpOutcome};
 use crate::server::service::{Service, ServiceError, ServiceResult, MAX_SSH_KEYS};
-use crate::server::store::{ClusterMirror, ClusterRow, EventRow, HostRow, HostState, NamespaceRow, User};
+use crate::server::store::{
+    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, NamespaceRow, User,
+};
 
 /// The longest an agent's long poll for work is held (`?wait=` is capped at this).
 pub const MAX_WORK_WAIT_SECS: u64 = 30;
@@ -458,9 +460,12 @@ mod tests {
         let mut revoked = host("f", HostState::Live, 30000, &["tiny"]);
         revoked.revoked = true;
         assert_eq!(
-            pick_host(&[revoked, host("g", HostState::Live, 1, &["tiny"])], Some("tiny"))
-                .unwrap()
-                .name,
+            pick_host(
+                &[revoked, host("g", HostState::Live, 1, &["tiny"])],
+                Some("tiny")
+            )
+            .unwrap()
+            .name,
             "g"
         );
         // Ties go to the first by name (the store lists hosts by name).

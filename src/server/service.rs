@@ -62,7 +62,9 @@ pub enum ServiceError {
     })]
     NoLiveHost { image: Option<String> },
     /// An operation a control plane does not relay to agents yet.
-    #[error("a control plane does not {0} yet: it runs on the cluster's host only with `--role all`")]
+    #[error(
+        "a control plane does not {0} yet: it runs on the cluster's host only with `--role all`"
+    )]
     NotOnControl(&'static str),
     /// A heartbeat for another host than the token's.
     #[error("this host token is not host `{0}`'s")]

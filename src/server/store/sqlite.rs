@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     capacity_of, check_claim, hash_token, images_json, mac_for, new_host_token, new_token, to_i64,
-    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm, PeerRow, Removal,
-    SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm,
+    PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
 };
 use crate::api::{AgentHeartbeat, ClusterState, ReportedEvent, VmState};
 use crate::server::alloc;
@@ -1025,7 +1025,13 @@ impl StoreEngine for SqliteStore {
         }
         let mut stored = Vec::with_capacity(events.len());
         for e in events {
-            stored.push(insert_event(&tx, id, e.vm.as_deref(), &e.state, &e.message)?);
+            stored.push(insert_event(
+                &tx,
+                id,
+                e.vm.as_deref(),
+                &e.state,
+                &e.message,
+            )?);
         }
         tx.commit()?;
         Ok(stored)
