@@ -187,6 +187,7 @@ impl Agent {
                 name,
             ])
             .args(["--hub-listen", "127.0.0.1:0", "--hub-tun", "none"])
+            .args(["--backend", "process"])
             .arg("--data-dir")
             .arg(&data)
             .env("FCDEV_HOST_TOKEN", token)
@@ -487,4 +488,194 @@ fn a_control_plane_restart_loses_no_host_rows() {
     assert_eq!(host(&list, "h2")["state"], "live", "{list}");
     assert!(a1.child.try_wait().unwrap().is_none(), "{}", a1.stderr());
     assert!(a2.child.try_wait().unwrap().is_none(), "{}", a2.stderr());
+}
+
+// ---- placement, work on the agents, host loss ----
+
+/// `fcdev server user add NAME` on the control plane's database: the engineer's token.
+fn add_user(at: &[&str], name: &str) -> String {
+    let out = Command::new(fcdev_bin())
+        .args(["server", "user", "add", name])
+        .args(at)
+        .env_remove("FCDEV_DATABASE")
+        .output()
+        .expect("run fcdev server user add");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn cluster(url: &str, token: &str) -> serde_json::Value {
+    let (code, body) = common::http(url, "GET", "/v1/clusters/dev", Some(token), None);
+    assert_eq!(code, 200, "{body}");
+    json(body.as_bytes())
+}
+
+fn up(url: &str, token: &str) -> serde_json::Value {
+    let (code, body) = common::http(
+        url,
+        "POST",
+        "/v1/clusters",
+        Some(token),
+        Some(r#"{"name": "dev", "image": "tiny"}"#),
+    );
+    assert!(code == 202 || code == 200, "{code} {body}");
+    json(body.as_bytes())
+}
+
+/// Wait until the engineer's cluster `dev` is in `state`; its view.
+fn wait_state(url: &str, token: &str, state: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let c = cluster(url, token);
+        if c["state"] == state {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not {state} after {within:?}: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vm_pids(data: &Path) -> usize {
+    fn walk(d: &Path, n: &mut usize) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, n);
+            } else if p.file_name().is_some_and(|f| f == "vm.pid") {
+                *n += 1;
+            }
+        }
+    }
+    let mut n = 0;
+    walk(&data.join("vms"), &mut n);
+    n
+}
+
+#[test]
+fn clusters_run_on_agents_and_a_lost_hosts_clusters_are_recreated_elsewhere() {
+    const LEASE: u64 = 2;
+    let mut control = Control::start(LEASE);
+    let url = control.server.url.clone();
+    const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let tokens: Vec<String> = HOSTS.iter().map(|h| add_host(&control.at(), h)).collect();
+    let mut agents: Vec<Agent> = HOSTS
+        .iter()
+        .zip(&tokens)
+        .zip(&dirs)
+        .map(|((h, t), d)| Agent::start(&url, h, t, Some(d.path())))
+        .collect();
+    for a in &mut agents {
+        a.wait_registered();
+    }
+    // Twenty engineers at once: each namespace is placed on a host, its cluster runs there.
+    let engineers: Vec<String> = (0..20)
+        .map(|i| add_user(&control.at(), &format!("eng{i}")))
+        .collect();
+    let threads: Vec<_> = engineers
+        .iter()
+        .cloned()
+        .map(|t| {
+            let u = url.clone();
+            std::thread::spawn(move || up(&u, &t))
+        })
+        .collect();
+    for t in threads {
+        let c = t.join().unwrap();
+        assert!(HOSTS.iter().any(|h| c["host"] == *h), "{c}");
+    }
+    let mut on = std::collections::HashMap::new();
+    for t in &engineers {
+        let c = wait_state(&url, t, "ready", Duration::from_secs(60));
+        assert_eq!(c["vms"].as_array().unwrap().len(), 3, "{c}");
+        on.insert(t.clone(), c["host"].as_str().unwrap().to_string());
+    }
+    // The VMs run on the agents (their data dirs), none on the control plane.
+    let all_vms: usize = dirs.iter().map(|d| vm_pids(d.path())).sum();
+    assert_eq!(all_vms, 60);
+    assert_eq!(vm_pids(&control.server.data_dir()), 0);
+
+    // A control plane restart loses nothing.
+    control.server.restart();
+    for t in &engineers {
+        let c = cluster(&url, t);
+        assert_eq!(c["state"], "ready", "{c}");
+        assert_eq!(c["host"].as_str().unwrap(), on[t]);
+    }
+
+    // The host of the first engineer's cluster dies: its clusters go lost within the lease.
+    std::thread::sleep(Duration::from_secs(LEASE + 1));
+    let victim = on[&engineers[0]].clone();
+    let vi = HOSTS.iter().position(|h| *h == victim).unwrap();
+    agents[vi].kill9();
+    let killed = Instant::now();
+    let lost: Vec<&String> = engineers.iter().filter(|t| on[*t] == victim).collect();
+    for t in &lost {
+        let c = wait_state(&url, t, "lost", Duration::from_millis(LEASE * 1000 + 2000));
+        assert!(
+            c["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("host {victim} is lost")),
+            "{c}"
+        );
+    }
+    assert!(killed.elapsed() < Duration::from_millis(LEASE * 1000 + 2000));
+    for t in engineers.iter().filter(|t| on[*t] != victim) {
+        assert_eq!(cluster(&url, t)["state"], "ready");
+    }
+    // `up` makes them again on the other host, and says what is gone.
+    for t in &lost {
+        let c = up(&url, t);
+        assert_ne!(c["host"].as_str().unwrap(), victim, "{c}");
+        let c = wait_state(&url, t, "ready", Duration::from_secs(60));
+        assert_ne!(c["host"].as_str().unwrap(), victim, "{c}");
+        let (code, body) = common::http(
+            &url,
+            "GET",
+            "/v1/clusters/dev/events?after=0",
+            Some(t),
+            None,
+        );
+        assert_eq!(code, 200);
+        assert!(
+            body.contains("everything since the onboarding snapshot is gone"),
+            "{body}"
+        );
+    }
+    // The lost agent comes back: it stops the VMs of the namespaces that moved away.
+    let mut back = Agent::start(&url, &victim, &tokens[vi], Some(dirs[vi].path()));
+    back.wait_registered();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm_pids(dirs[vi].path()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} VMs still run on the host that came back",
+            vm_pids(dirs[vi].path())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(control.state_of(&victim), "live");
+    // `down` on the control plane: the agent deletes the cluster.
+    let now_on = cluster(&url, lost[0])["host"].as_str().unwrap().to_string();
+    let other = HOSTS.iter().position(|h| *h == now_on).unwrap();
+    let before = vm_pids(dirs[other].path());
+    let (code, body) = common::http(&url, "DELETE", "/v1/clusters/dev", Some(lost[0]), None);
+    assert!(code == 200 || code == 204, "{code} {body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm_pids(dirs[other].path()) != before - 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted cluster's VMs still run"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

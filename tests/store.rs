@@ -68,6 +68,7 @@ on_both_engines!(
     clusters_ready_for_a_while_are_found,
     host_tokens_are_hashed_and_revocable,
     host_leases_refuse_a_second_agent_and_expire,
+    namespaces_are_placed_once_and_clusters_keep_their_agents_reports,
 );
 
 const ONE_VM: [NewVm<'static>; 1] = [NewVm {
@@ -533,6 +534,94 @@ fn host_leases_refuse_a_second_agent_and_expire(engine: Engine) {
         store.host_heartbeat(h.id, &beat("b"), 14_500, LEASE),
         Err(StoreError::NotFound(_))
     ));
+}
+
+fn namespaces_are_placed_once_and_clusters_keep_their_agents_reports(engine: Engine) {
+    use fcdev::api::{ClusterState, ReportedEvent};
+    use fcdev::server::store::ClusterMirror;
+    let store = engine.store();
+    let (h1, _) = store.add_host("h1").unwrap();
+    let (h2, _) = store.add_host("h2").unwrap();
+    let (alice, _) = store.add_user("alice").unwrap();
+    let ns = store.ensure_namespace(&alice).unwrap();
+    assert_eq!(store.namespace_host(ns.id).unwrap(), None);
+    // First placement: only from "on no host".
+    let on = store.place_namespace(ns.id, None, h1.id).unwrap().unwrap();
+    assert_eq!(on.name, "h1");
+    // A second request that also saw "on no host" does not move it: the first choice stands.
+    let on = store.place_namespace(ns.id, None, h2.id).unwrap().unwrap();
+    assert_eq!(on.name, "h1");
+    assert_eq!(store.namespaces_on(h1.id).unwrap(), vec![ns.clone()]);
+    assert!(store.namespaces_on(h2.id).unwrap().is_empty());
+    // A move from h1 (lost) to h2.
+    let on = store
+        .place_namespace(ns.id, Some(h1.id), h2.id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(on.name, "h2");
+    assert_eq!(store.namespace_host(ns.id).unwrap().unwrap().name, "h2");
+    // Reopened (a control plane restart): still there.
+    let again = engine.store();
+    assert_eq!(again.namespace_host(ns.id).unwrap().unwrap().name, "h2");
+
+    // A cluster without VM rows (a control plane's): its agent's reports.
+    let c = store.create_cluster(&ns, "dev", "tiny", &[]).unwrap();
+    assert_eq!(store.cluster_report(c.id).unwrap(), None);
+    let events = store
+        .record_report(
+            c.id,
+            &ClusterMirror {
+                state: ClusterState::Ready,
+                reason: None,
+                start_mode: Some("boot".into()),
+                vms_json: Some("[]".into()),
+            },
+            &[
+                ReportedEvent {
+                    vm: Some("n1".into()),
+                    state: "ready".into(),
+                    message: "n1 ready".into(),
+                },
+                ReportedEvent {
+                    vm: None,
+                    state: "ready".into(),
+                    message: "cluster ready".into(),
+                },
+            ],
+        )
+        .unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    let row = again.cluster_by_id(c.id).unwrap().unwrap();
+    assert_eq!(row.state, ClusterState::Ready);
+    assert_eq!(row.start_mode.as_deref(), Some("boot"));
+    assert_eq!(again.cluster_report(c.id).unwrap().as_deref(), Some("[]"));
+    assert_eq!(again.events_after(c.id, 0).unwrap().len(), 2);
+    // A report for a cluster that is gone records nothing.
+    store.delete_cluster(c.id).unwrap();
+    let none = store
+        .record_report(
+            c.id,
+            &ClusterMirror {
+                state: ClusterState::Ready,
+                reason: None,
+                start_mode: None,
+                vms_json: None,
+            },
+            &[ReportedEvent {
+                vm: None,
+                state: "ready".into(),
+                message: "late".into(),
+            }],
+        )
+        .unwrap();
+    assert!(none.is_empty());
+
+    // An agent's local copy takes the control plane's index (and so its /24).
+    let (bob, _) = store.add_user("bob").unwrap();
+    let adopted = store.adopt_namespace(&bob, 77).unwrap();
+    assert_eq!(adopted.index, 77);
+    assert_eq!(store.adopt_namespace(&bob, 77).unwrap(), adopted);
+    assert_ne!(adopted.subnet, ns.subnet);
 }
 
 // ---- the real binary on PostgreSQL ----

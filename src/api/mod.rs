@@ -104,6 +104,8 @@ pub enum ClusterState {
     Stopping,
     /// The VMs' memory and disks are on disk, no qemu runs; `fcdev start` (or `up`) resumes them.
     Stopped,
+    /// The host it ran on is lost (a control plane with agents); `fcdev up` re-creates it on another host.
+    Lost,
 }
 
 impl ClusterState {
@@ -120,6 +122,7 @@ impl ClusterState {
             ClusterState::Restoring => "restoring",
             ClusterState::Stopping => "stopping",
             ClusterState::Stopped => "stopped",
+            ClusterState::Lost => "lost",
         }
     }
 
@@ -136,6 +139,7 @@ impl ClusterState {
             "restoring" => ClusterState::Restoring,
             "stopping" => ClusterState::Stopping,
             "stopped" => ClusterState::Stopped,
+            "lost" => ClusterState::Lost,
             _ => return None,
         })
     }
@@ -157,7 +161,7 @@ impl ClusterState {
 
     /// A state whose event ends a progress stream (`/events`).
     pub fn ends_stream(state: &str) -> bool {
-        matches!(state, "ready" | "failed" | "deleted" | "stopped")
+        matches!(state, "ready" | "failed" | "deleted" | "stopped" | "lost")
     }
 }
 
@@ -209,6 +213,9 @@ pub struct Cluster {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
     pub vms: Vec<Vm>,
+    /// The host it runs on (a control plane with agents); absent on a single-host server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// The newest progress event when this view was taken: follow `/events?after=event_seq` for what comes next.
     #[serde(default)]
     pub event_seq: i64,
@@ -329,6 +336,74 @@ pub struct AgentHeartbeat {
     /// The host hub's x25519 public key, base64.
     pub hub_public_key: String,
     pub capacity: HostCapacity,
+}
+
+/// `GET /v1/agent/jobs?after=VERSION&wait=SECS`: what the agent's host must run. The answer comes at once when
+/// it differs from `after`, else when it changes or after `wait` seconds (a long poll).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentWork {
+    /// Changes whenever anything below does; the agent sends it back as `after`.
+    pub version: String,
+    /// The namespaces placed on this host, with their clusters and WireGuard peers.
+    pub namespaces: Vec<AgentNamespace>,
+}
+
+/// One namespace placed on a host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentNamespace {
+    /// Its engineer (and the namespace's name).
+    pub user: String,
+    /// Its number in the pool (its /24 is `subnet`).
+    pub index: u32,
+    pub subnet: String,
+    pub ssh_keys: Vec<String>,
+    pub clusters: Vec<AgentCluster>,
+    pub peers: Vec<AgentPeer>,
+}
+
+/// A cluster the host must run (one it runs that is not listed must go).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentCluster {
+    /// The control plane's id (reports name it).
+    pub id: i64,
+    pub name: String,
+    pub image: String,
+    /// Its state at the control plane: `requested` asks the agent to bring it up (a new, failed, stopped or
+    /// moved cluster).
+    pub state: ClusterState,
+}
+
+/// A laptop's WireGuard peer the host's hub must accept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentPeer {
+    pub id: i64,
+    pub public_key: String,
+    pub address: String,
+}
+
+/// `POST /v1/agent/report`: the state of the clusters an agent runs, with their new events.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentReport {
+    pub clusters: Vec<ClusterReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterReport {
+    /// The control plane's id of the cluster.
+    pub id: i64,
+    pub state: ClusterState,
+    pub reason: Option<String>,
+    pub start_mode: Option<String>,
+    pub vms: Vec<Vm>,
+    /// Events since the last report (the control plane numbers them again).
+    pub events: Vec<ReportedEvent>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReportedEvent {
+    pub vm: Option<String>,
+    pub state: String,
+    pub message: String,
 }
 
 /// The answer to a heartbeat: how long the lease lasts and when to send the next one.

@@ -7,13 +7,20 @@
 //! agent needs no reachable API of its own (a host behind NAT or a firewall only needs outbound HTTP and its
 //! hub's UDP port).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::api::{self, AgentHeartbeat, AgentLease, HostCapacity};
+use crate::api::{self, AgentHeartbeat, AgentLease, AgentWork, ClusterState, HostCapacity};
+use crate::server::control::MAX_WORK_WAIT_SECS;
+use crate::server::hub_control::{HubControl, HubPeerEntry};
+use crate::server::images::Catalog;
+use crate::server::orchestrator::Orchestrator;
+use crate::server::store::{Store, User};
 
 /// This agent's identity, kept in its data dir (a restarted agent is the same agent).
 pub const AGENT_ID_FILE: &str = "agent.id";
@@ -33,6 +40,11 @@ pub struct AgentOptions {
     pub hub_listen: SocketAddr,
     pub hub_endpoint: Option<String>,
     pub hub_tun: Option<String>,
+    /// The backend running the VMs of the namespaces placed on this host.
+    pub backend: crate::server::run::BackendChoice,
+    pub accel: String,
+    pub max_starts: usize,
+    pub snapshot_quota: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,12 +147,43 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
             .hub_endpoint
             .clone()
             .unwrap_or_else(|| hub_addr.to_string());
-        let hub =
+        let hub: Arc<dyn HubControl> =
             crate::server::hub::start(hub_socket, key, endpoint.clone(), opts.hub_tun.clone())
                 .await?;
         let public_key = hub.public_key();
+        // The VMs of the namespaces placed here: the same orchestrator as a single-host server, on a local
+        // SQLite store (this host's copy: its namespaces with the control plane's /24s, its clusters' VMs).
+        let store = Arc::new(
+            Store::open(&opts.data_dir.join(crate::server::run::STATE_FILE))
+                .context("cannot open the agent's local state")?,
+        );
+        let backend = crate::server::run::backend_for(opts.backend, &opts.accel)?;
+        let orchestrator = Orchestrator::new(
+            store.clone(),
+            backend,
+            Catalog::new(opts.images_dir.clone()),
+            opts.data_dir.join("vms"),
+            opts.max_starts,
+            opts.data_dir.join("snapshots"),
+            opts.snapshot_quota,
+        );
+        orchestrator.recover()?;
+        orchestrator.spawn_watchdog(Duration::from_secs(2));
+        let runner = Arc::new(Runner {
+            store,
+            orchestrator,
+            hub,
+            work: Mutex::new(None),
+            hub_peers: Mutex::new(HashMap::new()),
+            sent: Mutex::new(HashMap::new()),
+        });
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(MAX_WORK_WAIT_SECS + 10))
+            .build()?;
         tokio::select! {
             r = heartbeats(&opts, &instance, &endpoint, &public_key) => r,
+            r = work_loop(&opts, &client, runner.clone()) => r,
+            r = report_loop(&opts, &client, runner.clone()) => r,
             _ = crate::server::run::shutdown_signal() => {
                 eprintln!("fcdev agent: stopped");
                 Ok(())
@@ -235,5 +278,301 @@ async fn heartbeats(
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+// ---- the work: what the control plane placed on this host ----
+
+/// How long a poll for work is held at the control plane when nothing changes: the agent also re-applies its
+/// work this often (a cluster whose delete was still running is made at the next round).
+const WORK_WAIT_SECS: u64 = 5;
+/// How often the clusters' state goes to the control plane (only what changed).
+const REPORT_EVERY: Duration = Duration::from_millis(300);
+
+/// The agent's side of the work: the local store and orchestrator, the hub, the last work received.
+struct Runner {
+    store: Arc<Store>,
+    orchestrator: Arc<Orchestrator>,
+    hub: Arc<dyn HubControl>,
+    work: Mutex<Option<AgentWork>>,
+    /// The peers the hub has: control plane id → (public key, address).
+    hub_peers: Mutex<HashMap<i64, (String, String)>>,
+    /// What was last reported of each cluster (by its control plane id).
+    sent: Mutex<HashMap<i64, Sent>>,
+}
+
+#[derive(Clone, PartialEq)]
+struct Sent {
+    local_id: i64,
+    last_seq: i64,
+    summary: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Runner {
+    /// The local user of an engineer (made at first sight: the local store is this host's copy).
+    fn local_user(&self, name: &str) -> anyhow::Result<User> {
+        if let Some(u) = self
+            .store
+            .list_users()?
+            .into_iter()
+            .find(|u| u.name == name)
+        {
+            return Ok(u);
+        }
+        Ok(self.store.add_user(name)?.0)
+    }
+
+    /// Make this host match the work (blocking; the orchestrator spawns its drives on the runtime): bring up
+    /// what is requested or missing, delete what is not listed (a namespace moved to another host while this
+    /// one was lost: its VMs stop here), give the hub exactly the listed peers.
+    fn apply(&self, work: &AgentWork) -> anyhow::Result<()> {
+        let mut wanted_clusters: HashMap<(String, String), ()> = HashMap::new();
+        let mut wanted_peers: HashMap<i64, (String, String, api::Subnet)> = HashMap::new();
+        for ns in &work.namespaces {
+            let user = self.local_user(&ns.user)?;
+            let local = self.store.adopt_namespace(&user, ns.index)?;
+            if local.subnet.to_string() != ns.subnet {
+                tracing::warn!(
+                    "namespace {}: here {} but the control plane says {}",
+                    ns.user,
+                    local.subnet,
+                    ns.subnet
+                );
+                continue;
+            }
+            if !ns.ssh_keys.is_empty() {
+                self.store.add_ssh_keys(
+                    local.id,
+                    &ns.ssh_keys,
+                    crate::server::service::MAX_SSH_KEYS,
+                )?;
+            }
+            for p in &ns.peers {
+                wanted_peers.insert(
+                    p.id,
+                    (p.public_key.clone(), p.address.clone(), local.subnet),
+                );
+            }
+            for c in &ns.clusters {
+                wanted_clusters.insert((ns.user.clone(), c.name.clone()), ());
+                let row = self.store.cluster(local.id, &c.name)?;
+                let bring_up = match &row {
+                    None => true,
+                    Some(r) if r.image != c.image => {
+                        // Another cluster of that name: this one goes first.
+                        if r.state != ClusterState::Deleting {
+                            drop(self.orchestrator.spawn_delete(r.clone()));
+                        }
+                        false
+                    }
+                    Some(r) => {
+                        c.state == ClusterState::Requested
+                            && !r.state.is_transient()
+                            && r.state != ClusterState::Ready
+                    }
+                };
+                if bring_up {
+                    if let Err(e) = self.orchestrator.up(&local, &c.name, &c.image) {
+                        tracing::warn!("cluster {}/{}: {e}", ns.user, c.name);
+                    }
+                }
+            }
+        }
+        for user in self.store.list_users()? {
+            let Some(ns) = self.store.namespace_of(user.id)? else {
+                continue;
+            };
+            for c in self.store.clusters_in(ns.id)? {
+                if !wanted_clusters.contains_key(&(user.name.clone(), c.name.clone()))
+                    && c.state != ClusterState::Deleting
+                {
+                    tracing::info!(
+                        "cluster {}/{} is not placed here (any more): deleting it",
+                        user.name,
+                        c.name
+                    );
+                    drop(self.orchestrator.spawn_delete(c));
+                }
+            }
+        }
+        let mut have = lock(&self.hub_peers);
+        have.retain(|id, (key, addr)| {
+            let keep = wanted_peers
+                .get(id)
+                .is_some_and(|(k, a, _)| k == key && a == addr);
+            if !keep {
+                self.hub.remove_peer(*id);
+            }
+            keep
+        });
+        for (id, (key, addr, subnet)) in wanted_peers {
+            if have.contains_key(&id) {
+                continue;
+            }
+            let Ok(address) = addr.parse() else {
+                continue;
+            };
+            match self.hub.add_peer(HubPeerEntry {
+                id,
+                public_key: key.clone(),
+                address,
+                subnet,
+            }) {
+                Ok(()) => {
+                    have.insert(id, (key, addr));
+                }
+                Err(e) => tracing::warn!("the hub refused peer {id}: {e:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// What changed since the last report (blocking).
+    fn report(&self) -> anyhow::Result<(api::AgentReport, Vec<(i64, Sent)>)> {
+        let Some(work) = lock(&self.work).clone() else {
+            return Ok((api::AgentReport::default(), Vec::new()));
+        };
+        let sent = lock(&self.sent).clone();
+        let users = self.store.list_users()?;
+        let mut report = api::AgentReport::default();
+        let mut next = Vec::new();
+        for ns in &work.namespaces {
+            let Some(user) = users.iter().find(|u| u.name == ns.user) else {
+                continue;
+            };
+            let Some(local) = self.store.namespace_of(user.id)? else {
+                continue;
+            };
+            for c in &ns.clusters {
+                let Some(row) = self.store.cluster(local.id, &c.name)? else {
+                    continue;
+                };
+                let before = sent.get(&c.id).filter(|s| s.local_id == row.id);
+                let after_seq = before.map_or(0, |s| s.last_seq);
+                let events = self.store.events_after(row.id, after_seq)?;
+                let view = self.orchestrator.view(&local, &row)?;
+                let summary = serde_json::to_string(&(
+                    &view.state,
+                    &view.reason,
+                    &view.start_mode,
+                    &view.vms,
+                ))?;
+                let unchanged = before.is_some_and(|s| s.summary == summary);
+                if unchanged && events.is_empty() && view.state == c.state {
+                    continue;
+                }
+                next.push((
+                    c.id,
+                    Sent {
+                        local_id: row.id,
+                        last_seq: events.last().map_or(after_seq, |e| e.seq),
+                        summary,
+                    },
+                ));
+                report.clusters.push(api::ClusterReport {
+                    id: c.id,
+                    state: view.state,
+                    reason: view.reason,
+                    start_mode: view.start_mode,
+                    vms: view.vms,
+                    events: events
+                        .into_iter()
+                        .map(|e| api::ReportedEvent {
+                            vm: e.vm,
+                            state: e.state,
+                            message: e.message,
+                        })
+                        .collect(),
+                });
+            }
+        }
+        Ok((report, next))
+    }
+}
+
+/// Long-poll the control plane for this host's work and apply it (again every `WORK_WAIT_SECS`).
+async fn work_loop(
+    opts: &AgentOptions,
+    client: &reqwest::Client,
+    runner: Arc<Runner>,
+) -> anyhow::Result<()> {
+    let url = format!(
+        "{}{}/agent/jobs",
+        opts.control.trim_end_matches('/'),
+        api::API_PREFIX
+    );
+    let mut version: Option<String> = None;
+    loop {
+        let mut req = client
+            .get(&url)
+            .bearer_auth(&opts.token)
+            .query(&[("wait", WORK_WAIT_SECS.to_string())]);
+        if let Some(v) = &version {
+            req = req.query(&[("after", v.as_str())]);
+        }
+        let work = match req.send().await {
+            Ok(resp) if resp.status().is_success() => resp.json::<AgentWork>().await.ok(),
+            Ok(resp) => {
+                tracing::warn!("work poll: the control plane answered {}", resp.status());
+                None
+            }
+            Err(e) => {
+                tracing::debug!("work poll: {e}");
+                None
+            }
+        };
+        let Some(work) = work else {
+            tokio::time::sleep(RETRY).await;
+            continue;
+        };
+        version = Some(work.version.clone());
+        *lock(&runner.work) = Some(work.clone());
+        let r = runner.clone();
+        match tokio::task::spawn_blocking(move || r.apply(&work)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot apply the work: {e:#}"),
+            Err(e) => tracing::warn!("cannot apply the work: {e}"),
+        }
+    }
+}
+
+/// Send what changed in the clusters placed here, every `REPORT_EVERY`.
+async fn report_loop(
+    opts: &AgentOptions,
+    client: &reqwest::Client,
+    runner: Arc<Runner>,
+) -> anyhow::Result<()> {
+    let url = format!(
+        "{}{}/agent/report",
+        opts.control.trim_end_matches('/'),
+        api::API_PREFIX
+    );
+    loop {
+        tokio::time::sleep(REPORT_EVERY).await;
+        let r = runner.clone();
+        let (report, next) = match tokio::task::spawn_blocking(move || r.report()).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                tracing::warn!("cannot read the clusters' state: {e:#}");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if report.clusters.is_empty() {
+            continue;
+        }
+        let sent = client
+            .post(&url)
+            .bearer_auth(&opts.token)
+            .json(&report)
+            .send()
+            .await;
+        if matches!(&sent, Ok(resp) if resp.status().is_success()) {
+            lock(&runner.sent).extend(next);
+        }
     }
 }

@@ -336,7 +336,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/peers", post(create_peer).get(list_peers))
         .route("/peers/{id}", delete(delete_peer))
-        .route("/agent/heartbeat", post(agent_heartbeat));
+        .route("/agent/heartbeat", post(agent_heartbeat))
+        .route("/agent/jobs", get(agent_jobs))
+        .route("/agent/report", post(agent_report));
     Router::new()
         .nest(api::API_PREFIX, v1)
         .fallback(|| async {
@@ -417,9 +419,15 @@ impl From<ServiceError> for ApiErr {
                 ),
             )
             .hint("close other streams (`fcdev up`, `fcdev logs -f` in other terminals) and try again"),
-            e @ ServiceError::NoHost => {
-                ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, "no_host", e.to_string())
-                    .hint("the operator starts agents: `fcdev server --role agent --control URL`")
+            e @ ServiceError::NoLiveHost { .. } => {
+                ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, "no_host", e.to_string()).hint(
+                    "the operator starts agents (`fcdev server --role agent --control URL`) on hosts \
+                     that have the image",
+                )
+            }
+            e @ ServiceError::NotOnControl(_) => {
+                ApiErr::new(StatusCode::NOT_IMPLEMENTED, "not_supported", e.to_string())
+                    .hint("run `fcdev server` with `--role all` for this operation")
             }
             e @ ServiceError::WrongHost(_) => ApiErr::new(
                 StatusCode::UNAUTHORIZED,
@@ -725,4 +733,32 @@ async fn agent_heartbeat(
     JsonBody(beat): JsonBody<api::AgentHeartbeat>,
 ) -> ApiResult<Json<api::AgentLease>> {
     Ok(Json(state.host_heartbeat(host, beat).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct JobsQuery {
+    /// The version of the work the agent has.
+    after: Option<String>,
+    /// Seconds to hold the request while nothing changed (at most 30).
+    #[serde(default)]
+    wait: u64,
+}
+
+/// `GET /v1/agent/jobs?after=VERSION&wait=SECS`: what the agent's host must run (a long poll).
+async fn agent_jobs(
+    State(state): State<AppState>,
+    AgentHost(host): AgentHost,
+    QueryParams(q): QueryParams<JobsQuery>,
+) -> ApiResult<Json<api::AgentWork>> {
+    Ok(Json(state.agent_work(host, q.after, q.wait).await?))
+}
+
+/// `POST /v1/agent/report`: the state of the clusters the agent runs, with their new events.
+async fn agent_report(
+    State(state): State<AppState>,
+    AgentHost(host): AgentHost,
+    JsonBody(report): JsonBody<api::AgentReport>,
+) -> ApiResult<StatusCode> {
+    state.agent_report(host, report).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod alloc;
 pub mod backend;
 pub mod console;
+pub mod control;
 pub mod follow;
 pub mod http;
 pub mod hub;

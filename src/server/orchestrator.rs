@@ -1408,6 +1408,7 @@ impl Orchestrator {
             start_mode: c.start_mode.clone(),
             disk_bytes: c.disk_bytes,
             vms,
+            host: None,
             event_seq: 0,
             created_at: c.created_at.clone(),
             updated_at: c.updated_at.clone(),

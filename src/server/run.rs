@@ -84,14 +84,19 @@ pub struct ServerOptions {
 }
 
 fn make_backend(opts: &ServerOptions) -> anyhow::Result<Arc<dyn Backend>> {
-    Ok(match opts.backend {
+    backend_for(opts.backend, &opts.accel)
+}
+
+/// The VM backend of a server or an agent.
+pub fn backend_for(choice: BackendChoice, accel: &str) -> anyhow::Result<Arc<dyn Backend>> {
+    Ok(match choice {
         BackendChoice::Process => {
             eprintln!(
                 "warning: using the *test* backend: VMs are local processes, not virtual machines"
             );
             Arc::new(crate::server::backend::process::ProcessBackend::new())
         }
-        BackendChoice::Qemu => crate::server::backend::qemu::make(&opts.accel)?,
+        BackendChoice::Qemu => crate::server::backend::qemu::make(accel)?,
     })
 }
 

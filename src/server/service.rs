@@ -55,11 +55,17 @@ pub enum ServiceError {
         "at most {MAX_STREAMS_PER_USER} streams (events and followed logs) may be open at once"
     )]
     TooManyStreams,
-    /// This process runs no VMs and no hub (`fcdev server --role control`).
+    /// A control plane with no live host that could take the namespace.
+    #[error("{}", match image {
+        Some(i) => format!("no live host has image `{i}` (every agent is down, or none has the image)"),
+        None => "no host is live (no agent is connected)".to_string(),
+    })]
+    NoLiveHost { image: Option<String> },
+    /// An operation a control plane does not relay to agents yet.
     #[error(
-        "this server is a control plane and runs no VMs itself, and no agent can take the cluster"
+        "a control plane does not {0} yet: it runs on the cluster's host only with `--role all`"
     )]
-    NoHost,
+    NotOnControl(&'static str),
     /// A heartbeat for another host than the token's.
     #[error("this host token is not host `{0}`'s")]
     WrongHost(String),
@@ -95,6 +101,8 @@ pub struct Service {
     store: Arc<Store>,
     local: Option<Local>,
     streams: Arc<StreamLimits>,
+    /// A control plane's events (copied from its agents' reports), for the event streams.
+    pub(crate) control_events: tokio::sync::broadcast::Sender<EventRow>,
     /// Seconds a host's heartbeat lease lasts (`fcdev server --host-lease`).
     pub host_lease_secs: u64,
 }
@@ -121,6 +129,7 @@ impl Service {
             store,
             local,
             streams: Arc::new(StreamLimits::default()),
+            control_events: tokio::sync::broadcast::channel(1024).0,
             host_lease_secs,
         }
     }
@@ -130,7 +139,9 @@ impl Service {
     }
 
     fn local(&self) -> ServiceResult<&Local> {
-        self.local.as_ref().ok_or(ServiceError::NoHost)
+        self.local.as_ref().ok_or(ServiceError::NotOnControl(
+            "relay reset, stop, start, snapshots, logs or exec to the agents",
+        ))
     }
 
     fn orchestrator(&self) -> ServiceResult<&Arc<Orchestrator>> {
@@ -253,6 +264,9 @@ impl Service {
             return Err(ServiceError::TooManySshKeys);
         }
         self.blocking(move |s| {
+            if s.local.is_none() {
+                return s.control_up(&user, &req);
+            }
             let orch = s.orchestrator()?.clone();
             let ns = s.store.ensure_namespace(&user)?;
             if !req.ssh_keys.is_empty() {
@@ -283,6 +297,14 @@ impl Service {
             let Some(ns) = s.store.namespace_of(user.id)? else {
                 return Ok(Vec::new());
             };
+            if s.local.is_none() {
+                return s
+                    .store
+                    .clusters_in(ns.id)?
+                    .iter()
+                    .map(|row| s.stored_view(&ns, row))
+                    .collect();
+            }
             let orch = s.orchestrator()?;
             s.store
                 .clusters_in(ns.id)?
@@ -297,6 +319,9 @@ impl Service {
     pub async fn cluster(&self, user: User, name: String) -> ServiceResult<api::Cluster> {
         self.blocking(move |s| {
             let (ns, row) = s.find_cluster(&user, &name)?;
+            if s.local.is_none() {
+                return s.stored_view(&ns, &row);
+            }
             let orch = s.orchestrator()?;
             orch.refresh(&row)?;
             let row = s
@@ -326,6 +351,9 @@ impl Service {
     pub async fn delete(&self, user: User, name: String) -> ServiceResult<()> {
         let n = name.clone();
         let (_ns, row) = self.blocking(move |s| s.find_cluster(&user, &n)).await?;
+        if self.local.is_none() {
+            return self.blocking(move |s| s.control_delete(&row)).await;
+        }
         self.orchestrator()?
             .spawn_delete(row.clone())
             .await
@@ -458,7 +486,10 @@ impl Service {
             .acquire(uid)
             .ok_or(ServiceError::TooManyStreams)?;
         // Subscribe before reading the store, so no event falls between the two.
-        let mut live = self.orchestrator()?.subscribe();
+        let mut live = match &self.local {
+            Some(local) => local.orchestrator.subscribe(),
+            None => self.control_events.subscribe(),
+        };
         let cid = row.id;
         // The state is read before the events: a final state's event is stored with it, so it is among `past`.
         let (current, past) = self
@@ -687,6 +718,9 @@ impl Service {
             return Err(ServiceError::InvalidPublicKey);
         }
         self.blocking(move |s| {
+            if s.local.is_none() {
+                return s.control_register_peer(&user, &req.name, req.public_key.trim());
+            }
             let hub = s.local()?.hub.clone();
             let ns = s.store.ensure_namespace(&user)?;
             let peer = s.store.add_peer(&ns, &req.name, req.public_key.trim())?;
@@ -862,6 +896,15 @@ impl Service {
                         Ok(s.store.expire_hosts(now_ms(), lease_ms, &reason)?)
                     })
                     .await;
+                let lost = match lost {
+                    Ok(hosts) if !hosts.is_empty() => {
+                        let h = hosts.clone();
+                        this.blocking(move |s| s.mark_clusters_lost(&h))
+                            .await
+                            .map(|()| hosts)
+                    }
+                    other => other,
+                };
                 match lost {
                     Ok(hosts) => {
                         for h in hosts {

@@ -432,6 +432,10 @@ fn run_agent(r: &RunArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         hub_listen: r.hub_listen,
         hub_endpoint: r.hub_endpoint.clone(),
         hub_tun: (r.hub_tun != "none").then(|| r.hub_tun.clone()),
+        backend: r.backend,
+        accel: r.accel.clone(),
+        max_starts: r.max_starts,
+        snapshot_quota: r.snapshot_quota,
     })
 }
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::api::{AgentHeartbeat, ClusterState, HostCapacity, Subnet, VmState};
+use crate::api::{AgentHeartbeat, ClusterState, HostCapacity, ReportedEvent, Subnet, VmState};
 
 // The columns each row type is read from, in its mapper's order: the same tables in both engines.
 pub(super) const EVENT_COLS: &str = "seq, cluster_id, vm, state, message, at";
@@ -153,6 +153,16 @@ pub struct EventRow {
     pub state: String,
     pub message: String,
     pub at: String,
+}
+
+/// A cluster as its agent reported it (`record_report`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterMirror {
+    pub state: ClusterState,
+    pub reason: Option<String>,
+    pub start_mode: Option<String>,
+    /// The VMs, JSON of `api::Vm`s; None: forget the last report (the cluster moves to another host).
+    pub vms_json: Option<String>,
 }
 
 /// A VM to create with its cluster: name and role from the image template.
@@ -378,6 +388,22 @@ pub trait StoreEngine: Send + Sync {
     fn expire_hosts(&self, now_ms: i64, lease_ms: i64, reason: &str) -> StoreResult<Vec<HostRow>>;
 
     // ---- namespaces ----
+    /// The host a namespace lives on (a control plane's placement); None when it is on none yet.
+    fn namespace_host(&self, ns_id: i64) -> StoreResult<Option<HostRow>>;
+    /// Put a namespace on `host_id` if it still is on `expected` (None: on no host): the check and the move are
+    /// one transaction, so two requests placing one namespace at once agree on one host. Returns the host it
+    /// is on afterwards (the other request's choice when that one came first).
+    fn place_namespace(
+        &self,
+        ns_id: i64,
+        expected: Option<i64>,
+        host_id: i64,
+    ) -> StoreResult<Option<HostRow>>;
+    /// The namespaces placed on a host.
+    fn namespaces_on(&self, host_id: i64) -> StoreResult<Vec<NamespaceRow>>;
+    /// An agent's copy of a namespace the control plane placed on its host: the user's namespace with exactly
+    /// this index (and so this /24), created when missing.
+    fn adopt_namespace(&self, user: &User, index: u32) -> StoreResult<NamespaceRow>;
     fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>>;
     fn namespace_by_id(&self, id: i64) -> StoreResult<NamespaceRow>;
     /// The user's namespace, created with the lowest free /24 of the pool when missing.
@@ -428,6 +454,17 @@ pub trait StoreEngine: Send + Sync {
     /// the streams that follow it, and not stored (nothing of the cluster is).
     fn delete_cluster(&self, id: i64) -> StoreResult<EventRow>;
     fn vms_of(&self, cluster_id: i64) -> StoreResult<Vec<VmRow>>;
+    /// A control plane's copy of what the agent running a cluster reported: its state, its VMs (JSON of
+    /// `api::Vm`s, kept as the agent sent them) and its new events, in one transaction. Returns the events as
+    /// stored (numbered here); none when the cluster is gone.
+    fn record_report(
+        &self,
+        id: i64,
+        report: &ClusterMirror,
+        events: &[ReportedEvent],
+    ) -> StoreResult<Vec<EventRow>>;
+    /// The VMs (JSON) last reported for a cluster; None before the first report.
+    fn cluster_report(&self, id: i64) -> StoreResult<Option<String>>;
     fn vms_in_namespace(&self, ns_id: i64) -> StoreResult<Vec<(String, VmRow)>>;
     fn set_vm_state(&self, id: i64, state: VmState, detail: Option<&str>) -> StoreResult<()>;
 

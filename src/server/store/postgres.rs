@@ -26,10 +26,10 @@ use ::postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Tran
 
 use super::{
     capacity_of, check_claim, hash_token, images_json, mac_for, new_host_token, new_token, to_i64,
-    ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm, PeerRow, Removal,
-    SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm,
+    PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
 };
-use crate::api::{AgentHeartbeat, ClusterState, Subnet, VmState};
+use crate::api::{AgentHeartbeat, ClusterState, ReportedEvent, Subnet, VmState};
 use crate::server::alloc;
 
 /// Connections (and worker threads) per store.
@@ -162,6 +162,12 @@ CREATE TABLE hosts (
     disk_free_bytes BIGINT,
     images TEXT
 );
+"#,
+    // 3: the host a namespace lives on (placement by a control plane; NULL: not placed, or `--role all`).
+    r#"
+ALTER TABLE namespaces ADD COLUMN host_id BIGINT;
+ALTER TABLE clusters ADD COLUMN report TEXT;
+CREATE INDEX namespaces_host ON namespaces (host_id);
 "#,
 ];
 
@@ -930,6 +936,75 @@ impl StoreEngine for PgStore {
 
     // ---- namespaces ----
 
+    fn namespace_host(&self, ns_id: i64) -> StoreResult<Option<HostRow>> {
+        self.opt(
+            format!(
+                "SELECT {HOST_COLS} FROM hosts
+                 WHERE id = (SELECT host_id FROM namespaces WHERE id = $1)"
+            ),
+            params![ns_id],
+            row_host,
+        )
+    }
+
+    fn place_namespace(
+        &self,
+        ns_id: i64,
+        expected: Option<i64>,
+        host_id: i64,
+    ) -> StoreResult<Option<HostRow>> {
+        self.run(move |c| {
+            transaction(c, |tx| {
+                tx.execute(
+                    "UPDATE namespaces SET host_id = $3
+                     WHERE id = $1 AND host_id IS NOT DISTINCT FROM $2",
+                    &[&ns_id, &expected, &host_id],
+                )?;
+                tx.query_opt(
+                    &format!(
+                        "SELECT {HOST_COLS} FROM hosts
+                         WHERE id = (SELECT host_id FROM namespaces WHERE id = $1)"
+                    ),
+                    &[&ns_id],
+                )?
+                .as_ref()
+                .map(row_host)
+                .transpose()
+            })
+        })
+    }
+
+    fn namespaces_on(&self, host_id: i64) -> StoreResult<Vec<NamespaceRow>> {
+        self.all(
+            format!("SELECT {NS_COLS} FROM namespaces WHERE host_id = $1 ORDER BY id"),
+            params![host_id],
+            row_namespace,
+        )
+    }
+
+    fn adopt_namespace(&self, user: &User, index: u32) -> StoreResult<NamespaceRow> {
+        let user = user.clone();
+        self.run(move |c| {
+            transaction(c, |tx| {
+                if let Some(r) = tx.query_opt(
+                    &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = $1"),
+                    &[&user.id],
+                )? {
+                    return row_namespace(&r);
+                }
+                let subnet = alloc::namespace_subnet(index);
+                let row = tx.query_one(
+                    &format!(
+                        "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES ($1, $2, $3, $4)
+                         RETURNING {NS_COLS}"
+                    ),
+                    &[&user.id, &user.name, &(index as i64), &subnet.to_string()],
+                )?;
+                row_namespace(&row)
+            })
+        })
+    }
+
     fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>> {
         self.opt(
             format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = $1"),
@@ -1087,6 +1162,50 @@ impl StoreEngine for PgStore {
             params![ClusterState::Ready.as_str(), secs as f64],
             row_cluster,
         )
+    }
+
+    fn record_report(
+        &self,
+        id: i64,
+        report: &ClusterMirror,
+        events: &[ReportedEvent],
+    ) -> StoreResult<Vec<EventRow>> {
+        let (report, events) = (report.clone(), events.to_vec());
+        self.run(move |c| {
+            transaction(c, |tx| {
+                let changed = tx.execute(
+                    "UPDATE clusters SET
+                         updated_at = CASE WHEN state = $2 THEN updated_at ELSE fcdev_now() END,
+                         state = $2, reason = $3, start_mode = $4, report = $5
+                     WHERE id = $1",
+                    &[
+                        &id,
+                        &report.state.as_str(),
+                        &report.reason,
+                        &report.start_mode,
+                        &report.vms_json,
+                    ],
+                )?;
+                if changed == 0 {
+                    return Ok(Vec::new());
+                }
+                let mut stored = Vec::with_capacity(events.len());
+                for e in &events {
+                    stored.push(insert_event(tx, id, e.vm.as_deref(), &e.state, &e.message)?);
+                }
+                Ok(stored)
+            })
+        })
+    }
+
+    fn cluster_report(&self, id: i64) -> StoreResult<Option<String>> {
+        Ok(self
+            .opt(
+                "SELECT report FROM clusters WHERE id = $1".to_string(),
+                params![id],
+                |r| Ok(r.try_get::<_, Option<String>>(0)?),
+            )?
+            .flatten())
     }
 
     fn set_cluster_state_event(

@@ -11,10 +11,10 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     capacity_of, check_claim, hash_token, images_json, mac_for, new_host_token, new_token, to_i64,
-    ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm, PeerRow, Removal,
-    SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm,
+    PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
 };
-use crate::api::{AgentHeartbeat, ClusterState, VmState};
+use crate::api::{AgentHeartbeat, ClusterState, ReportedEvent, VmState};
 use crate::server::alloc;
 
 const SCHEMA: &str = "
@@ -330,6 +330,10 @@ const MIGRATIONS: &[&str] = &[
         disk_free_bytes INTEGER,
         images TEXT
     );",
+    // 3: the host a namespace lives on (placement by a control plane; NULL: not placed, or `--role all`).
+    "ALTER TABLE namespaces ADD COLUMN host_id INTEGER",
+    // 4: the VMs a control plane's agent last reported for a cluster (JSON).
+    "ALTER TABLE clusters ADD COLUMN report TEXT",
 ];
 
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
@@ -355,7 +359,22 @@ fn schema_version(conn: &mut Connection) -> StoreResult<()> {
         });
     }
     for sql in &MIGRATIONS[(version - 1) as usize..] {
-        tx.execute_batch(sql)?;
+        // A file whose version row was lost (it opens as version 1) may have the column already.
+        let added = sql
+            .strip_prefix("ALTER TABLE ")
+            .and_then(|rest| rest.split_once(" ADD COLUMN "))
+            .and_then(|(table, col)| Some((table, col.split_whitespace().next()?)));
+        let exists = match added {
+            Some((table, col)) => tx.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, col],
+                |r| r.get(0),
+            )?,
+            None => false,
+        };
+        if !exists {
+            tx.execute_batch(sql)?;
+        }
         version += 1;
         tx.execute("UPDATE schema_version SET version = ?1", [version])?;
     }
@@ -730,6 +749,83 @@ impl StoreEngine for SqliteStore {
 
     // ---- namespaces ----
 
+    fn namespace_host(&self, ns_id: i64) -> StoreResult<Option<HostRow>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                &format!(
+                    "SELECT {HOST_COLS} FROM hosts
+                     WHERE id = (SELECT host_id FROM namespaces WHERE id = ?1)"
+                ),
+                [ns_id],
+                row_host,
+            )
+            .optional()?)
+    }
+
+    fn place_namespace(
+        &self,
+        ns_id: i64,
+        expected: Option<i64>,
+        host_id: i64,
+    ) -> StoreResult<Option<HostRow>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE namespaces SET host_id = ?3 WHERE id = ?1 AND host_id IS ?2",
+            params![ns_id, expected, host_id],
+        )?;
+        let host = tx
+            .query_row(
+                &format!(
+                    "SELECT {HOST_COLS} FROM hosts
+                     WHERE id = (SELECT host_id FROM namespaces WHERE id = ?1)"
+                ),
+                [ns_id],
+                row_host,
+            )
+            .optional()?;
+        tx.commit()?;
+        Ok(host)
+    }
+
+    fn namespaces_on(&self, host_id: i64) -> StoreResult<Vec<NamespaceRow>> {
+        self.query_all(
+            &format!("SELECT {NS_COLS} FROM namespaces WHERE host_id = ?1 ORDER BY id"),
+            [host_id],
+            row_namespace,
+        )
+    }
+
+    fn adopt_namespace(&self, user: &User, index: u32) -> StoreResult<NamespaceRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(ns) = tx
+            .query_row(
+                &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = ?1"),
+                [user.id],
+                row_namespace,
+            )
+            .optional()?
+        {
+            return Ok(ns);
+        }
+        let subnet = alloc::namespace_subnet(index);
+        tx.execute(
+            "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES (?1, ?2, ?3, ?4)",
+            params![user.id, user.name, index, subnet.to_string()],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(NamespaceRow {
+            id,
+            user_id: user.id,
+            name: user.name.clone(),
+            index,
+            subnet,
+        })
+    }
+
     fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>> {
         let conn = self.conn();
         Ok(conn
@@ -902,6 +998,55 @@ impl StoreEngine for SqliteStore {
     }
 
     /// Set a cluster's state and record its event in one transaction: whoever reads the new state finds the event.
+    fn record_report(
+        &self,
+        id: i64,
+        report: &ClusterMirror,
+        events: &[ReportedEvent],
+    ) -> StoreResult<Vec<EventRow>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE clusters SET
+                 updated_at = CASE WHEN state = ?2 THEN updated_at
+                              ELSE strftime('%Y-%m-%dT%H:%M:%SZ','now') END,
+                 state = ?2, reason = ?3, start_mode = ?4, report = ?5
+             WHERE id = ?1",
+            params![
+                id,
+                report.state.as_str(),
+                report.reason,
+                report.start_mode,
+                report.vms_json
+            ],
+        )?;
+        if changed == 0 {
+            return Ok(Vec::new());
+        }
+        let mut stored = Vec::with_capacity(events.len());
+        for e in events {
+            stored.push(insert_event(
+                &tx,
+                id,
+                e.vm.as_deref(),
+                &e.state,
+                &e.message,
+            )?);
+        }
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    fn cluster_report(&self, id: i64) -> StoreResult<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT report FROM clusters WHERE id = ?1", [id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()?
+            .flatten())
+    }
+
     fn set_cluster_state_event(
         &self,
         id: i64,

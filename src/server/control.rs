@@ -1,0 +1,478 @@
+//! What a control plane (`fcdev server --role control`) does where a single-host server runs the orchestrator:
+//! placement (a namespace lives on one host), the agents' work (`GET /v1/agent/jobs`: what each host must
+//! run, long-polled by its agent), their reports (`POST /v1/agent/report`: the clusters' state, VMs and
+//! events, copied into the store), and lost hosts' clusters.
+//!
+//! The control plane keeps the wanted state in the store (namespaces with their host, clusters, peers); the
+//! agents make their host match it and report back. Nothing of it lives only in this process's memory, so a
+//! control plane restart loses nothing: agents long-poll again and get the same work.
+
+use crate::api::{self, ClusterState};
+use crate::names;
+use crate::server::orchestrator::{hostname, OrchestratorError, UpOutcome};
+use crate::server::service::{Service, ServiceError, ServiceResult, MAX_SSH_KEYS};
+use crate::server::store::{
+    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, NamespaceRow, User,
+};
+
+/// The longest an agent's long poll for work is held (`?wait=` is capped at this).
+pub const MAX_WORK_WAIT_SECS: u64 = 30;
+/// How often a held long poll looks for a change in the store.
+const WORK_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The host for a new namespace: a live host (not revoked) whose agent has the image, with the most free memory
+/// (ties: the first by name). `image` None: any live host (a peer registered before any cluster).
+pub fn pick_host<'a>(hosts: &'a [HostRow], image: Option<&str>) -> Option<&'a HostRow> {
+    hosts
+        .iter()
+        .filter(|h| usable(h))
+        .filter(|h| {
+            image.is_none_or(|i| {
+                h.capacity
+                    .as_ref()
+                    .is_some_and(|c| c.images.iter().any(|have| have == i))
+            })
+        })
+        .fold(None, |best: Option<&HostRow>, h| match best {
+            Some(b) if free_mb(b) >= free_mb(h) => Some(b),
+            _ => Some(h),
+        })
+}
+
+fn free_mb(h: &HostRow) -> u64 {
+    h.capacity.as_ref().map_or(0, |c| c.free_memory_mb)
+}
+
+/// A host a namespace may live on now.
+fn usable(h: &HostRow) -> bool {
+    h.state == HostState::Live && !h.revoked && h.hub_endpoint.is_some()
+}
+
+/// The message of the event that moves a lost host's cluster to another host.
+fn moved_message(image: &str, to: &str, from: &str) -> String {
+    format!(
+        "re-created on host {to} from image {image}: host {from} is lost, so everything since the onboarding \
+         snapshot is gone"
+    )
+}
+
+impl Service {
+    /// The namespace's host: the one it lives on while that one is usable, else (first placement, or its host
+    /// is lost) the best host for `image`. Returns the host and, when the namespace moved, the one it left.
+    fn place(
+        &self,
+        ns: &NamespaceRow,
+        image: Option<&str>,
+    ) -> ServiceResult<(HostRow, Option<HostRow>)> {
+        let store = self.store();
+        let current = store.namespace_host(ns.id)?;
+        if let Some(h) = current.as_ref().filter(|h| usable(h)) {
+            return Ok((h.clone(), None));
+        }
+        let hosts = store.hosts()?;
+        let pick = pick_host(&hosts, image).ok_or_else(|| ServiceError::NoLiveHost {
+            image: image.map(str::to_string),
+        })?;
+        let now = store
+            .place_namespace(ns.id, current.as_ref().map(|h| h.id), pick.id)?
+            .ok_or_else(|| ServiceError::Internal("the namespace's host vanished".into()))?;
+        if now.id != pick.id {
+            // Another request placed it a moment ago: its choice stands.
+            return Ok((now, None));
+        }
+        tracing::info!(
+            "namespace {} placed on host {}{}",
+            ns.name,
+            now.name,
+            current
+                .as_ref()
+                .map(|h| format!(" (it was on {}, {})", h.name, h.state.as_str()))
+                .unwrap_or_default()
+        );
+        Ok((now, current))
+    }
+
+    /// Record a report of a cluster (state, VMs, events) and let the event streams see its events.
+    fn record(
+        &self,
+        id: i64,
+        mirror: &ClusterMirror,
+        events: &[api::ReportedEvent],
+    ) -> ServiceResult<Vec<EventRow>> {
+        let stored = self.store().record_report(id, mirror, events)?;
+        for e in &stored {
+            let _ = self.control_events.send(e.clone());
+        }
+        Ok(stored)
+    }
+
+    /// A cluster's view from the store: its row and the VMs its agent last reported.
+    pub(crate) fn stored_view(
+        &self,
+        ns: &NamespaceRow,
+        c: &ClusterRow,
+    ) -> ServiceResult<api::Cluster> {
+        let vms: Vec<api::Vm> = self
+            .store()
+            .cluster_report(c.id)?
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default();
+        Ok(api::Cluster {
+            name: c.name.clone(),
+            image: c.image.clone(),
+            namespace: ns.name.clone(),
+            state: c.state,
+            reason: c.reason.clone(),
+            start_mode: c.start_mode.clone(),
+            disk_bytes: c.disk_bytes,
+            vms,
+            host: self.store().namespace_host(ns.id)?.map(|h| h.name),
+            event_seq: 0,
+            created_at: c.created_at.clone(),
+            updated_at: c.updated_at.clone(),
+        })
+    }
+
+    /// `fcdev up` on a control plane (blocking: called inside `blocking`): place the namespace, record the
+    /// wanted cluster; the host's agent picks it up at its next poll (at once: it is waiting).
+    pub(crate) fn control_up(
+        &self,
+        user: &User,
+        req: &api::CreateCluster,
+    ) -> ServiceResult<(api::Cluster, UpOutcome)> {
+        let store = self.store();
+        let ns = store.ensure_namespace(user)?;
+        if !req.ssh_keys.is_empty() {
+            store.add_ssh_keys(ns.id, &req.ssh_keys, MAX_SSH_KEYS)?;
+        }
+        let existing = store.cluster(ns.id, &req.name)?;
+        if let Some(c) = &existing {
+            if c.image != req.image {
+                return Err(OrchestratorError::ImageMismatch {
+                    name: req.name.clone(),
+                    image: c.image.clone(),
+                }
+                .into());
+            }
+        }
+        let seq_before = match &existing {
+            Some(c) => store.last_event_seq(c.id)?,
+            None => 0,
+        };
+        let (host, left) = self.place(&ns, Some(&req.image))?;
+        if let Some(old) = &left {
+            // The namespace moved: every cluster in it is made again on the new host.
+            for c in store.clusters_in(ns.id)? {
+                self.record(
+                    c.id,
+                    &ClusterMirror {
+                        state: ClusterState::Requested,
+                        reason: None,
+                        start_mode: None,
+                        vms_json: None,
+                    },
+                    &[api::ReportedEvent {
+                        vm: None,
+                        state: ClusterState::Requested.as_str().into(),
+                        message: moved_message(&c.image, &host.name, &old.name),
+                    }],
+                )?;
+            }
+        }
+        let (row, outcome) = match existing {
+            None => {
+                let row = match store.create_cluster(&ns, &req.name, &req.image, &[]) {
+                    Ok(row) => row,
+                    Err(crate::server::store::StoreError::Exists(_)) => {
+                        // Another `up` created it a moment ago: join it.
+                        return self.control_up(user, req);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let e = store.add_event(
+                    row.id,
+                    None,
+                    ClusterState::Requested.as_str(),
+                    &format!(
+                        "cluster requested from image {} on host {}",
+                        req.image, host.name
+                    ),
+                )?;
+                let _ = self.control_events.send(e);
+                (row, UpOutcome::Created)
+            }
+            Some(_) if left.is_some() => {
+                let row = store
+                    .cluster(ns.id, &req.name)?
+                    .ok_or_else(|| ServiceError::ClusterNotFound(req.name.clone()))?;
+                (row, UpOutcome::Resumed)
+            }
+            Some(c) if c.state == ClusterState::Ready => (c, UpOutcome::AlreadyReady),
+            Some(c) if c.state.is_transient() => (c, UpOutcome::Resumed),
+            Some(c) => {
+                // Failed, stopped, or lost on a host that came back: the agent brings it up again.
+                self.record(
+                    c.id,
+                    &ClusterMirror {
+                        state: ClusterState::Requested,
+                        reason: None,
+                        start_mode: c.start_mode.clone(),
+                        vms_json: store.cluster_report(c.id)?,
+                    },
+                    &[api::ReportedEvent {
+                        vm: None,
+                        state: ClusterState::Requested.as_str().into(),
+                        message: format!("up requested on host {}", host.name),
+                    }],
+                )?;
+                let row = store.cluster_by_id(c.id)?.unwrap_or(c);
+                (row, UpOutcome::Resumed)
+            }
+        };
+        let mut view = self.stored_view(&ns, &row)?;
+        view.event_seq = seq_before;
+        Ok((view, outcome))
+    }
+
+    /// `fcdev down` on a control plane: the cluster is forgotten now; its agent stops its VMs and deletes its
+    /// files when it sees the cluster gone from its work (its next poll: at once).
+    pub(crate) fn control_delete(&self, row: &ClusterRow) -> ServiceResult<()> {
+        let e = self.store().delete_cluster(row.id)?;
+        let _ = self.control_events.send(e);
+        Ok(())
+    }
+
+    /// A laptop's peer on a control plane: stored here, accepted by the hub of the namespace's host (the
+    /// agent adds it at its next poll), whose endpoint and key the config names: tunnel traffic goes to
+    /// that host, never through the control plane.
+    pub(crate) fn control_register_peer(
+        &self,
+        user: &User,
+        name: &str,
+        public_key: &str,
+    ) -> ServiceResult<api::PeerConfig> {
+        let store = self.store();
+        let ns = store.ensure_namespace(user)?;
+        let (host, _) = self.place(&ns, None)?;
+        let peer = store.add_peer(&ns, name, public_key)?;
+        let hosts = store
+            .clusters_in(ns.id)?
+            .iter()
+            .map(|c| self.stored_view(&ns, c))
+            .collect::<ServiceResult<Vec<_>>>()?
+            .into_iter()
+            .flat_map(|c| {
+                let cluster = c.name.clone();
+                let ns_name = ns.name.clone();
+                c.vms.into_iter().map(move |vm| api::HostEntry {
+                    name: hostname(&vm.name, &cluster, &ns_name),
+                    address: vm.address,
+                })
+            })
+            .collect();
+        Ok(api::PeerConfig {
+            id: peer.id,
+            name: peer.name,
+            address: peer.address.to_string(),
+            server_public_key: host.hub_public_key.clone().unwrap_or_default(),
+            endpoint: host.hub_endpoint.clone().unwrap_or_default(),
+            allowed_ips: vec![ns.subnet.to_string()],
+            keepalive: 25,
+            namespace: ns.name.clone(),
+            dns_suffix: format!("{}.{}", ns.name, names::DNS_SUFFIX),
+            hosts,
+        })
+    }
+
+    /// What a host must run now (blocking).
+    fn work_of(&self, host: &HostRow) -> ServiceResult<api::AgentWork> {
+        let store = self.store();
+        let users = store.list_users()?;
+        let mut namespaces = Vec::new();
+        for ns in store.namespaces_on(host.id)? {
+            let Some(user) = users.iter().find(|u| u.id == ns.user_id) else {
+                continue;
+            };
+            let clusters = store
+                .clusters_in(ns.id)?
+                .into_iter()
+                .map(|c| api::AgentCluster {
+                    id: c.id,
+                    name: c.name,
+                    image: c.image,
+                    state: c.state,
+                })
+                .collect();
+            let peers = store
+                .peers_in(ns.id)?
+                .into_iter()
+                .map(|p| api::AgentPeer {
+                    id: p.id,
+                    public_key: p.public_key,
+                    address: p.address.to_string(),
+                })
+                .collect();
+            namespaces.push(api::AgentNamespace {
+                user: user.name.clone(),
+                index: ns.index,
+                subnet: ns.subnet.to_string(),
+                ssh_keys: store.ssh_keys(ns.id)?,
+                clusters,
+                peers,
+            });
+        }
+        let json = serde_json::to_vec(&namespaces).unwrap_or_default();
+        use sha2::Digest;
+        let version = hex::encode(&sha2::Sha256::digest(&json)[..16]);
+        Ok(api::AgentWork {
+            version,
+            namespaces,
+        })
+    }
+
+    /// `GET /v1/agent/jobs`: the host's work, at once when its version is not `after`, else when it changes or
+    /// after `wait` seconds.
+    pub async fn agent_work(
+        &self,
+        host: HostRow,
+        after: Option<String>,
+        wait_secs: u64,
+    ) -> ServiceResult<api::AgentWork> {
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_secs(wait_secs.min(MAX_WORK_WAIT_SECS));
+        loop {
+            let h = host.clone();
+            let work = self.blocking(move |s| s.work_of(&h)).await?;
+            if after.as_deref() != Some(work.version.as_str())
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(work);
+            }
+            tokio::time::sleep(WORK_CHECK).await;
+        }
+    }
+
+    /// `POST /v1/agent/report`: the clusters an agent runs, as they are. Only clusters of namespaces placed on
+    /// the agent's host are taken (a host that came back after its namespaces moved reports nothing true).
+    pub async fn agent_report(&self, host: HostRow, report: api::AgentReport) -> ServiceResult<()> {
+        self.blocking(move |s| {
+            let store = s.store();
+            for c in &report.clusters {
+                let Some(row) = store.cluster_by_id(c.id)? else {
+                    continue;
+                };
+                if store.namespace_host(row.namespace_id)?.map(|h| h.id) != Some(host.id) {
+                    continue;
+                }
+                let vms = serde_json::to_string(&c.vms)
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?;
+                s.record(
+                    c.id,
+                    &ClusterMirror {
+                        state: c.state,
+                        reason: c.reason.clone(),
+                        start_mode: c.start_mode.clone(),
+                        vms_json: Some(vms),
+                    },
+                    &c.events,
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The clusters of hosts that just went lost are `lost`, with the reason (blocking).
+    pub(crate) fn mark_clusters_lost(&self, hosts: &[HostRow]) -> ServiceResult<()> {
+        let store = self.store();
+        for h in hosts {
+            let why = format!(
+                "host {} is lost ({}); `fcdev up` re-creates the cluster on another host",
+                h.name,
+                h.reason.as_deref().unwrap_or("no heartbeat")
+            );
+            for ns in store.namespaces_on(h.id)? {
+                for c in store.clusters_in(ns.id)? {
+                    if c.state == ClusterState::Lost {
+                        continue;
+                    }
+                    self.record(
+                        c.id,
+                        &ClusterMirror {
+                            state: ClusterState::Lost,
+                            reason: Some(why.clone()),
+                            start_mode: c.start_mode.clone(),
+                            vms_json: store.cluster_report(c.id)?,
+                        },
+                        &[api::ReportedEvent {
+                            vm: None,
+                            state: ClusterState::Lost.as_str().into(),
+                            message: why.clone(),
+                        }],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::HostCapacity;
+
+    fn host(name: &str, state: HostState, free: u64, images: &[&str]) -> HostRow {
+        HostRow {
+            id: 1,
+            name: name.into(),
+            state,
+            reason: None,
+            revoked: false,
+            created_at: String::new(),
+            instance: None,
+            heartbeat_ms: None,
+            hub_endpoint: Some("192.0.2.1:51820".into()),
+            hub_public_key: None,
+            capacity: Some(HostCapacity {
+                memory_mb: 64_000,
+                free_memory_mb: free,
+                cpus: 8,
+                disk_free_bytes: 1,
+                images: images.iter().map(|s| s.to_string()).collect(),
+            }),
+        }
+    }
+
+    #[test]
+    fn placement_takes_the_live_host_with_the_image_and_the_most_free_memory() {
+        let hosts = vec![
+            host("a", HostState::Live, 1000, &["tiny"]),
+            host("b", HostState::Live, 9000, &["debian"]),
+            host("c", HostState::Live, 5000, &["tiny", "debian"]),
+            host("d", HostState::Lost, 20000, &["tiny"]),
+            host("e", HostState::New, 20000, &["tiny"]),
+        ];
+        assert_eq!(pick_host(&hosts, Some("tiny")).unwrap().name, "c");
+        assert_eq!(pick_host(&hosts, Some("debian")).unwrap().name, "b");
+        assert_eq!(pick_host(&hosts, None).unwrap().name, "b");
+        assert!(pick_host(&hosts, Some("other")).is_none());
+        let mut revoked = host("f", HostState::Live, 30000, &["tiny"]);
+        revoked.revoked = true;
+        assert_eq!(
+            pick_host(
+                &[revoked, host("g", HostState::Live, 1, &["tiny"])],
+                Some("tiny")
+            )
+            .unwrap()
+            .name,
+            "g"
+        );
+        // Ties go to the first by name (the store lists hosts by name).
+        let tie = vec![
+            host("a", HostState::Live, 100, &["tiny"]),
+            host("b", HostState::Live, 100, &["tiny"]),
+        ];
+        assert_eq!(pick_host(&tie, Some("tiny")).unwrap().name, "a");
+    }
+}
