@@ -381,6 +381,43 @@ impl PgStore {
         Ok(store)
     }
 
+    /// The user's namespace; when missing, created at `index` (an agent adopting the control plane's) or at
+    /// the lowest free /24 of the pool.
+    fn namespace_with(&self, user: &User, index: Option<u32>) -> StoreResult<NamespaceRow> {
+        let user = user.clone();
+        self.run(move |c| {
+            transaction(c, |tx| {
+                if let Some(r) = tx.query_opt(
+                    &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = $1"),
+                    &[&user.id],
+                )? {
+                    return row_namespace(&r);
+                }
+                let index = match index {
+                    Some(index) => index,
+                    None => {
+                        let used = tx
+                            .query("SELECT idx FROM namespaces ORDER BY idx", &[])?
+                            .iter()
+                            .map(|r| Ok(r.try_get::<_, i64>(0)? as u32))
+                            .collect::<StoreResult<Vec<u32>>>()?;
+                        alloc::lowest_free(&used, alloc::NAMESPACE_COUNT)
+                            .ok_or(StoreError::NamespacesExhausted)?
+                    }
+                };
+                let subnet = alloc::namespace_subnet(index);
+                let row = tx.query_one(
+                    &format!(
+                        "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES ($1, $2, $3, $4)
+                         RETURNING {NS_COLS}"
+                    ),
+                    &[&user.id, &user.name, &(index as i64), &subnet.to_string()],
+                )?;
+                row_namespace(&row)
+            })
+        })
+    }
+
     /// Run `f` with a connection on a worker thread and wait for its result.
     fn run<T: Send + 'static>(
         &self,
@@ -983,26 +1020,7 @@ impl StoreEngine for PgStore {
     }
 
     fn adopt_namespace(&self, user: &User, index: u32) -> StoreResult<NamespaceRow> {
-        let user = user.clone();
-        self.run(move |c| {
-            transaction(c, |tx| {
-                if let Some(r) = tx.query_opt(
-                    &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = $1"),
-                    &[&user.id],
-                )? {
-                    return row_namespace(&r);
-                }
-                let subnet = alloc::namespace_subnet(index);
-                let row = tx.query_one(
-                    &format!(
-                        "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES ($1, $2, $3, $4)
-                         RETURNING {NS_COLS}"
-                    ),
-                    &[&user.id, &user.name, &(index as i64), &subnet.to_string()],
-                )?;
-                row_namespace(&row)
-            })
-        })
+        self.namespace_with(user, Some(index))
     }
 
     fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>> {
@@ -1023,33 +1041,7 @@ impl StoreEngine for PgStore {
     }
 
     fn ensure_namespace(&self, user: &User) -> StoreResult<NamespaceRow> {
-        let user = user.clone();
-        self.run(move |c| {
-            transaction(c, |tx| {
-                if let Some(r) = tx.query_opt(
-                    &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = $1"),
-                    &[&user.id],
-                )? {
-                    return row_namespace(&r);
-                }
-                let used = tx
-                    .query("SELECT idx FROM namespaces ORDER BY idx", &[])?
-                    .iter()
-                    .map(|r| Ok(r.try_get::<_, i64>(0)? as u32))
-                    .collect::<StoreResult<Vec<u32>>>()?;
-                let index = alloc::lowest_free(&used, alloc::NAMESPACE_COUNT)
-                    .ok_or(StoreError::NamespacesExhausted)?;
-                let subnet = alloc::namespace_subnet(index);
-                let row = tx.query_one(
-                    &format!(
-                        "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES ($1, $2, $3, $4)
-                         RETURNING {NS_COLS}"
-                    ),
-                    &[&user.id, &user.name, &(index as i64), &subnet.to_string()],
-                )?;
-                row_namespace(&row)
-            })
-        })
+        self.namespace_with(user, None)
     }
 
     // ---- clusters and VMs ----

@@ -447,6 +447,49 @@ impl SqliteStore {
         // poisoned lock is safe to keep using.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The user's namespace; when missing, created at `index` (an agent adopting the control plane's) or at
+    /// the lowest free /24 of the pool.
+    fn namespace_with(&self, user: &User, index: Option<u32>) -> StoreResult<NamespaceRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(ns) = tx
+            .query_row(
+                &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = ?1"),
+                [user.id],
+                row_namespace,
+            )
+            .optional()?
+        {
+            return Ok(ns);
+        }
+        let index = match index {
+            Some(index) => index,
+            None => {
+                let used: Vec<u32> = {
+                    let mut stmt = tx.prepare("SELECT idx FROM namespaces ORDER BY idx")?;
+                    let rows = stmt.query_map([], |r| r.get(0))?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                alloc::lowest_free(&used, alloc::NAMESPACE_COUNT)
+                    .ok_or(StoreError::NamespacesExhausted)?
+            }
+        };
+        let subnet = alloc::namespace_subnet(index);
+        tx.execute(
+            "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES (?1, ?2, ?3, ?4)",
+            params![user.id, user.name, index, subnet.to_string()],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(NamespaceRow {
+            id,
+            user_id: user.id,
+            name: user.name.clone(),
+            index,
+            subnet,
+        })
+    }
 }
 
 impl StoreEngine for SqliteStore {
@@ -798,32 +841,7 @@ impl StoreEngine for SqliteStore {
     }
 
     fn adopt_namespace(&self, user: &User, index: u32) -> StoreResult<NamespaceRow> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some(ns) = tx
-            .query_row(
-                &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = ?1"),
-                [user.id],
-                row_namespace,
-            )
-            .optional()?
-        {
-            return Ok(ns);
-        }
-        let subnet = alloc::namespace_subnet(index);
-        tx.execute(
-            "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES (?1, ?2, ?3, ?4)",
-            params![user.id, user.name, index, subnet.to_string()],
-        )?;
-        let id = tx.last_insert_rowid();
-        tx.commit()?;
-        Ok(NamespaceRow {
-            id,
-            user_id: user.id,
-            name: user.name.clone(),
-            index,
-            subnet,
-        })
+        self.namespace_with(user, Some(index))
     }
 
     fn namespace_of(&self, user_id: i64) -> StoreResult<Option<NamespaceRow>> {
@@ -850,39 +868,7 @@ impl StoreEngine for SqliteStore {
 
     /// The user's namespace, created with the lowest free /24 of the pool when missing.
     fn ensure_namespace(&self, user: &User) -> StoreResult<NamespaceRow> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some(ns) = tx
-            .query_row(
-                &format!("SELECT {NS_COLS} FROM namespaces WHERE user_id = ?1"),
-                [user.id],
-                row_namespace,
-            )
-            .optional()?
-        {
-            return Ok(ns);
-        }
-        let used: Vec<u32> = {
-            let mut stmt = tx.prepare("SELECT idx FROM namespaces ORDER BY idx")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        let index = alloc::lowest_free(&used, alloc::NAMESPACE_COUNT)
-            .ok_or(StoreError::NamespacesExhausted)?;
-        let subnet = alloc::namespace_subnet(index);
-        tx.execute(
-            "INSERT INTO namespaces (user_id, name, idx, subnet) VALUES (?1, ?2, ?3, ?4)",
-            params![user.id, user.name, index, subnet.to_string()],
-        )?;
-        let id = tx.last_insert_rowid();
-        tx.commit()?;
-        Ok(NamespaceRow {
-            id,
-            user_id: user.id,
-            name: user.name.clone(),
-            index,
-            subnet,
-        })
+        self.namespace_with(user, None)
     }
 
     // ---- clusters and VMs ----
