@@ -158,6 +158,7 @@ struct Agent {
     child: Child,
     stderr: Arc<Mutex<String>>,
     registered: mpsc::Receiver<String>,
+    data: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -223,6 +224,7 @@ impl Agent {
             child,
             stderr,
             registered,
+            data: data.clone(),
             _dir: dir,
         }
     }
@@ -272,6 +274,32 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
+        // A data dir of its own is never reused by another agent: its VMs go with it (a killed agent's
+        // process-backend VMs outlive it, as qemu would).
+        if self._dir.is_some() {
+            kill_vms(&self.data);
+        }
+    }
+}
+
+/// Kill every test-VM process whose pid file lies under `data`.
+fn kill_vms(data: &Path) {
+    for pid_file in common::find_files(&data.join("vms"), "vm.pid") {
+        if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+    }
+}
+
+/// Kills the VMs left in data dirs shared by successive agents, once the agents are gone (declare it after the
+/// dirs and before the agents: locals drop in reverse order).
+struct Reaper(Vec<PathBuf>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            kill_vms(d);
+        }
     }
 }
 
@@ -566,6 +594,7 @@ fn clusters_run_on_agents_and_a_lost_hosts_clusters_are_recreated_elsewhere() {
     let url = control.server.url.clone();
     const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let _reaper = Reaper(dirs.iter().map(|d| d.path().to_path_buf()).collect());
     let tokens: Vec<String> = HOSTS.iter().map(|h| add_host(&control.at(), h)).collect();
     let mut agents: Vec<Agent> = HOSTS
         .iter()
