@@ -14,6 +14,8 @@ use super::netlink;
 
 const STATE: &str = "/run/fcdev"; // the address this guest has now (what a re-address replaces)
 const DEV: &str = "eth0";
+/// Prometheus's targets on the monitor VM (press recipe: `file_sd_configs`).
+const PROMETHEUS_TARGETS: &str = "/run/fcdev/prometheus-targets.json";
 const HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key";
 /// RNDRESEEDCRNG: reseed the kernel's CRNG from its pool now.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
@@ -78,6 +80,18 @@ fn write_if_changed(path: &str, data: &[u8], mode: u32) -> Result<(), ConfigErro
         return Ok(());
     }
     write_file(path, data, mode)
+}
+
+/// Prometheus's file service discovery: `NAME:9100` for every name of a `ADDRESS NAME` map.
+fn prometheus_targets(map: &[u8]) -> Vec<u8> {
+    let targets: Vec<String> = String::from_utf8_lossy(map)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|name| format!("{name}:9100"))
+        .collect();
+    serde_json::json!([{ "targets": targets }])
+        .to_string()
+        .into_bytes()
 }
 
 /// Set the guest's clock (`UNIX` seconds, fractions allowed).
@@ -217,8 +231,15 @@ pub fn configure(
         }
     }
     let mut hosts = format!("127.0.0.1 localhost\n127.0.1.1 {name}\n").into_bytes();
-    hosts.extend(b64(kv, "hosts")?);
+    let map = b64(kv, "hosts")?;
+    hosts.extend(&map);
     write_file("/etc/hosts", &hosts, 0o644)?;
+    // The monitor scrapes a node exporter on every VM of the name map. Not at the boot that makes the
+    // onboarding snapshot: its TSDB stays empty (see the press recipe's prometheus.yml).
+    if role == "monitor" && !(boot && get(kv, "snapshot") == "1") {
+        std::fs::create_dir_all(STATE).map_err(io(STATE))?;
+        write_if_changed(PROMETHEUS_TARGETS, &prometheus_targets(&map), 0o644)?;
+    }
     trace.mark("role, hostname, hosts");
     let mut keys = b64(kv, "keys")?;
     if !keys.is_empty() {
@@ -353,6 +374,15 @@ impl Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_targets_name_every_vm_of_the_map() {
+        let json = prometheus_targets(b"10.0.0.10 n1\n10.0.0.11 f1\n\n");
+        assert_eq!(
+            String::from_utf8(json).unwrap(),
+            r#"[{"targets":["n1:9100","f1:9100"]}]"#
+        );
+    }
 
     #[test]
     fn cidr_mac_and_key_parsing_refuse_bad_values() {
