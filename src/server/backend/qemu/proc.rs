@@ -22,12 +22,20 @@ pub fn spawn_detached(binary: &Path, args: &[OsString], run_dir: &Path) -> std::
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    // SAFETY: setsid and sched_setscheduler are async-signal-safe system calls; nothing else runs between fork
+    // and exec.
     unsafe {
         cmd.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // SCHED_BATCH (all of qemu's threads inherit it): a waking VM does not preempt the one running.
+            // Restored VMs are CPU-bound together for their first seconds (every code path translated afresh
+            // under TCG); longer slices keep each one's translation cache warm in the host's caches. A press
+            // cluster was ready in 2.27 s median instead of 2.55 s (10 alternating `up`s each, 2 cores). Not
+            // fatal when refused.
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
             Ok(())
         });
     }
