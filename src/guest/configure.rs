@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
 use base64::Engine;
 
@@ -67,9 +67,14 @@ fn write_file(path: &str, data: &[u8], mode: u32) -> Result<(), ConfigError> {
         .open(&tmp)
         .map_err(io(tmp.clone()))?;
     f.write_all(data).map_err(io(tmp.clone()))?;
+    // A chmod is an inode change through ext4's journal: only when the umask (or a left-over temp file) gave
+    // another mode.
+    let now = f.metadata().map_err(io(tmp.clone()))?.permissions().mode() & 0o7777;
+    if now != mode {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io(tmp.clone()))?;
+    }
     drop(f);
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
-        .map_err(io(tmp.clone()))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
@@ -234,21 +239,18 @@ pub fn configure(
     let map = b64(kv, "hosts")?;
     hosts.extend(&map);
     write_file("/etc/hosts", &hosts, 0o644)?;
-    // The monitor scrapes a node exporter on every VM of the name map. Not at the boot that makes the
-    // onboarding snapshot: its TSDB stays empty (see the press recipe's prometheus.yml).
-    if role == "monitor" && !(boot && get(kv, "snapshot") == "1") {
-        std::fs::create_dir_all(STATE).map_err(io(STATE))?;
-        write_if_changed(PROMETHEUS_TARGETS, &prometheus_targets(&map), 0o644)?;
-    }
     trace.mark("role, hostname, hosts");
     let mut keys = b64(kv, "keys")?;
     if !keys.is_empty() {
         std::fs::create_dir_all("/root/.ssh").map_err(io("/root/.ssh"))?;
-        std::fs::set_permissions(
-            "/root/.ssh",
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .map_err(io("/root/.ssh"))?;
+        let mode = std::fs::metadata("/root/.ssh")
+            .map_err(io("/root/.ssh"))?
+            .permissions()
+            .mode();
+        if mode & 0o7777 != 0o700 {
+            std::fs::set_permissions("/root/.ssh", std::fs::Permissions::from_mode(0o700))
+                .map_err(io("/root/.ssh"))?;
+        }
         keys.push(b'\n');
         write_file("/root/.ssh/authorized_keys", &keys, 0o600)?;
     }
@@ -336,7 +338,14 @@ pub fn configure(
             unsafe { libc::kill(pid, libc::SIGHUP) };
         }
     }
-    trace.mark("nginx");
+    // The monitor scrapes a node exporter on every VM of the name map: last, since Prometheus starts working as
+    // soon as the file appears. Not at the boot that makes the onboarding snapshot: its TSDB stays empty (see
+    // the press recipe's prometheus.yml).
+    if role == "monitor" && !(boot && get(kv, "snapshot") == "1") {
+        std::fs::create_dir_all(STATE).map_err(io(STATE))?;
+        write_if_changed(PROMETHEUS_TARGETS, &prometheus_targets(&map), 0o644)?;
+    }
+    trace.mark("nginx, prometheus");
     trace.save();
     Ok(match (old, new_addr) {
         (Some(old), Some(new)) if !boot && old != new => Some(old),

@@ -449,11 +449,8 @@ impl Orchestrator {
                     let backend = self.backend.clone();
                     let spec = spec.clone();
                     let name = vm.name.clone();
-                    tokio::task::spawn_blocking(move || {
-                        backend.stop(&spec)?;
-                        backend.discard_disk(&spec)
-                    })
-                    .map(move |r| (name, r))
+                    tokio::task::spawn_blocking(move || backend.stop_discarding(&spec))
+                        .map(move |r| (name, r))
                 })
                 .collect();
             for (name, result) in futures::future::join_all(tasks).await {

@@ -166,6 +166,14 @@ pub trait Backend: Send + Sync {
     /// Throw the VM's disk overlay away (reset / delete). The VM is stopped first by the caller.
     fn discard_disk(&self, vm: &VmSpec) -> BackendResult<()>;
 
+    /// Stop the VM and throw its disk away, to start it again at once (reset, restore of a named snapshot):
+    /// nothing of the running VM is kept, so a backend may skip a graceful shutdown and keep its network
+    /// plumbing for the next start.
+    fn stop_discarding(&self, vm: &VmSpec) -> BackendResult<()> {
+        self.stop(vm)?;
+        self.discard_disk(vm)
+    }
+
     /// The last lines of the VM's log, for error messages.
     fn log_tail(&self, vm: &VmSpec) -> Option<String>;
 
