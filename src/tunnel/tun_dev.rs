@@ -180,6 +180,15 @@ const HEADROOM: usize = VIRTIO_NET_HDR_LEN;
 #[cfg(not(target_os = "linux"))]
 const HEADROOM: usize = 0;
 
+/// Capacity of each write buffer. tun-rs's GRO coalesces a flow's packets into the buffer of its first one
+/// and only when that buffer's capacity already holds the result (`InsufficientCap` otherwise): with room for
+/// one packet nothing was ever coalesced and every packet was a write of its own, running the receiving TCP
+/// stack once per 1420 bytes. Room for a 64 KB super-packet, as wireguard-go's buffers.
+#[cfg(target_os = "linux")]
+const WRITE_ROOM: usize = 2 * HEADROOM + 65535;
+#[cfg(not(target_os = "linux"))]
+const WRITE_ROOM: usize = 2048;
+
 /// Batches a threaded writer keeps queued for its thread (each up to a few hundred packets).
 const QUEUED: usize = 4;
 
@@ -193,7 +202,7 @@ impl Batch {
 
     fn push(&mut self, packet: &[u8]) {
         if self.n == self.bufs.len() {
-            self.bufs.push(Vec::with_capacity(HEADROOM + 2048));
+            self.bufs.push(Vec::with_capacity(WRITE_ROOM));
         }
         if let Some(b) = self.bufs.get_mut(self.n) {
             b.clear();
