@@ -189,6 +189,18 @@ const WRITE_ROOM: usize = 2 * HEADROOM + 65535;
 #[cfg(not(target_os = "linux"))]
 const WRITE_ROOM: usize = 2048;
 
+/// [`WRITE_ROOM`], or `FCDEV_TUN_WRITE_ROOM` (bytes; benchmarks: memory against writes per packet).
+fn write_room() -> usize {
+    static ROOM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROOM.get_or_init(|| {
+        std::env::var("FCDEV_TUN_WRITE_ROOM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n >= 2048)
+            .unwrap_or(WRITE_ROOM)
+    })
+}
+
 /// Batches a threaded writer keeps queued for its thread (each up to a few hundred packets).
 const QUEUED: usize = 4;
 
@@ -202,7 +214,7 @@ impl Batch {
 
     fn push(&mut self, packet: &[u8]) {
         if self.n == self.bufs.len() {
-            self.bufs.push(Vec::with_capacity(WRITE_ROOM));
+            self.bufs.push(Vec::with_capacity(write_room()));
         }
         if let Some(b) = self.bufs.get_mut(self.n) {
             b.clear();
