@@ -277,16 +277,7 @@ impl Drop for Agent {
         // A data dir of its own is never reused by another agent: its VMs go with it (a killed agent's
         // process-backend VMs outlive it, as qemu would).
         if self._dir.is_some() {
-            kill_vms(&self.data);
-        }
-    }
-}
-
-/// Kill every test-VM process whose pid file lies under `data`.
-fn kill_vms(data: &Path) {
-    for pid_file in common::find_files(&data.join("vms"), "vm.pid") {
-        if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            common::kill_vms(&self.data);
         }
     }
 }
@@ -298,7 +289,7 @@ struct Reaper(Vec<PathBuf>);
 impl Drop for Reaper {
     fn drop(&mut self) {
         for d in &self.0 {
-            kill_vms(d);
+            common::kill_vms(d);
         }
     }
 }
