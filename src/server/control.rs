@@ -241,7 +241,13 @@ impl Service {
     ) -> ServiceResult<api::PeerConfig> {
         let store = self.store();
         let ns = store.ensure_namespace(user)?;
-        let (host, _) = self.place(&ns, None)?;
+        let host = match store.namespace_host(ns.id)? {
+            // A namespace with clusters moves only with an `up`, which makes them again on the new host: until
+            // then its peers get its host, lost or not (a tunnel asking again while its host is lost must not
+            // move the namespace away from its clusters).
+            Some(h) if !store.clusters_in(ns.id)?.is_empty() => h,
+            _ => self.place(&ns, None)?.0,
+        };
         let peer = store.add_peer(&ns, name, public_key)?;
         let hosts = store
             .clusters_in(ns.id)?
