@@ -56,7 +56,7 @@ wait_line() { # FILE TEXT
 users() { # STORE-ARGS...: CLIENTS tokens into $T/tokens-<label>
   local out=$1; shift
   : >"$out"
-  for i in $(seq "$CLIENTS"); do "$BIN" server user add "eng$i" "$@" >>"$out"; done
+  for i in $(seq "$CLIENTS"); do "$BIN" server user add "eng$i" "$@" >>"$out" 2>/dev/null; done
 }
 
 # --- sqlite: one process.
@@ -88,7 +88,7 @@ wait_line "$T/ctl.out" "listening on"
 URL=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$T/ctl.out")
 declare -A AGENT
 for h in h1 h2 h3; do
-  token=$("$BIN" server host add "$h" --database "$DB")
+  token=$("$BIN" server host add "$h" --database "$DB" 2>/dev/null)
   mkdir -p "$T/$h/images/tiny"
   echo "$TINY" >"$T/$h/images/tiny/image.toml"
   FCDEV_HOST_TOKEN=$token "$BIN" server --role agent --control "$URL" --host-name "$h" --backend process \
@@ -111,6 +111,7 @@ print(host, next(t for t in tokens if r["hosts"].get(t[:12]) == host))
 EOF
 )
 kill -9 "${AGENT[$VICTIM]}"
+wait "${AGENT[$VICTIM]}" 2>/dev/null || true
 LOSS=$(python3 - "$BIN" "$DB" "$URL" "$VICTIM" "$VTOKEN" <<'EOF'
 import json, subprocess, sys, time, urllib.request
 bin_, db, url, host, token = sys.argv[1:]
