@@ -3,6 +3,8 @@
 //! heartbeat, are refused (wrong or revoked token, a name another live agent holds) and go `lost` when killed.
 
 mod common;
+mod lab;
+mod netns;
 #[path = "common/pg.rs"]
 mod pg;
 
@@ -277,16 +279,7 @@ impl Drop for Agent {
         // A data dir of its own is never reused by another agent: its VMs go with it (a killed agent's
         // process-backend VMs outlive it, as qemu would).
         if self._dir.is_some() {
-            kill_vms(&self.data);
-        }
-    }
-}
-
-/// Kill every test-VM process whose pid file lies under `data`.
-fn kill_vms(data: &Path) {
-    for pid_file in common::find_files(&data.join("vms"), "vm.pid") {
-        if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            common::kill_vms(&self.data);
         }
     }
 }
@@ -298,7 +291,7 @@ struct Reaper(Vec<PathBuf>);
 impl Drop for Reaper {
     fn drop(&mut self) {
         for d in &self.0 {
-            kill_vms(d);
+            common::kill_vms(d);
         }
     }
 }
@@ -707,4 +700,318 @@ fn clusters_run_on_agents_and_a_lost_hosts_clusters_are_recreated_elsewhere() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+// ---- many hosts as network namespaces, real VMs ----
+
+/// A process started under `ip netns exec`, its output appended to a log file; SIGKILLed when dropped.
+struct NsProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl NsProc {
+    fn spawn(ns: &str, args: &[&str], envs: &[(&str, &str)], log: PathBuf) -> NsProc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(fcdev_bin())
+            .args(args)
+            .envs(envs.iter().copied())
+            .env_remove("FCDEV_DATABASE")
+            .env_remove("FCDEV_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn fcdev under ip netns exec");
+        NsProc { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait until the log has `needle`; panics with the log when the process exits first or time runs out.
+    fn wait_for(&mut self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.log().contains(needle) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("exited ({status}) before `{needle}`:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` after {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for NsProc {
+    /// SIGTERM first: a TUN-mode tunnel removes its block from /etc/hosts (shared with the machine) when it ends.
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill9();
+    }
+}
+
+/// The issue's multi-host run with real VMs: each host is a network namespace (`h1`, `h2`: an agent with the
+/// qemu backend, its hub and its VMs), the control plane another (`ctl`, on PostgreSQL through its unix
+/// socket), the laptop another (`lap`), all on one bridge in a namespace of its own (`lan`). The laptop reaches
+/// a real VM through its host's hub (the peer config names that agent's address, not the control plane's);
+/// the host is killed (SIGKILL): the cluster is `lost` within the lease, `fcdev up` makes it again on the other
+/// host, the running `fcdev tunnel` follows by itself (new hub endpoint and key), and `fcdev status` says the
+/// exported wg-config must be exported again. Every packet stays in the namespaces this test makes.
+#[test]
+fn a_laptop_follows_its_cluster_to_another_host_after_its_host_dies() {
+    netns::require_root_and_tun();
+    lab::require_vm_tools();
+    const LEASE: u64 = 3;
+    const NET: &str = "192.168.93";
+    let image = lab::tiny_image();
+    let db = pg::shared().database();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::os::unix::fs::symlink(&image, images.join("tiny")).unwrap();
+    let data: Vec<PathBuf> = ["h1", "h2"]
+        .iter()
+        .map(|h| tmp.path().join(format!("data-{h}")))
+        .collect();
+    // Dropped last (declared first among the guards): the VMs the killed agent left behind.
+    let _reaper = Reaper(data.clone());
+
+    let nss = netns::Namespaces::new(&["lan", "ctl", "h1", "h2", "lap"]);
+    let lan = nss.name("lan");
+    netns::must(&format!(
+        "ip -n {lan} link add br0 type bridge && ip -n {lan} link set br0 up"
+    ));
+    let addr = |role: &str| match role {
+        "ctl" => format!("{NET}.1"),
+        "h1" => format!("{NET}.11"),
+        "h2" => format!("{NET}.12"),
+        _ => format!("{NET}.2"),
+    };
+    for role in ["ctl", "h1", "h2", "lap"] {
+        let ns = nss.name(role);
+        netns::must(&format!(
+            "ip -n {lan} link add v{role} type veth peer name eth0 netns {ns} && \
+             ip -n {lan} link set v{role} master br0 up && \
+             ip -n {ns} addr add {}/24 dev eth0 && ip -n {ns} link set eth0 up",
+            addr(role)
+        ));
+    }
+
+    // The control plane in its namespace (the database through its unix socket: no network).
+    let control_url = format!("http://{}:7070", addr("ctl"));
+    let lease = LEASE.to_string();
+    let listen = format!("{}:7070", addr("ctl"));
+    let mut control = NsProc::spawn(
+        &nss.name("ctl"),
+        &[
+            "server",
+            "--role",
+            "control",
+            "--database",
+            &db,
+            "--listen",
+            &listen,
+            "--host-lease",
+            &lease,
+            "--data-dir",
+            tmp.path().join("data-ctl").to_str().unwrap(),
+        ],
+        &[],
+        tmp.path().join("control.log"),
+    );
+    control.wait_for("listening on", Duration::from_secs(30));
+    let at = ["--database", db.as_str()];
+
+    // Two hosts, each an agent with real VMs, its hub on its own address.
+    let mut agents: Vec<NsProc> = Vec::new();
+    for (i, h) in ["h1", "h2"].iter().enumerate() {
+        let token = add_host(&at, h);
+        let hub = format!("{}:51820", addr(h));
+        let mut a = NsProc::spawn(
+            &nss.name(h),
+            &[
+                "server",
+                "--role",
+                "agent",
+                "--control",
+                &control_url,
+                "--host-name",
+                h,
+                "--hub-listen",
+                &hub,
+                "--hub-endpoint",
+                &hub,
+                "--hub-tun",
+                "fcdevhub",
+                "--backend",
+                "qemu",
+                "--data-dir",
+                data[i].to_str().unwrap(),
+                "--images",
+                images.to_str().unwrap(),
+            ],
+            &[("FCDEV_HOST_TOKEN", token.as_str())],
+            tmp.path().join(format!("agent-{h}.log")),
+        );
+        a.wait_for("registered with", Duration::from_secs(30));
+        agents.push(a);
+    }
+
+    // The laptop, logged in to the control plane.
+    let alice_token = add_user(&at, "alice");
+    let laptop = lab::Laptop {
+        ns: nss.name("lap"),
+        cfg: tmp.path().join("alice"),
+        nss: &nss,
+        role: "lap",
+    };
+    laptop.login(&control_url, &alice_token);
+    let up: serde_json::Value = serde_json::from_str(&laptop.ok(&["up", "--json"])).unwrap();
+    assert_eq!(up["state"], "ready", "{up}");
+    let first = up["host"].as_str().expect("the cluster's host").to_string();
+    let (vi, other) = match first.as_str() {
+        "h1" => (0, "h2"),
+        "h2" => (1, "h1"),
+        h => panic!("placed on unknown host {h}"),
+    };
+    let n1 = up["vms"][0]["address"].as_str().unwrap().to_string();
+    assert_eq!(up["vms"][0]["name"], "n1", "{up}");
+
+    // The hub is that host's, never the control plane.
+    let status = laptop.status();
+    assert_eq!(
+        status["namespace"]["hub_endpoint"],
+        format!("{}:51820", addr(&first)),
+        "{status}"
+    );
+    let conf = tmp.path().join("alice.conf");
+    laptop.ok(&["tunnel", "--wg-config", conf.to_str().unwrap()]);
+    let exported = std::fs::read_to_string(&conf).unwrap();
+    assert!(
+        exported.contains(&format!("Endpoint = {}:51820", addr(&first))),
+        "{exported}"
+    );
+    let mut tunnel = NsProc::spawn(
+        &nss.name("lap"),
+        &["tunnel", "--mode", "tun"],
+        &[("FCDEV_CONFIG_DIR", laptop.cfg.to_str().unwrap())],
+        tmp.path().join("tunnel.log"),
+    );
+    tunnel.wait_for("Tunnel up", Duration::from_secs(30));
+    let page = laptop.curl(&format!("http://{n1}/"));
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("n1")),
+        "the laptop did not reach n1 through host {first}'s hub: {page:?}\n{}",
+        tunnel.log()
+    );
+    // The VMs run on that host's agent, in its namespace.
+    assert_eq!(lab::qemu_count(&data[vi]), 3);
+    assert_eq!(lab::qemu_count(&data[1 - vi]), 0);
+
+    // The host dies.
+    agents[vi].kill9();
+    let killed = Instant::now();
+    // The lease plus the reaper's step, with room for a loaded machine (2 cores shared with other work).
+    let deadline = killed + Duration::from_millis(LEASE * 1000 + 3000);
+    // Polled with curl from the laptop's namespace (cheaper than a whole `fcdev status`).
+    let get_cluster = format!(
+        "curl -s --max-time 2 -H 'Authorization: Bearer {alice_token}' {control_url}/v1/clusters/dev"
+    );
+    let lost = loop {
+        let out = nss.sh("lap", &get_cluster);
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let c: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if c["state"] == "lost" {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not lost within the lease: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let lost_after = killed.elapsed();
+    let reason = lost["reason"].as_str().unwrap().to_string();
+    let status = laptop.status();
+    assert_eq!(status["clusters"][0]["state"], "lost", "{status}");
+    assert!(
+        reason.contains(&format!("host {first} is lost")),
+        "{reason}"
+    );
+
+    // `up` makes it again on the other host.
+    let again: serde_json::Value = serde_json::from_str(&laptop.ok(&["up", "--json"])).unwrap();
+    assert_eq!(again["state"], "ready", "{again}");
+    assert_eq!(again["host"], other, "{again}");
+    assert_eq!(lab::qemu_count(&data[1 - vi]), 3);
+
+    // The running tunnel follows by itself, to the other host's hub.
+    let moved = Instant::now();
+    let page = netns::eventually(Duration::from_secs(60), || {
+        let o = nss.sh("lap", &format!("curl -s --fail --max-time 3 http://{n1}/"));
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    });
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("n1")),
+        "the running tunnel did not follow the cluster to {other}: {page:?}\n{}",
+        tunnel.log()
+    );
+    assert!(
+        tunnel.log().contains("the tunnel follows"),
+        "{}",
+        tunnel.log()
+    );
+    eprintln!(
+        "lost after {:?}; the tunnel followed {:?} after `up` returned\n--- tunnel ---\n{}",
+        lost_after,
+        moved.elapsed(),
+        tunnel.log()
+    );
+
+    // An exported wg-config is stale now: status says to export it again.
+    let status = laptop.status();
+    assert_eq!(
+        status["namespace"]["hub_endpoint"],
+        format!("{}:51820", addr(other)),
+        "{status}"
+    );
+    assert_eq!(
+        status["stale_wg_config"]["endpoint"],
+        format!("{}:51820", addr(&first)),
+        "{status}"
+    );
+    let text = laptop.ok(&["status"]);
+    assert!(text.contains("export it again"), "{text}");
+    laptop.ok(&["tunnel", "--wg-config", conf.to_str().unwrap()]);
+    let text = laptop.ok(&["status"]);
+    assert!(!text.contains("export it again"), "{text}");
+    drop(tunnel);
+    drop(agents);
+    drop(control);
 }

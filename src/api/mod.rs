@@ -43,6 +43,13 @@ pub struct Namespace {
     pub name: String,
     pub subnet: String,
     pub gateway: String,
+    /// The hub tunnel traffic of this namespace goes to (`host:port`): the server's own, or on a control plane
+    /// the hub of the namespace's host. A wg-config exported for another hub must be exported again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_endpoint: Option<String>,
+    /// That hub's public key (base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -87,6 +87,31 @@ struct Status {
     /// `fcdev ssh` started it), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     tunnel: Option<crate::cli::tunnel_state::TunnelState>,
+    /// A wg-config this machine exported that names another hub than the namespace's now (it moved to
+    /// another host): export it again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale_wg_config: Option<StaleWgConfig>,
+}
+
+#[derive(Serialize)]
+struct StaleWgConfig {
+    file: std::path::PathBuf,
+    endpoint: String,
+    hub_endpoint: String,
+}
+
+/// The exported wg-config, when it names another hub than the namespace's.
+fn stale_export(
+    export: Option<crate::cli::tunnel_state::ExportedConfig>,
+    ns: Option<&api::Namespace>,
+) -> Option<StaleWgConfig> {
+    let (export, ns) = (export?, ns?);
+    let (endpoint, key) = (ns.hub_endpoint.as_ref()?, ns.hub_public_key.as_ref()?);
+    (export.endpoint != *endpoint || export.server_public_key != *key).then(|| StaleWgConfig {
+        file: export.file,
+        endpoint: export.endpoint,
+        hub_endpoint: endpoint.clone(),
+    })
 }
 
 pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
@@ -113,7 +138,12 @@ pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
         }
     }
     let peers: Vec<api::Peer> = client.get("/peers").await?;
+    let stale_wg_config = stale_export(
+        crate::cli::tunnel_state::read_export(&ctx),
+        me.namespace.as_ref(),
+    );
     let status = Status {
+        stale_wg_config,
         server: profile.server,
         local_server: local,
         user: me.user,
@@ -184,6 +214,16 @@ pub async fn run(args: StatusArgs, ctx: Context) -> Result<(), CliError> {
         None => println!(
             "\nTunnel:    not running here (`fcdev tunnel`; `fcdev ssh` starts one by itself)"
         ),
+    }
+    if let Some(w) = &status.stale_wg_config {
+        println!(
+            "WireGuard: the config exported to {} names the hub at {}, but your namespace's hub is now {} \
+             (it moved to another host): export it again with `fcdev tunnel --wg-config {}` and reload it",
+            w.file.display(),
+            w.endpoint,
+            w.hub_endpoint,
+            w.file.display()
+        );
     }
     if !status.peers.is_empty() {
         let rows: Vec<Vec<String>> = status

@@ -152,6 +152,15 @@ async fn write_wg_config(
         return Ok(());
     }
     crate::config::write_private(file, &text, 0o600)?;
+    let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    tunnel_state::record_export(
+        ctx,
+        &tunnel_state::ExportedConfig {
+            file: file.clone(),
+            endpoint: config.endpoint.clone(),
+            server_public_key: config.server_public_key.clone(),
+        },
+    )?;
     eprintln!(
         "Wrote {} (0600): this machine is {} in namespace {}. Load it with `sudo wg-quick up {}` (the file name \
          is the interface name: at most 15 characters before .conf) or import it into the WireGuard app.",
@@ -227,60 +236,78 @@ pub async fn run(args: TunnelArgs, ctx: Context) -> Result<(), CliError> {
     let state_ctx = &ctx;
     let forwards = args.forwards.clone();
     let tty = std::io::stderr().is_terminal();
+    let name = args.name.clone();
     let mut first = true;
-    crate::tunnel::client::run(opts, move |client: &Client, s: &ClientStats| {
-        if first {
-            first = false;
-            let state = tunnel_state::TunnelState {
-                pid: std::process::id(),
-                mode: mode_name(client.mode()).to_string(),
-                socks: client.socks_addr(),
-                address: config.address.clone(),
-                namespace: config.namespace.clone(),
-                background,
+    crate::tunnel::client::run(
+        opts,
+        move |client: &Client, s: &ClientStats| {
+            if first {
+                first = false;
+                let state = tunnel_state::TunnelState {
+                    pid: std::process::id(),
+                    mode: mode_name(client.mode()).to_string(),
+                    socks: client.socks_addr(),
+                    address: config.address.clone(),
+                    namespace: config.namespace.clone(),
+                    background,
+                };
+                match tunnel_state::Published::write(state_ctx, &state) {
+                    Ok(p) => *published_ref.borrow_mut() = Some(p),
+                    Err(e) => tracing::warn!("cannot record the running tunnel: {}", e.message),
+                }
+                let mut names = None;
+                if client.mode() == Mode::Tun {
+                    names = Some(name_service(
+                        client,
+                        &config,
+                        &state_ctx.profile_name,
+                        hosts_ref,
+                    ));
+                }
+                if !json && !background {
+                    describe(client, &config, &forwards, names.as_deref());
+                }
+            }
+            let line = StatusLine {
+                mode: mode_name(s.mode),
+                address: address.clone(),
+                handshake_age_secs: s.handshake_age.map(|d| d.as_secs()),
+                rx_bytes: s.rx_bytes,
+                tx_bytes: s.tx_bytes,
             };
-            match tunnel_state::Published::write(state_ctx, &state) {
-                Ok(p) => *published_ref.borrow_mut() = Some(p),
-                Err(e) => tracing::warn!("cannot record the running tunnel: {}", e.message),
+            if json {
+                if let Ok(l) = serde_json::to_string(&line) {
+                    println!("{l}");
+                }
+            } else if tty {
+                let hs = line
+                    .handshake_age_secs
+                    .map(|a| format!("handshake {a}s ago"))
+                    .unwrap_or_else(|| "no handshake yet".into());
+                eprint!(
+                    "\r\x1b[2K{} · {hs} · rx {} · tx {}",
+                    line.mode,
+                    human(line.rx_bytes),
+                    human(line.tx_bytes)
+                );
+                let _ = std::io::stderr().flush();
             }
-            let mut names = None;
-            if client.mode() == Mode::Tun {
-                names = Some(name_service(
-                    client,
-                    &config,
-                    &state_ctx.profile_name,
-                    hosts_ref,
-                ));
+        },
+        || async {
+            // The hub stopped answering: the namespace may live on another host now (its cluster re-created
+            // there by `fcdev up`). Registering again is idempotent and answers the current hub.
+            match register(state_ctx, name.as_deref()).await {
+                Ok((_, fresh)) => Some(fresh),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot ask the server for the tunnel's config again: {}",
+                        e.message
+                    );
+                    None
+                }
             }
-            if !json && !background {
-                describe(client, &config, &forwards, names.as_deref());
-            }
-        }
-        let line = StatusLine {
-            mode: mode_name(s.mode),
-            address: address.clone(),
-            handshake_age_secs: s.handshake_age.map(|d| d.as_secs()),
-            rx_bytes: s.rx_bytes,
-            tx_bytes: s.tx_bytes,
-        };
-        if json {
-            if let Ok(l) = serde_json::to_string(&line) {
-                println!("{l}");
-            }
-        } else if tty {
-            let hs = line
-                .handshake_age_secs
-                .map(|a| format!("handshake {a}s ago"))
-                .unwrap_or_else(|| "no handshake yet".into());
-            eprint!(
-                "\r\x1b[2K{} · {hs} · rx {} · tx {}",
-                line.mode,
-                human(line.rx_bytes),
-                human(line.tx_bytes)
-            );
-            let _ = std::io::stderr().flush();
-        }
-    })
+        },
+    )
     .await?;
     if tty && !json {
         eprintln!();

@@ -212,3 +212,31 @@ pub fn ensure(ctx: &Context) -> Result<Route, CliError> {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A wg-config this machine exported (`fcdev tunnel --wg-config FILE`) and the hub it names: `fcdev status`
+/// says when the namespace's hub is another one now (`run/wg-config-<profile>.json`; stdout exports are not
+/// recorded).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExportedConfig {
+    pub file: PathBuf,
+    pub endpoint: String,
+    pub server_public_key: String,
+}
+
+fn exported_path(ctx: &Context) -> PathBuf {
+    run_dir(ctx).join(format!("wg-config-{}.json", ctx.profile_name))
+}
+
+pub fn record_export(ctx: &Context, export: &ExportedConfig) -> Result<(), CliError> {
+    crate::config::create_private_dir(&run_dir(ctx))
+        .map_err(|e| CliError::new(ExitKind::Failure, format!("config run dir: {e}")))?;
+    let text = serde_json::to_string(export)
+        .map_err(|e| CliError::new(ExitKind::Failure, e.to_string()))?;
+    crate::config::write_private(&exported_path(ctx), &text, 0o600)?;
+    Ok(())
+}
+
+pub fn read_export(ctx: &Context) -> Option<ExportedConfig> {
+    let text = std::fs::read_to_string(exported_path(ctx)).ok()?;
+    serde_json::from_str(&text).ok()
+}

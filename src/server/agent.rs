@@ -18,7 +18,6 @@ use anyhow::Context as _;
 use crate::api::{self, AgentHeartbeat, AgentLease, AgentWork, ClusterState, HostCapacity};
 use crate::server::control::MAX_WORK_WAIT_SECS;
 use crate::server::hub_control::{HubControl, HubPeerEntry};
-use crate::server::images::Catalog;
 use crate::server::orchestrator::Orchestrator;
 use crate::server::store::{Store, User};
 
@@ -158,17 +157,14 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 .context("cannot open the agent's local state")?,
         );
         let backend = crate::server::run::backend_for(opts.backend, &opts.accel)?;
-        let orchestrator = Orchestrator::new(
+        let orchestrator = crate::server::run::start_orchestrator(
             store.clone(),
             backend,
-            Catalog::new(opts.images_dir.clone()),
-            opts.data_dir.join("vms"),
+            &opts.images_dir,
+            &opts.data_dir,
             opts.max_starts,
-            opts.data_dir.join("snapshots"),
             opts.snapshot_quota,
-        );
-        orchestrator.recover()?;
-        orchestrator.spawn_watchdog(Duration::from_secs(2));
+        )?;
         let runner = Arc::new(Runner {
             store,
             orchestrator,

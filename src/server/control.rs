@@ -117,20 +117,8 @@ impl Service {
             .cluster_report(c.id)?
             .and_then(|json| serde_json::from_str(&json).ok())
             .unwrap_or_default();
-        Ok(api::Cluster {
-            name: c.name.clone(),
-            image: c.image.clone(),
-            namespace: ns.name.clone(),
-            state: c.state,
-            reason: c.reason.clone(),
-            start_mode: c.start_mode.clone(),
-            disk_bytes: c.disk_bytes,
-            vms,
-            host: self.store().namespace_host(ns.id)?.map(|h| h.name),
-            event_seq: 0,
-            created_at: c.created_at.clone(),
-            updated_at: c.updated_at.clone(),
-        })
+        let host = self.store().namespace_host(ns.id)?.map(|h| h.name);
+        Ok(c.to_api(&ns.name, vms, host))
     }
 
     /// `fcdev up` on a control plane (blocking: called inside `blocking`): place the namespace, record the
@@ -253,7 +241,13 @@ impl Service {
     ) -> ServiceResult<api::PeerConfig> {
         let store = self.store();
         let ns = store.ensure_namespace(user)?;
-        let (host, _) = self.place(&ns, None)?;
+        let host = match store.namespace_host(ns.id)? {
+            // A namespace with clusters moves only with an `up`, which makes them again on the new host: until
+            // then its peers get its host, lost or not (a tunnel asking again while its host is lost must not
+            // move the namespace away from its clusters).
+            Some(h) if !store.clusters_in(ns.id)?.is_empty() => h,
+            _ => self.place(&ns, None)?.0,
+        };
         let peer = store.add_peer(&ns, name, public_key)?;
         let hosts = store
             .clusters_in(ns.id)?

@@ -1396,20 +1396,7 @@ impl Orchestrator {
                 detail: vm.detail,
             })
             .collect();
-        Ok(api::Cluster {
-            name: c.name.clone(),
-            image: c.image.clone(),
-            namespace: ns.name.clone(),
-            state: c.state,
-            reason: c.reason.clone(),
-            start_mode: c.start_mode.clone(),
-            disk_bytes: c.disk_bytes,
-            vms,
-            host: None,
-            event_seq: 0,
-            created_at: c.created_at.clone(),
-            updated_at: c.updated_at.clone(),
-        })
+        Ok(c.to_api(&ns.name, vms, None))
     }
 }
 

@@ -100,6 +100,30 @@ pub fn backend_for(choice: BackendChoice, accel: &str) -> anyhow::Result<Arc<dyn
     })
 }
 
+/// The orchestrator of a server or an agent (VMs under `DATA_DIR/vms`, snapshots under `DATA_DIR/snapshots`):
+/// it drives on what a previous run left half done and watches its VMs (call inside the runtime).
+pub fn start_orchestrator(
+    store: Arc<Store>,
+    backend: Arc<dyn Backend>,
+    images_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+    max_starts: usize,
+    snapshot_quota: u64,
+) -> anyhow::Result<Arc<Orchestrator>> {
+    let orchestrator = Orchestrator::new(
+        store,
+        backend,
+        Catalog::new(images_dir.to_path_buf()),
+        data_dir.join("vms"),
+        max_starts,
+        data_dir.join("snapshots"),
+        snapshot_quota,
+    );
+    orchestrator.recover()?;
+    orchestrator.spawn_watchdog(Duration::from_secs(2));
+    Ok(orchestrator)
+}
+
 pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
     // Everything the server and its children (qemu, qemu-img, test VMs) create is private to the owner: VM folders,
     // overlays, console logs, sockets, the state database. The umask is per process and inherited.
@@ -166,17 +190,14 @@ pub fn serve(opts: ServerOptions) -> anyhow::Result<()> {
             .unwrap_or_else(|| hub_addr.to_string());
         let hub: Arc<dyn HubControl> =
             crate::server::hub::start(hub_socket, hub_key, endpoint, opts.hub_tun.clone()).await?;
-        let orchestrator = Orchestrator::new(
+        let orchestrator = start_orchestrator(
             store.clone(),
             backend.clone(),
-            Catalog::new(opts.images_dir.clone()),
-            opts.data_dir.join("vms"),
+            &opts.images_dir,
+            &opts.data_dir,
             opts.max_starts,
-            opts.data_dir.join("snapshots"),
             opts.snapshot_quota,
-        );
-        orchestrator.recover()?;
-        orchestrator.spawn_watchdog(Duration::from_secs(2));
+        )?;
         // The hub gets the stored peers now; admin changes made by other processes reach it later.
         crate::server::follow::start(store.clone(), hub.clone(), orchestrator.clone()).await?;
         if let Some(after) = opts.idle_stop {

@@ -185,18 +185,40 @@ impl Service {
 
     pub async fn me(&self, user: User) -> ServiceResult<api::Me> {
         self.blocking(move |s| {
-            let ns = s.store.namespace_of(user.id)?;
+            let namespace = match s.store.namespace_of(user.id)? {
+                Some(ns) => Some(s.namespace_with_hub(&ns)?),
+                None => None,
+            };
             Ok(api::Me {
                 user: user.name,
-                namespace: ns.as_ref().map(namespace_view),
+                namespace,
             })
         })
         .await
     }
 
     pub async fn ensure_namespace(&self, user: User) -> ServiceResult<api::Namespace> {
-        self.blocking(move |s| Ok(namespace_view(&s.store.ensure_namespace(&user)?)))
+        self.blocking(move |s| s.namespace_with_hub(&s.store.ensure_namespace(&user)?))
             .await
+    }
+
+    /// A namespace's view with its hub: this server's own, or on a control plane its host's (none before it
+    /// is placed).
+    fn namespace_with_hub(&self, ns: &NamespaceRow) -> ServiceResult<api::Namespace> {
+        let mut view = namespace_view(ns);
+        match &self.local {
+            Some(l) => {
+                view.hub_endpoint = Some(l.hub.endpoint());
+                view.hub_public_key = Some(l.hub.public_key());
+            }
+            None => {
+                if let Some(h) = self.store.namespace_host(ns.id)? {
+                    view.hub_endpoint = h.hub_endpoint;
+                    view.hub_public_key = h.hub_public_key;
+                }
+            }
+        }
+        Ok(view)
     }
 
     pub async fn images(&self) -> ServiceResult<Vec<api::ImageInfo>> {
@@ -927,6 +949,8 @@ fn namespace_view(ns: &NamespaceRow) -> api::Namespace {
         name: ns.name.clone(),
         subnet: ns.subnet.to_string(),
         gateway: ns.gateway().to_string(),
+        hub_endpoint: None,
+        hub_public_key: None,
     }
 }
 

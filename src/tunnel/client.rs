@@ -78,6 +78,8 @@ impl ClientOptions {
 pub struct ClientStats {
     pub mode: Mode,
     pub handshake_age: Option<Duration>,
+    /// How long our handshakes have gone unanswered (None: none waits).
+    pub handshake_unanswered: Option<Duration>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
 }
@@ -131,6 +133,7 @@ impl Client {
         ClientStats {
             mode: self.mode(),
             handshake_age: s.handshake_age,
+            handshake_unanswered: s.handshake_unanswered,
             rx_bytes: s.rx_bytes,
             tx_bytes: s.tx_bytes,
         }
@@ -186,27 +189,63 @@ impl Client {
     }
 }
 
-/// Starts the tunnel and serves until Ctrl-C or SIGTERM, calling `status` about once a second.
-pub async fn run(
-    opts: ClientOptions,
+/// Handshakes unanswered this long make [`run`] ask for the peer config again (at most this often): the hub may
+/// have moved (a control plane re-created the namespace on another host).
+pub const FOLLOW_AFTER: Duration = Duration::from_secs(10);
+
+/// Whether a fresh peer config names another hub (endpoint or key) than the running one.
+pub fn hub_changed(running: &PeerConfig, fresh: &PeerConfig) -> bool {
+    running.endpoint != fresh.endpoint || running.server_public_key != fresh.server_public_key
+}
+
+/// Starts the tunnel and serves until Ctrl-C or SIGTERM, calling `status` about once a second. While its
+/// handshakes go unanswered ([`FOLLOW_AFTER`]), it asks `refetch` for the peer config again; when that names
+/// another hub (the namespace moved to another host), the tunnel starts again towards it, in the same mode
+/// with the same key and address.
+pub async fn run<F, Fut>(
+    mut opts: ClientOptions,
     mut status: impl FnMut(&Client, &ClientStats),
-) -> Result<(), TunnelError> {
+    mut refetch: F,
+) -> Result<(), TunnelError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<PeerConfig>>,
+{
     let idle_exit = opts.idle_exit;
-    let client = Client::start(opts).await?;
+    let mut client = Client::start(opts.clone()).await?;
+    opts.mode = client.mode();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(TunnelError::io("installing SIGTERM handler"))?;
     let mut every = tokio::time::interval(Duration::from_secs(1));
+    let mut asked: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = every.tick() => {
-                status(&client, &client.stats());
+                let stats = client.stats();
+                status(&client, &stats);
                 if let (Some(limit), Client::Proxy(p)) = (idle_exit, &client) {
                     if p.idle_for() >= limit {
                         tracing::info!("no connection for {limit:?}: the tunnel ends");
                         break;
                     }
+                }
+                let stuck = stats.handshake_unanswered.is_some_and(|d| d >= FOLLOW_AFTER);
+                if stuck && asked.is_none_or(|t| t.elapsed() >= FOLLOW_AFTER) {
+                    asked = Some(tokio::time::Instant::now());
+                    let Some(fresh) = refetch().await else { continue };
+                    if !hub_changed(&opts.config, &fresh) {
+                        continue;
+                    }
+                    eprintln!(
+                        "\nThe namespace's hub moved ({} -> {}): the tunnel follows.",
+                        opts.config.endpoint, fresh.endpoint
+                    );
+                    client.shutdown().await;
+                    opts.config = fresh;
+                    client = Client::start(opts.clone()).await?;
+                    asked = None;
                 }
             }
         }

@@ -63,6 +63,9 @@ pub enum Outcome<'a> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PeerStats {
     pub handshake_age: Option<Duration>,
+    /// How long our handshake initiations have gone unanswered: since the first one sent after the last
+    /// completed handshake (None: none waits). A hub that is gone, or holds another key now, never answers.
+    pub handshake_unanswered: Option<Duration>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
 }
@@ -82,6 +85,8 @@ pub struct Peer {
     last_tx: Instant,
     last_nudge: Option<Instant>,
     recover: bool,
+    /// The first handshake initiation sent since the last completed handshake.
+    initiation_pending: Option<Instant>,
 }
 
 fn make_tunn(
@@ -141,6 +146,7 @@ impl Peer {
             last_tx: now,
             last_nudge: None,
             recover: false,
+            initiation_pending: None,
         }
     }
 
@@ -166,7 +172,8 @@ impl Peer {
             return Outcome::Rejected;
         }
         self.last_tx = Instant::now();
-        outcome(self.tunn.encapsulate(packet, out))
+        let r = outcome(self.tunn.encapsulate(packet, out));
+        self.note_initiation(r)
     }
 
     /// Decrypts a datagram received from `from`. When it authenticates, `from` becomes the peer's endpoint
@@ -215,6 +222,7 @@ impl Peer {
             self.last_rx = now;
             if handshake {
                 self.last_handshake = Some(now);
+                self.initiation_pending = None;
             }
         }
         r
@@ -272,9 +280,21 @@ impl Peer {
             .is_some_and(|t| now.duration_since(t) < NUDGE_AFTER);
         if self.recover && self.endpoint.is_some() && (waiting || lost) && !nudged_recently {
             self.last_nudge = Some(now);
-            return outcome(self.tunn.format_handshake_initiation(out, true));
+            let r = outcome(self.tunn.format_handshake_initiation(out, true));
+            return self.note_initiation(r);
         }
-        outcome(self.tunn.update_timers(out))
+        let r = outcome(self.tunn.update_timers(out));
+        self.note_initiation(r)
+    }
+
+    /// Remember when an initiation we send started waiting for its answer.
+    fn note_initiation<'a>(&mut self, r: Outcome<'a>) -> Outcome<'a> {
+        if let Outcome::Network(d) = &r {
+            if d.first() == Some(&HANDSHAKE_INIT) && self.initiation_pending.is_none() {
+                self.initiation_pending = Some(Instant::now());
+            }
+        }
+        r
     }
 
     /// Starts a handshake now (client start-up).
@@ -283,7 +303,8 @@ impl Peer {
             return Outcome::Rejected;
         }
         self.last_nudge = Some(Instant::now());
-        outcome(self.tunn.format_handshake_initiation(out, false))
+        let r = outcome(self.tunn.format_handshake_initiation(out, false));
+        self.note_initiation(r)
     }
 
     /// `handshake_age` is the time since the last completed handshake, measured on our own clock.
@@ -291,6 +312,7 @@ impl Peer {
         let (_, tx, rx, _, _) = self.tunn.stats();
         PeerStats {
             handshake_age: self.last_handshake.map(|t| t.elapsed()),
+            handshake_unanswered: self.initiation_pending.map(|t| t.elapsed()),
             tx_bytes: tx as u64,
             rx_bytes: rx as u64,
         }

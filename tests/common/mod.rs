@@ -189,11 +189,7 @@ impl TestServer {
 
     /// Kill every test-VM process this server started.
     pub fn kill_vms(&self) {
-        for pid_file in find_files(&self.data_dir().join("vms"), "vm.pid") {
-            if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-            }
-        }
+        kill_vms(&self.data_dir());
     }
 }
 
@@ -201,6 +197,18 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
         self.kill_vms();
+    }
+}
+
+/// Kill every VM process (test backend or qemu) whose pid file lies under `DATA/vms`: VMs run detached from
+/// the server or agent that started them.
+pub fn kill_vms(data: &Path) {
+    for name in ["vm.pid", "qemu.pid"] {
+        for pid_file in find_files(&data.join("vms"), name) {
+            if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
     }
 }
 

@@ -109,6 +109,32 @@ pub struct ClusterRow {
     pub disk_bytes: Option<u64>,
 }
 
+impl ClusterRow {
+    /// The API view of this cluster in namespace `namespace`, with its VMs and (on a control plane) its host.
+    /// `event_seq` is 0: the caller sets it when it matters.
+    pub fn to_api(
+        &self,
+        namespace: &str,
+        vms: Vec<crate::api::Vm>,
+        host: Option<String>,
+    ) -> crate::api::Cluster {
+        crate::api::Cluster {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            namespace: namespace.to_string(),
+            state: self.state,
+            reason: self.reason.clone(),
+            start_mode: self.start_mode.clone(),
+            disk_bytes: self.disk_bytes,
+            vms,
+            host,
+            event_seq: 0,
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+        }
+    }
+}
+
 /// A named snapshot of a cluster (its files: `DATA/snapshots/<namespace>/<cluster>/<name>/`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotRow {
