@@ -37,17 +37,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-TINY='name = "tiny"
-description = "test image"
-[[vm]]
-name = "n1"
-role = "proxy"
-[[vm]]
-name = "f1"
-role = "app"
-[[vm]]
-name = "m1"
-role = "database"'
+# The process backend's 3-VM template, shared with the tests.
+TINY=$(cat "$ROOT/tests/fixtures/process-tiny.toml")
 
 wait_line() { # FILE TEXT
   for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done

@@ -11,20 +11,8 @@ pub fn fcdev_bin() -> PathBuf {
     assert_cmd::cargo::cargo_bin("fcdev")
 }
 
-/// The 3-VM template of the tiny image, for the test (process) backend.
-pub const TINY_TOML: &str = r#"
-name = "tiny"
-description = "test image"
-[[vm]]
-name = "n1"
-role = "proxy"
-[[vm]]
-name = "f1"
-role = "app"
-[[vm]]
-name = "m1"
-role = "database"
-"#;
+/// The 3-VM template of the tiny image, for the test (process) backend (bench/api-latency.sh reads it too).
+pub const TINY_TOML: &str = include_str!("../fixtures/process-tiny.toml");
 
 pub struct TestServer {
     pub dir: tempfile::TempDir,
