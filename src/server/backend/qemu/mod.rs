@@ -607,7 +607,6 @@ impl QemuBackend {
         Ok(())
     }
 
-    /// Kill qemu of this run dir (QMP quit, then SIGKILL) and wait until it is gone.
     /// Stop qemu (`quit` first when `graceful`, else SIGKILL) and remove its runtime files; keeps disk and tap.
     fn stop_vm(&self, vm: &VmSpec, graceful: bool) -> BackendResult<()> {
         let run = &vm.run_dir;
@@ -632,6 +631,7 @@ impl QemuBackend {
         Ok(())
     }
 
+    /// Kill qemu of this run dir (QMP quit first when `graceful`, then SIGKILL) and wait until it is gone.
     fn kill_vm(run_dir: &Path, graceful: bool) {
         let Some(pid) = proc::read_pid(run_dir) else {
             return;
