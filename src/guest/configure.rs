@@ -67,15 +67,23 @@ fn write_file(path: &str, data: &[u8], mode: u32) -> Result<(), ConfigError> {
         .open(&tmp)
         .map_err(io(tmp.clone()))?;
     f.write_all(data).map_err(io(tmp.clone()))?;
-    // A chmod is an inode change through ext4's journal: only when the umask (or a left-over temp file) gave
-    // another mode.
-    let now = f.metadata().map_err(io(tmp.clone()))?.permissions().mode() & 0o7777;
-    if now != mode {
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(io(tmp.clone()))?;
-    }
     drop(f);
+    // The umask or a left-over temp file may have given it another mode.
+    set_mode(&tmp, mode)?;
     std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// chmod `path` to `mode` unless it has it already: a chmod is an inode change through ext4's journal, code
+/// that a restored guest would run for the first time under TCG.
+fn set_mode(path: &str, mode: u32) -> Result<(), ConfigError> {
+    let now = std::fs::metadata(path)
+        .map_err(io(path))?
+        .permissions()
+        .mode();
+    if now & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))?;
+    }
+    Ok(())
 }
 
 /// `write_file`, unless the file already holds exactly `data` (a restored VM keeps its snapshot's role and
@@ -243,14 +251,7 @@ pub fn configure(
     let mut keys = b64(kv, "keys")?;
     if !keys.is_empty() {
         std::fs::create_dir_all("/root/.ssh").map_err(io("/root/.ssh"))?;
-        let mode = std::fs::metadata("/root/.ssh")
-            .map_err(io("/root/.ssh"))?
-            .permissions()
-            .mode();
-        if mode & 0o7777 != 0o700 {
-            std::fs::set_permissions("/root/.ssh", std::fs::Permissions::from_mode(0o700))
-                .map_err(io("/root/.ssh"))?;
-        }
+        set_mode("/root/.ssh", 0o700)?;
         keys.push(b'\n');
         write_file("/root/.ssh/authorized_keys", &keys, 0o600)?;
     }
