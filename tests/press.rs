@@ -258,7 +258,7 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
 
     let alice_hostkey = alice.ssh_eventually(
         "n1",
-        "cat /etc/ssh/ssh_host_ed25519_key.pub",
+        "cat /run/fcdev/ssh_host_ed25519_key.pub",
         Duration::from_secs(10),
     );
     // The key sshd serves is the one the server made for this VM (it keeps the public half, for laptops).
@@ -342,7 +342,7 @@ fn press_cluster_restores_and_works_through_the_tunnel() {
     assert!(bob_page.contains("alpha.fcdev.local"), "{bob_page}");
     let bob_hostkey = bob.ssh_eventually(
         "n1",
-        "cat /etc/ssh/ssh_host_ed25519_key.pub",
+        "cat /run/fcdev/ssh_host_ed25519_key.pub",
         Duration::from_secs(20),
     );
     let bob_random = bob.ssh_eventually(

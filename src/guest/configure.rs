@@ -16,7 +16,13 @@ const STATE: &str = "/run/fcdev"; // the address this guest has now (what a re-a
 const DEV: &str = "eth0";
 /// Prometheus's targets on the monitor VM (press recipe: `file_sd_configs`).
 const PROMETHEUS_TARGETS: &str = "/run/fcdev/prometheus-targets.json";
-const HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key";
+/// Per-VM files live in /run (a tmpfs): after a restore, a write there is a few pages of memory, where a file
+/// made on ext4 runs its inode, journal and rename code for the first time under TCG. The press image points at
+/// them: /etc/hosts is a symlink to `HOSTS`, sshd's `HostKey` and `AuthorizedKeysFile` name the others.
+const HOSTS: &str = "/run/fcdev/hosts";
+const HOST_KEY: &str = "/run/fcdev/ssh_host_ed25519_key";
+const AUTHORIZED_KEYS: &str = "/run/fcdev/authorized_keys";
+const MACHINE_ID: &str = "/etc/machine-id";
 /// RNDRESEEDCRNG: reseed the kernel's CRNG from its pool now.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
@@ -84,6 +90,28 @@ fn set_mode(path: &str, mode: u32) -> Result<(), ConfigError> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))?;
     }
     Ok(())
+}
+
+/// Make `path` a symlink to `target` unless it is one already (images built before the per-VM files moved to
+/// /run have a file there).
+fn link_to(path: &str, target: &str) -> Result<(), ConfigError> {
+    if std::fs::read_link(path).is_ok_and(|t| t == std::path::Path::new(target)) {
+        return Ok(());
+    }
+    let tmp = format!("{path}.fcdev-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(io(tmp.clone()))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Write `data` over the start of an existing file of the same length.
+fn overwrite(path: &str, data: &[u8]) -> Result<(), ConfigError> {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.write_all_at(data, 0))
+        .map_err(io(path))
 }
 
 /// `write_file`, unless the file already holds exactly `data` (a restored VM keeps its snapshot's role and
@@ -246,22 +274,29 @@ pub fn configure(
     let mut hosts = format!("127.0.0.1 localhost\n127.0.1.1 {name}\n").into_bytes();
     let map = b64(kv, "hosts")?;
     hosts.extend(&map);
-    write_file("/etc/hosts", &hosts, 0o644)?;
+    std::fs::create_dir_all(STATE).map_err(io(STATE))?;
+    write_file(HOSTS, &hosts, 0o644)?;
+    link_to("/etc/hosts", HOSTS)?;
     trace.mark("role, hostname, hosts");
     let mut keys = b64(kv, "keys")?;
     if !keys.is_empty() {
-        std::fs::create_dir_all("/root/.ssh").map_err(io("/root/.ssh"))?;
-        set_mode("/root/.ssh", 0o700)?;
         keys.push(b'\n');
-        write_file("/root/.ssh/authorized_keys", &keys, 0o600)?;
+        write_file(AUTHORIZED_KEYS, &keys, 0o600)?;
     }
     // Unique per VM: machine id and ssh host key (clones of one snapshot must not share them). sshd reads its
     // host key for every connection (it re-executes itself per connection): no restart.
-    let empty_id = std::fs::metadata("/etc/machine-id").map_or(true, |m| m.len() == 0);
-    if !boot || empty_id {
+    let id_len = std::fs::metadata(MACHINE_ID).map_or(0, |m| m.len());
+    if !boot || id_len == 0 {
         let id: [u8; 16] = rand::random();
         let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        write_file("/etc/machine-id", format!("{hex}\n").as_bytes(), 0o444)?;
+        let line = format!("{hex}\n");
+        if id_len == line.len() as u64 {
+            // Same length: overwrite in place (no new inode, no rename on ext4). Readers see the old id or the
+            // new one: 33 bytes within one page.
+            overwrite(MACHINE_ID, line.as_bytes())?;
+        } else {
+            write_file(MACHINE_ID, line.as_bytes(), 0o444)?;
+        }
     }
     trace.mark("keys, machine id");
     let pem = String::from_utf8(b64(kv, "hostkey")?).unwrap_or_default();
@@ -322,7 +357,6 @@ pub fn configure(
         if let Err(e) = announced {
             super::log(&format!("gratuitous ARP for {addr}: {e}"));
         }
-        std::fs::create_dir_all(STATE).map_err(io(STATE))?;
         write_file(&format!("{STATE}/ip"), format!("{new}\n").as_bytes(), 0o644)?;
         new_addr = Some(addr);
     }
@@ -343,7 +377,6 @@ pub fn configure(
     // soon as the file appears. Not at the boot that makes the onboarding snapshot: its TSDB stays empty (see
     // the press recipe's prometheus.yml).
     if role == "monitor" && !(boot && get(kv, "snapshot") == "1") {
-        std::fs::create_dir_all(STATE).map_err(io(STATE))?;
         write_if_changed(PROMETHEUS_TARGETS, &prometheus_targets(&map), 0o644)?;
     }
     trace.mark("nginx, prometheus");

@@ -38,9 +38,12 @@ echo "/dev/vda / ext4 defaults,noatime 0 1" > /etc/fstab
 : > /etc/resolv.conf
 echo press > /etc/hostname
 # ssh: keys only; one ed25519 host key per VM: the server's (fcdev-agent installs it), or made at a cold boot
-# (never in the image).
+# (never in the image). The per-VM files are in /run/fcdev (a tmpfs; see src/guest/configure.rs): the host key,
+# the engineer's keys (root's own ~/.ssh/authorized_keys still counts) and the cluster's name map (the agent makes
+# /etc/hosts a symlink to it at the first boot).
 sed -i 's/^#\?PasswordAuthentication.*/PasswordAuthentication no/' /etc/ssh/sshd_config
-printf 'HostKey /etc/ssh/ssh_host_ed25519_key\nUseDNS no\n' > /etc/ssh/sshd_config.d/fcdev.conf
+printf 'HostKey /run/fcdev/ssh_host_ed25519_key\nAuthorizedKeysFile .ssh/authorized_keys /run/fcdev/authorized_keys\nUseDNS no\n' \
+  > /etc/ssh/sshd_config.d/fcdev.conf
 rm -f /etc/ssh/ssh_host_*
 rm -f /etc/machine-id /var/lib/dbus/machine-id && : > /etc/machine-id
 rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb \

@@ -328,7 +328,7 @@ fn mysql_write(s: &mut TcpStream, seq: u8, payload: &[u8]) -> Option<()> {
     s.write_all(&p).ok()
 }
 
-/// Greeting → login as `fcdev_probe` with an empty password → OK → COM_PING → OK.
+/// Greeting → login as `fcdev_probe` with an empty password → OK → COM_PING → OK → COM_QUIT.
 fn probe_mysql(s: &mut TcpStream) -> Option<()> {
     let (_, greeting) = mysql_read(s)?;
     if greeting.first() != Some(&10) {
@@ -352,6 +352,9 @@ fn probe_mysql(s: &mut TcpStream) -> Option<()> {
     }
     mysql_write(s, 0, &[0x0e])?; // COM_PING
     let (_, pong) = mysql_read(s)?;
+    // COM_QUIT: a probe that just closes is an "Aborted connection" warning in the server's log, a log line that
+    // the press cluster also ships to e1, on every probe.
+    let _ = mysql_write(s, 0, &[0x01]);
     (pong.first() == Some(&0)).then_some(())
 }
 
