@@ -148,10 +148,16 @@ fn wait_quiet(pids: &[i32], share: f64, limit: Duration) -> bool {
     false
 }
 
-/// The key of a cluster snapshot: every VM's shape, role and check, and the accelerator.
+/// How a cluster snapshot is taken; a change that makes older snapshots worse to restore bumps it, so their key
+/// no longer matches and `fcdev image snapshot` (or the press test) takes a new one.
+/// 2: every guest's dirty pages are written to its disk before the save.
+const CLUSTER_PROCEDURE: u32 = 2;
+
+/// The key of a cluster snapshot: every VM's shape, role and check, the accelerator and the procedure.
 pub fn cluster_key(image: &Image, accel: Accel) -> String {
     let mut h = Sha256::new();
     h.update(b"cluster\0");
+    h.update(CLUSTER_PROCEDURE.to_le_bytes());
     for t in &image.spec.vms {
         h.update(key(t, accel).as_bytes());
         for part in [&t.name, &t.role, t.check.as_deref().unwrap_or("")] {
@@ -538,6 +544,20 @@ impl QemuBackend {
             "every check passed after {:.0} s; saving",
             started.elapsed().as_secs_f64()
         ));
+        // Write every guest's dirty pages now: pages still dirty in the saved RAM would be written back by every
+        // restore (the guest's flusher wakes within 5 s of it, ext4's writeback code running for the first time
+        // under TCG while the cluster starts).
+        for m in &members {
+            if let Err(e) = agent::run(&m.run.join(files::AGENT), "sync", Duration::from_secs(60))
+                .map_err(|e| e.to_string())
+                .and_then(|(rc, out)| match rc {
+                    0 => Ok(()),
+                    _ => Err(format!("exit {rc}: {}", out.trim())),
+                })
+            {
+                return Err(failed(&members, m, format!("sync: {e}")));
+            }
+        }
         // Let late boot work settle (module loads, first scrapes, caches warming): whatever a guest still does
         // when it is saved, every restore does again. Then freeze every VM before saving any.
         let pids: Vec<i32> = members
