@@ -19,7 +19,7 @@ const PROMETHEUS_TARGETS: &str = "/run/fcdev/prometheus-targets.json";
 /// Per-VM files live in /run (a tmpfs): after a restore, a write there is a few pages of memory, where a file
 /// made on ext4 runs its inode, journal and rename code for the first time under TCG. The press image points at
 /// them: /etc/hosts is a symlink to `HOSTS`, sshd's `HostKey` and `AuthorizedKeysFile` name the others.
-const HOSTS: &str = "/run/fcdev/hosts";
+pub const HOSTS: &str = "/run/fcdev/hosts";
 const HOST_KEY: &str = "/run/fcdev/ssh_host_ed25519_key";
 const AUTHORIZED_KEYS: &str = "/run/fcdev/authorized_keys";
 const MACHINE_ID: &str = "/etc/machine-id";
@@ -133,6 +133,26 @@ fn prometheus_targets(map: &[u8]) -> Vec<u8> {
     serde_json::json!([{ "targets": targets }])
         .to_string()
         .into_bytes()
+}
+
+/// How long after a restore the monitor starts scraping: a first scrape runs the node exporter's and
+/// Prometheus's code for the first time under TCG (a tenth of a second of CPU per target), work that would
+/// otherwise compete with the cluster's own start; every target is still up within ~10 s of the restore.
+const TARGETS_DELAY: std::time::Duration = std::time::Duration::from_secs(3);
+/// The latest re-address's targets win: an older one's delayed write is dropped.
+static TARGETS_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn write_targets_later(targets: Vec<u8>) {
+    use std::sync::atomic::Ordering;
+    let generation = TARGETS_GENERATION.fetch_add(1, Ordering::SeqCst) + 1;
+    std::thread::spawn(move || {
+        std::thread::sleep(TARGETS_DELAY);
+        if TARGETS_GENERATION.load(Ordering::SeqCst) == generation {
+            if let Err(e) = write_if_changed(PROMETHEUS_TARGETS, &targets, 0o644) {
+                super::log(&format!("prometheus targets: {e}"));
+            }
+        }
+    });
 }
 
 /// Set the guest's clock (`UNIX` seconds, fractions allowed).
@@ -360,26 +380,22 @@ pub fn configure(
         write_file(&format!("{STATE}/ip"), format!("{new}\n").as_bytes(), 0o644)?;
         new_addr = Some(addr);
     }
-    // nginx resolved its upstream's name when it loaded its config: a reload (SIGHUP to its master) resolves
-    // it again. Everything else resolves per connection (the app, Prometheus's targets) or reconnects when its
-    // socket is destroyed (rsyslog's forward).
+    // Every service finds the others by name per connection: the app, Prometheus's targets, rsyslog's forward
+    // (its connection from the old address is destroyed after the reply) and nginx (through the agent's name
+    // server, `dns`): nothing to reload.
     trace.mark("network");
-    if !boot && role == "proxy" {
-        if let Some(pid) = std::fs::read_to_string("/run/nginx.pid")
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-        {
-            // SAFETY: kill(2) with a pid read from nginx's pid file.
-            unsafe { libc::kill(pid, libc::SIGHUP) };
+    // The monitor scrapes a node exporter on every VM of the name map: after a restore, once the cluster has
+    // started (`TARGETS_DELAY`), since Prometheus starts working as soon as the file appears. Not at the boot that
+    // makes the onboarding snapshot: its TSDB stays empty (see the press recipe's prometheus.yml).
+    if role == "monitor" && !(boot && get(kv, "snapshot") == "1") {
+        let targets = prometheus_targets(&map);
+        if boot {
+            write_if_changed(PROMETHEUS_TARGETS, &targets, 0o644)?;
+        } else {
+            write_targets_later(targets);
         }
     }
-    // The monitor scrapes a node exporter on every VM of the name map: last, since Prometheus starts working as
-    // soon as the file appears. Not at the boot that makes the onboarding snapshot: its TSDB stays empty (see
-    // the press recipe's prometheus.yml).
-    if role == "monitor" && !(boot && get(kv, "snapshot") == "1") {
-        write_if_changed(PROMETHEUS_TARGETS, &prometheus_targets(&map), 0o644)?;
-    }
-    trace.mark("nginx, prometheus");
+    trace.mark("prometheus");
     trace.save();
     Ok(match (old, new_addr) {
         (Some(old), Some(new)) if !boot && old != new => Some(old),

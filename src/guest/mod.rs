@@ -19,6 +19,7 @@
 //! calls. `fcdev-agent guest-agent --configure KEY=VALUE…` does the same at a cold boot (`fcdev-boot`).
 
 mod configure;
+mod dns;
 mod netlink;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -56,6 +57,10 @@ pub fn main(args: &[String]) -> Result<(), String> {
         configure(&kv, boot).map_err(|e| format!("configure: {e}"))?;
         println!("ok");
         return Ok(());
+    }
+    // The cluster's names for the proxy's nginx (see `dns`); not fatal: the rest of the agent works without it.
+    if let Err(e) = dns::serve(dns::LISTEN, configure::HOSTS.into()) {
+        log(&format!("name server on {}: {e}", dns::LISTEN));
     }
     let port = std::env::var("FCDEV_AGENT_PORT").unwrap_or_else(|_| PORT.into());
     Agent::open(&port)
