@@ -388,6 +388,10 @@ pub struct AgentCluster {
     /// Stopped (`fcdev stop`) or running.
     #[serde(default = "yes")]
     pub want_running: bool,
+    /// The agent's own number of the last event of this cluster the control plane has: a restarted agent
+    /// reports the events after it (not all of them again).
+    #[serde(default)]
+    pub reported_seq: i64,
 }
 
 fn yes() -> bool {
@@ -425,6 +429,9 @@ pub struct ClusterReport {
     /// state only from a report at its current one. None (an older agent): taken as it is.
     #[serde(default)]
     pub applied_gen: Option<i64>,
+    /// The agent's own number of the last event in `events` (None: no events).
+    #[serde(default)]
+    pub last_seq: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

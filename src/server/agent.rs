@@ -487,7 +487,14 @@ impl Runner {
                     continue;
                 };
                 let before = sent.get(&c.id).filter(|s| s.local_id == row.id);
-                let after_seq = before.map_or(0, |s| s.last_seq);
+                let after_seq = match sent.get(&c.id) {
+                    Some(s) if s.local_id == row.id => s.last_seq,
+                    Some(_) => 0,
+                    // Nothing sent since this agent started: on from what the control plane has, unless that
+                    // number is past this copy's events (another copy of the cluster reported it).
+                    None if c.reported_seq <= self.store.last_event_seq(row.id)? => c.reported_seq,
+                    None => 0,
+                };
                 let events = self.store.events_after(row.id, after_seq)?;
                 let view = self.orchestrator.view(&local, &row)?;
                 let applied = self
@@ -524,6 +531,7 @@ impl Runner {
                     vms: view.vms,
                     disk_bytes: view.disk_bytes,
                     applied_gen: Some(applied),
+                    last_seq: events.last().map(|e| e.seq),
                     events: events
                         .into_iter()
                         .map(|e| api::ReportedEvent {

@@ -399,6 +399,7 @@ impl Service {
                         gen: intent.map_or(0, |i| i.gen),
                         reset_gen: intent.map_or(0, |i| i.reset_gen),
                         want_running: intent.is_none_or(|i| i.want_running),
+                        reported_seq: intent.map_or(0, |i| i.reported_seq),
                     })
                 })
                 .collect::<ServiceResult<Vec<_>>>()?;
@@ -474,6 +475,7 @@ impl Service {
                         vms_json: Some(vms),
                         disk_bytes: c.disk_bytes,
                         applied_gen: c.applied_gen,
+                        reported_seq: c.last_seq,
                     },
                     &c.events,
                 )?;
@@ -506,6 +508,7 @@ impl Service {
                             vms_json: store.cluster_report(c.id)?,
                             disk_bytes: c.disk_bytes,
                             applied_gen: None,
+                            reported_seq: None,
                         },
                         &[api::ReportedEvent {
                             vm: None,

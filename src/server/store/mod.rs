@@ -196,10 +196,12 @@ pub struct ClusterMirror {
     /// the cluster before the request: a stale `ready` must not end a reset); the VMs and events always are.
     /// None: the control plane's own record, taken as it is.
     pub applied_gen: Option<i64>,
+    /// The agent's own number of the last event in this report (None: unchanged).
+    pub reported_seq: Option<i64>,
 }
 
 /// What a control plane wants of a cluster (its agent's work), and how far the agent got. One row per
-/// cluster in both engines (schema: SQLite 5–8, PostgreSQL 4); on an agent's own store only `applied_gen` is used.
+/// cluster in both engines (schema: SQLite 5–9, PostgreSQL 4); on an agent's own store only `applied_gen` is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClusterIntent {
     /// Bumped by every request the agent must act on: `up` of a cluster that is not ready, reset, stop, start.
@@ -211,6 +213,9 @@ pub struct ClusterIntent {
     /// The `gen` applied: on an agent, by itself (kept across its restarts, so a reset is never applied
     /// twice); on a control plane, as its agent last reported.
     pub applied_gen: i64,
+    /// On a control plane: the agent's own number of the last event it reported, so a restarted agent goes on
+    /// after it instead of sending its events again (0 again when the cluster moves to another host).
+    pub reported_seq: i64,
 }
 
 /// A request recorded by a control plane for a cluster's agent ([`StoreEngine::request_intent`]).

@@ -175,6 +175,7 @@ ALTER TABLE clusters ADD COLUMN gen BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE clusters ADD COLUMN reset_gen BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE clusters ADD COLUMN want_running BOOLEAN NOT NULL DEFAULT TRUE;
 ALTER TABLE clusters ADD COLUMN applied_gen BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE clusters ADD COLUMN reported_seq BIGINT NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -680,6 +681,7 @@ fn row_intent(r: &Row) -> StoreResult<ClusterIntent> {
         reset_gen: r.try_get(1)?,
         want_running: r.try_get(2)?,
         applied_gen: r.try_get(3)?,
+        reported_seq: r.try_get(4)?,
     })
 }
 
@@ -1194,6 +1196,7 @@ impl StoreEngine for PgStore {
                          disk_bytes = CASE WHEN $6::BIGINT IS NULL OR gen <= $6::BIGINT THEN $7::BIGINT
                                       ELSE disk_bytes END,
                          applied_gen = GREATEST(applied_gen, COALESCE($6::BIGINT, applied_gen)),
+                         reported_seq = COALESCE($8::BIGINT, reported_seq),
                          report = $5
                      WHERE id = $1",
                     &[
@@ -1204,6 +1207,7 @@ impl StoreEngine for PgStore {
                         &report.vms_json,
                         &report.applied_gen,
                         &report.disk_bytes.map(to_i64),
+                        &report.reported_seq,
                     ],
                 )?;
                 if changed == 0 {
@@ -1230,7 +1234,7 @@ impl StoreEngine for PgStore {
 
     fn cluster_intent(&self, id: i64) -> StoreResult<Option<ClusterIntent>> {
         self.opt(
-            "SELECT gen, reset_gen, want_running, applied_gen FROM clusters WHERE id = $1".to_string(),
+            "SELECT gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters WHERE id = $1".to_string(),
             params![id],
             row_intent,
         )
@@ -1254,9 +1258,10 @@ impl StoreEngine for PgStore {
                          want_running = $3,
                          state = $4, reason = NULL, disk_bytes = NULL,
                          report = CASE WHEN $5 THEN NULL ELSE report END,
+                         reported_seq = CASE WHEN $5 THEN 0 ELSE reported_seq END,
                          updated_at = fcdev_now()
                      WHERE id = $1
-                     RETURNING gen, reset_gen, want_running, applied_gen",
+                     RETURNING gen, reset_gen, want_running, applied_gen, reported_seq",
                     &[
                         &id,
                         &(intent == Intent::Reset),

@@ -340,6 +340,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE clusters ADD COLUMN reset_gen INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE clusters ADD COLUMN want_running INTEGER NOT NULL DEFAULT 1",
     "ALTER TABLE clusters ADD COLUMN applied_gen INTEGER NOT NULL DEFAULT 0",
+    // 9: the agent's number of the last event it reported (`ClusterIntent::reported_seq`).
+    "ALTER TABLE clusters ADD COLUMN reported_seq INTEGER NOT NULL DEFAULT 0",
 ];
 
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
@@ -1009,6 +1011,7 @@ impl StoreEngine for SqliteStore {
                  start_mode = CASE WHEN ?6 IS NULL OR gen <= ?6 THEN ?4 ELSE start_mode END,
                  disk_bytes = CASE WHEN ?6 IS NULL OR gen <= ?6 THEN ?7 ELSE disk_bytes END,
                  applied_gen = MAX(applied_gen, COALESCE(?6, applied_gen)),
+                 reported_seq = COALESCE(?8, reported_seq),
                  report = ?5
              WHERE id = ?1",
             params![
@@ -1018,7 +1021,8 @@ impl StoreEngine for SqliteStore {
                 report.start_mode,
                 report.vms_json,
                 report.applied_gen,
-                report.disk_bytes.map(to_i64)
+                report.disk_bytes.map(to_i64),
+                report.reported_seq
             ],
         )?;
         if changed == 0 {
@@ -1052,7 +1056,7 @@ impl StoreEngine for SqliteStore {
         Ok(self
             .conn()
             .query_row(
-                "SELECT gen, reset_gen, want_running, applied_gen FROM clusters WHERE id = ?1",
+                "SELECT gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters WHERE id = ?1",
                 [id],
                 |r| {
                     Ok(ClusterIntent {
@@ -1060,6 +1064,7 @@ impl StoreEngine for SqliteStore {
                         reset_gen: r.get(1)?,
                         want_running: r.get::<_, i64>(2)? != 0,
                         applied_gen: r.get(3)?,
+                        reported_seq: r.get(4)?,
                     })
                 },
             )
@@ -1083,6 +1088,7 @@ impl StoreEngine for SqliteStore {
                  want_running = ?3,
                  state = ?4, reason = NULL, disk_bytes = NULL,
                  report = CASE WHEN ?5 THEN NULL ELSE report END,
+                 reported_seq = CASE WHEN ?5 THEN 0 ELSE reported_seq END,
                  updated_at = strftime('%Y-%m-%dT%H:%M:%SZ','now')
              WHERE id = ?1",
             params![
@@ -1097,7 +1103,7 @@ impl StoreEngine for SqliteStore {
             return Err(StoreError::NotFound(format!("cluster #{id}")));
         }
         let now = tx.query_row(
-            "SELECT gen, reset_gen, want_running, applied_gen FROM clusters WHERE id = ?1",
+            "SELECT gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters WHERE id = ?1",
             [id],
             |r| {
                 Ok(ClusterIntent {
@@ -1105,6 +1111,7 @@ impl StoreEngine for SqliteStore {
                     reset_gen: r.get(1)?,
                     want_running: r.get::<_, i64>(2)? != 0,
                     applied_gen: r.get(3)?,
+                    reported_seq: r.get(4)?,
                 })
             },
         )?;
