@@ -77,12 +77,20 @@ fn reset_through_a_control_plane_resets_the_vms_on_the_agent() {
     assert_eq!(after.len(), 3, "{after:?}");
     for ((dir_before, pid_before), (dir_after, pid_after)) in before.iter().zip(&after) {
         assert_eq!(dir_before, dir_after);
-        assert_ne!(pid_before, pid_after, "VM {} was not restarted", dir_after.display());
+        assert_ne!(
+            pid_before,
+            pid_after,
+            "VM {} was not restarted",
+            dir_after.display()
+        );
         assert!(!dir_after.join("disk").join("written").exists());
     }
     let log = events(&control);
     assert!(log.contains("reset requested on host h1"), "{log}");
-    assert!(log.contains("discarding disk"), "the agent's own events: {log}");
+    assert!(
+        log.contains("discarding disk"),
+        "the agent's own events: {log}"
+    );
 }
 
 #[test]
@@ -198,8 +206,13 @@ fn reset_or_stop_of_a_lost_hosts_cluster_says_up_recreates_it() {
             .assert()
             .failure()
             .stderr(predicate::str::contains("on host h1, which is lost"))
-            .stderr(predicate::str::contains("`fcdev up` re-creates the cluster on another host"));
-        assert!(started.elapsed() < Duration::from_secs(10), "{args:?} answered at once");
+            .stderr(predicate::str::contains(
+                "`fcdev up` re-creates the cluster on another host",
+            ));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{args:?} answered at once"
+        );
     }
     let (code, body) = common::http(
         &control.server.url,
@@ -209,7 +222,11 @@ fn reset_or_stop_of_a_lost_hosts_cluster_says_up_recreates_it() {
         Some("{}"),
     );
     assert_eq!(code, 409, "{body}");
-    assert_eq!(json(body.as_bytes())["error"]["code"], "host_lost", "{body}");
+    assert_eq!(
+        json(body.as_bytes())["error"]["code"],
+        "host_lost",
+        "{body}"
+    );
     // Nothing was recorded for the lost host to act on.
     assert_eq!(
         cluster(&control.server.url, &control.server.token)["state"],

@@ -666,11 +666,20 @@ fn a_clusters_wanted_state_has_generations_and_stale_reports_keep_it(engine: Eng
 
     // A reset: gen and reset_gen move together, the state and its event in the same transaction.
     let (now, e) = store
-        .request_intent(c.id, Intent::Reset, ClusterState::Resetting, "reset requested", false)
+        .request_intent(
+            c.id,
+            Intent::Reset,
+            ClusterState::Resetting,
+            "reset requested",
+            false,
+        )
         .unwrap();
     assert_eq!((now.gen, now.reset_gen, now.want_running), (1, 1, true));
     assert_eq!((now.applied_gen, now.reported_seq), (0, 3));
-    assert_eq!((e.state.as_str(), e.message.as_str()), ("resetting", "reset requested"));
+    assert_eq!(
+        (e.state.as_str(), e.message.as_str()),
+        ("resetting", "reset requested")
+    );
     // A report of before the reset (generation 0) keeps the state; its events and VMs are taken.
     let stored = store
         .record_report(c.id, &report(ClusterState::Ready, 0, 4), &[event("ready")])
@@ -700,7 +709,10 @@ fn a_clusters_wanted_state_has_generations_and_stale_reports_keep_it(engine: Eng
         .record_report(c.id, &report(ClusterState::Stopped, 2, 6), &[])
         .unwrap();
     let row = store.cluster_by_id(c.id).unwrap().unwrap();
-    assert_eq!((row.state, row.disk_bytes), (ClusterState::Stopped, Some(42)));
+    assert_eq!(
+        (row.state, row.disk_bytes),
+        (ClusterState::Stopped, Some(42))
+    );
     let (now, _) = store
         .request_intent(c.id, Intent::Run, ClusterState::Requested, "up", false)
         .unwrap();

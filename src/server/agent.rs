@@ -369,7 +369,10 @@ impl Runner {
                         }
                     }
                     Some(r) => {
-                        let applied = self.store.cluster_intent(r.id)?.map_or(0, |i| i.applied_gen);
+                        let applied = self
+                            .store
+                            .cluster_intent(r.id)?
+                            .map_or(0, |i| i.applied_gen);
                         if c.gen > applied {
                             if let Err(e) = self.apply_intent(&local, r, c) {
                                 tracing::warn!("cluster {}/{}: {e}", ns.user, c.name);
@@ -446,12 +449,20 @@ impl Runner {
         r: &ClusterRow,
         c: &api::AgentCluster,
     ) -> anyhow::Result<()> {
-        let applied = self.store.cluster_intent(r.id)?.map_or(0, |i| i.applied_gen);
+        let applied = self
+            .store
+            .cluster_intent(r.id)?
+            .map_or(0, |i| i.applied_gen);
         if r.state.is_transient() {
             return Ok(());
         }
         if c.reset_gen > applied {
-            tracing::info!("cluster {}/{}: reset (generation {})", ns.name, r.name, c.reset_gen);
+            tracing::info!(
+                "cluster {}/{}: reset (generation {})",
+                ns.name,
+                r.name,
+                c.reset_gen
+            );
             self.orchestrator.reset(r)?;
         } else if !c.want_running {
             if r.state == ClusterState::Ready {

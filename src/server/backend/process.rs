@@ -26,7 +26,8 @@ pub const SUSPENDED_FILE: &str = "suspended";
 
 /// Send `sig` to the VM's process, if it runs.
 fn signal(vm: &VmSpec, sig: libc::c_int) -> BackendResult<()> {
-    let pid = vm_pid(vm).ok_or_else(|| BackendError::msg(format!("VM {} does not run", vm.name)))?;
+    let pid =
+        vm_pid(vm).ok_or_else(|| BackendError::msg(format!("VM {} does not run", vm.name)))?;
     // SAFETY: kill(2) with a pid we own; no memory is touched.
     if unsafe { libc::kill(pid, sig) } != 0 {
         return Err(std::io::Error::last_os_error().into());

@@ -26,8 +26,9 @@ use ::postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Tran
 
 use super::{
     capacity_of, check_claim, hash_token, images_json, mac_for, new_host_token, new_token, to_i64,
-    ClusterIntent, ClusterMirror, ClusterRow, EventRow, Intent, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm,
-    PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+    ClusterIntent, ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, Intent,
+    NamespaceRow, NewVm, PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User,
+    VmRow,
 };
 use crate::api::{AgentHeartbeat, ClusterState, ReportedEvent, Subnet, VmState};
 use crate::server::alloc;

@@ -11,8 +11,9 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     capacity_of, check_claim, hash_token, images_json, mac_for, new_host_token, new_token, to_i64,
-    ClusterIntent, ClusterMirror, ClusterRow, EventRow, Intent, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm,
-    PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+    ClusterIntent, ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, Intent,
+    NamespaceRow, NewVm, PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User,
+    VmRow,
 };
 use crate::api::{AgentHeartbeat, ClusterState, ReportedEvent, VmState};
 use crate::server::alloc;
