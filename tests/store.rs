@@ -646,6 +646,11 @@ fn a_clusters_wanted_state_has_generations_and_stale_reports_keep_it(engine: Eng
         reported_seq: 0,
     };
     assert_eq!(store.cluster_intent(c.id).unwrap(), Some(fresh));
+    let other = store.create_cluster(&ns, "two", "tiny", &[]).unwrap();
+    assert_eq!(
+        store.intents_in(ns.id).unwrap(),
+        vec![(c.id, fresh), (other.id, fresh)]
+    );
     let report = |state: ClusterState, applied: i64, seq: i64| ClusterMirror {
         state,
         reason: None,
@@ -741,6 +746,10 @@ fn a_clusters_wanted_state_has_generations_and_stale_reports_keep_it(engine: Eng
     // Kept across a reopen (a control plane restart); an agent's own copy notes what it applied.
     let again = engine.store();
     assert_eq!(again.cluster_intent(c.id).unwrap().unwrap().gen, 4);
+    assert_eq!(
+        again.intents_in(ns.id).unwrap()[0],
+        (c.id, again.cluster_intent(c.id).unwrap().unwrap())
+    );
     again.set_applied_gen(c.id, 4).unwrap();
     assert_eq!(store.cluster_intent(c.id).unwrap().unwrap().applied_gen, 4);
     // A cluster that is gone.

@@ -386,11 +386,13 @@ impl Service {
             let Some(user) = users.iter().find(|u| u.id == ns.user_id) else {
                 continue;
             };
+            let intents: std::collections::HashMap<i64, _> =
+                store.intents_in(ns.id)?.into_iter().collect();
             let clusters = store
                 .clusters_in(ns.id)?
                 .into_iter()
                 .map(|c| {
-                    let intent = store.cluster_intent(c.id)?;
+                    let intent = intents.get(&c.id).copied();
                     Ok(api::AgentCluster {
                         id: c.id,
                         name: c.name,

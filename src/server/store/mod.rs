@@ -531,6 +531,9 @@ pub trait StoreEngine: Send + Sync {
     fn cluster_report(&self, id: i64) -> StoreResult<Option<String>>;
     /// A cluster's wanted state and how far its agent got; None when the cluster is gone.
     fn cluster_intent(&self, id: i64) -> StoreResult<Option<ClusterIntent>>;
+    /// The wanted state of every cluster of a namespace, by cluster id (one query: the agents' work reads it
+    /// every 200 ms while a poll is held).
+    fn intents_in(&self, ns_id: i64) -> StoreResult<Vec<(i64, ClusterIntent)>>;
     /// A control plane records a request for the cluster's agent, in one transaction: `gen` + 1 (and
     /// `reset_gen` for a reset), `want_running`, the cluster's state (reason cleared; with `forget_report` its
     /// reported VMs too: it is made again elsewhere) and its event. `NotFound` when the cluster is gone.

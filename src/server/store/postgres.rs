@@ -1241,6 +1241,16 @@ impl StoreEngine for PgStore {
         )
     }
 
+    fn intents_in(&self, ns_id: i64) -> StoreResult<Vec<(i64, ClusterIntent)>> {
+        self.all(
+            "SELECT gen, reset_gen, want_running, applied_gen, reported_seq, id FROM clusters
+             WHERE namespace_id = $1 ORDER BY id"
+                .to_string(),
+            params![ns_id],
+            |r| Ok((r.try_get(5)?, row_intent(r)?)),
+        )
+    }
+
     fn request_intent(
         &self,
         id: i64,

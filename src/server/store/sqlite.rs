@@ -1072,6 +1072,27 @@ impl StoreEngine for SqliteStore {
             .optional()?)
     }
 
+    fn intents_in(&self, ns_id: i64) -> StoreResult<Vec<(i64, ClusterIntent)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters
+             WHERE namespace_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([ns_id], |r| {
+            Ok((
+                r.get(0)?,
+                ClusterIntent {
+                    gen: r.get(1)?,
+                    reset_gen: r.get(2)?,
+                    want_running: r.get::<_, i64>(3)? != 0,
+                    applied_gen: r.get(4)?,
+                    reported_seq: r.get(5)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     fn request_intent(
         &self,
         id: i64,
