@@ -69,6 +69,7 @@ on_both_engines!(
     host_tokens_are_hashed_and_revocable,
     host_leases_refuse_a_second_agent_and_expire,
     namespaces_are_placed_once_and_clusters_keep_their_agents_reports,
+    a_clusters_wanted_state_has_generations_and_stale_reports_keep_it,
 );
 
 const ONE_VM: [NewVm<'static>; 1] = [NewVm {
@@ -575,6 +576,9 @@ fn namespaces_are_placed_once_and_clusters_keep_their_agents_reports(engine: Eng
                 reason: None,
                 start_mode: Some("boot".into()),
                 vms_json: Some("[]".into()),
+                disk_bytes: None,
+                applied_gen: None,
+                reported_seq: None,
             },
             &[
                 ReportedEvent {
@@ -606,6 +610,9 @@ fn namespaces_are_placed_once_and_clusters_keep_their_agents_reports(engine: Eng
                 reason: None,
                 start_mode: None,
                 vms_json: None,
+                disk_bytes: None,
+                applied_gen: None,
+                reported_seq: None,
             },
             &[ReportedEvent {
                 vm: None,
@@ -622,6 +629,136 @@ fn namespaces_are_placed_once_and_clusters_keep_their_agents_reports(engine: Eng
     assert_eq!(adopted.index, 77);
     assert_eq!(store.adopt_namespace(&bob, 77).unwrap(), adopted);
     assert_ne!(adopted.subnet, ns.subnet);
+}
+
+fn a_clusters_wanted_state_has_generations_and_stale_reports_keep_it(engine: Engine) {
+    use fcdev::api::{ClusterState, ReportedEvent};
+    use fcdev::server::store::{ClusterIntent, ClusterMirror, Intent};
+    let store = engine.store();
+    let (alice, _) = store.add_user("alice").unwrap();
+    let ns = store.ensure_namespace(&alice).unwrap();
+    let c = store.create_cluster(&ns, "dev", "tiny", &[]).unwrap();
+    let fresh = ClusterIntent {
+        gen: 0,
+        reset_gen: 0,
+        want_running: true,
+        applied_gen: 0,
+        reported_seq: 0,
+    };
+    assert_eq!(store.cluster_intent(c.id).unwrap(), Some(fresh));
+    let other = store.create_cluster(&ns, "two", "tiny", &[]).unwrap();
+    assert_eq!(
+        store.intents_in(ns.id).unwrap(),
+        vec![(c.id, fresh), (other.id, fresh)]
+    );
+    let report = |state: ClusterState, applied: i64, seq: i64| ClusterMirror {
+        state,
+        reason: None,
+        start_mode: None,
+        vms_json: Some("[]".into()),
+        disk_bytes: (state == ClusterState::Stopped).then_some(42),
+        applied_gen: Some(applied),
+        reported_seq: Some(seq),
+    };
+    let event = |state: &str| ReportedEvent {
+        vm: None,
+        state: state.into(),
+        message: state.into(),
+    };
+    store
+        .record_report(c.id, &report(ClusterState::Ready, 0, 3), &[event("ready")])
+        .unwrap();
+
+    // A reset: gen and reset_gen move together, the state and its event in the same transaction.
+    let (now, e) = store
+        .request_intent(
+            c.id,
+            Intent::Reset,
+            ClusterState::Resetting,
+            "reset requested",
+            false,
+        )
+        .unwrap();
+    assert_eq!((now.gen, now.reset_gen, now.want_running), (1, 1, true));
+    assert_eq!((now.applied_gen, now.reported_seq), (0, 3));
+    assert_eq!(
+        (e.state.as_str(), e.message.as_str()),
+        ("resetting", "reset requested")
+    );
+    // A report of before the reset (generation 0) keeps the state; its events and VMs are taken.
+    let stored = store
+        .record_report(c.id, &report(ClusterState::Ready, 0, 4), &[event("ready")])
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        store.cluster_by_id(c.id).unwrap().unwrap().state,
+        ClusterState::Resetting
+    );
+    // At the new generation it is taken.
+    store
+        .record_report(c.id, &report(ClusterState::Booting, 1, 5), &[])
+        .unwrap();
+    assert_eq!(
+        store.cluster_by_id(c.id).unwrap().unwrap().state,
+        ClusterState::Booting
+    );
+    let now = store.cluster_intent(c.id).unwrap().unwrap();
+    assert_eq!((now.applied_gen, now.reported_seq), (1, 5));
+
+    // Stop, then run: want_running follows, reset_gen stays.
+    let (now, _) = store
+        .request_intent(c.id, Intent::Stop, ClusterState::Stopping, "stop", false)
+        .unwrap();
+    assert_eq!((now.gen, now.reset_gen, now.want_running), (2, 1, false));
+    store
+        .record_report(c.id, &report(ClusterState::Stopped, 2, 6), &[])
+        .unwrap();
+    let row = store.cluster_by_id(c.id).unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.disk_bytes),
+        (ClusterState::Stopped, Some(42))
+    );
+    let (now, _) = store
+        .request_intent(c.id, Intent::Run, ClusterState::Requested, "up", false)
+        .unwrap();
+    assert_eq!((now.gen, now.reset_gen, now.want_running), (3, 1, true));
+    // The control plane's own record (no generation) is taken as it is; a move forgets the agent's report.
+    store
+        .record_report(
+            c.id,
+            &ClusterMirror {
+                applied_gen: None,
+                reported_seq: None,
+                ..report(ClusterState::Lost, 0, 0)
+            },
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        store.cluster_by_id(c.id).unwrap().unwrap().state,
+        ClusterState::Lost
+    );
+    let (now, _) = store
+        .request_intent(c.id, Intent::Run, ClusterState::Requested, "moved", true)
+        .unwrap();
+    assert_eq!((now.gen, now.reported_seq), (4, 0));
+    assert_eq!(store.cluster_report(c.id).unwrap(), None);
+    // Kept across a reopen (a control plane restart); an agent's own copy notes what it applied.
+    let again = engine.store();
+    assert_eq!(again.cluster_intent(c.id).unwrap().unwrap().gen, 4);
+    assert_eq!(
+        again.intents_in(ns.id).unwrap()[0],
+        (c.id, again.cluster_intent(c.id).unwrap().unwrap())
+    );
+    again.set_applied_gen(c.id, 4).unwrap();
+    assert_eq!(store.cluster_intent(c.id).unwrap().unwrap().applied_gen, 4);
+    // A cluster that is gone.
+    store.delete_cluster(c.id).unwrap();
+    assert_eq!(store.cluster_intent(c.id).unwrap(), None);
+    assert!(matches!(
+        store.request_intent(c.id, Intent::Reset, ClusterState::Resetting, "x", false),
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 // ---- the real binary on PostgreSQL ----

@@ -378,6 +378,24 @@ pub struct AgentCluster {
     /// Its state at the control plane: `requested` asks the agent to bring it up (a new, failed, stopped or
     /// moved cluster).
     pub state: ClusterState,
+    /// The wanted-state generation: bumped by every request the agent must act on (`up` of a cluster that is
+    /// not ready, reset, stop, start). The agent acts when it is above the one it applied, and reports that.
+    #[serde(default)]
+    pub gen: i64,
+    /// The `gen` of the last reset: the agent resets its copy when this is above the `gen` it applied.
+    #[serde(default)]
+    pub reset_gen: i64,
+    /// Stopped (`fcdev stop`) or running.
+    #[serde(default = "yes")]
+    pub want_running: bool,
+    /// The agent's own number of the last event of this cluster the control plane has: a restarted agent
+    /// reports the events after it (not all of them again).
+    #[serde(default)]
+    pub reported_seq: i64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A laptop's WireGuard peer the host's hub must accept.
@@ -404,6 +422,16 @@ pub struct ClusterReport {
     pub vms: Vec<Vm>,
     /// Events since the last report (the control plane numbers them again).
     pub events: Vec<ReportedEvent>,
+    /// Bytes on disk while stopped.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    /// The wanted-state generation (`AgentCluster::gen`) applied to this cluster: the control plane takes the
+    /// state only from a report at its current one. None (an older agent): taken as it is.
+    #[serde(default)]
+    pub applied_gen: Option<i64>,
+    /// The agent's own number of the last event in `events` (None: no events).
+    #[serde(default)]
+    pub last_seq: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -19,7 +19,7 @@ use crate::api::{self, AgentHeartbeat, AgentLease, AgentWork, ClusterState, Host
 use crate::server::control::MAX_WORK_WAIT_SECS;
 use crate::server::hub_control::{HubControl, HubPeerEntry};
 use crate::server::orchestrator::Orchestrator;
-use crate::server::store::{Store, User};
+use crate::server::store::{ClusterRow, Store, User};
 
 /// This agent's identity, kept in its data dir (a restarted agent is the same agent).
 pub const AGENT_ID_FILE: &str = "agent.id";
@@ -356,24 +356,35 @@ impl Runner {
             for c in &ns.clusters {
                 wanted_clusters.insert((ns.user.clone(), c.name.clone()), ());
                 let row = self.store.cluster(local.id, &c.name)?;
-                let bring_up = match &row {
-                    None => true,
+                match &row {
+                    None => match self.orchestrator.up(&local, &c.name, &c.image) {
+                        // Made from its image: as new as any reset asked for so far.
+                        Ok((made, _)) => self.store.set_applied_gen(made.id, c.gen)?,
+                        Err(e) => tracing::warn!("cluster {}/{}: {e}", ns.user, c.name),
+                    },
                     Some(r) if r.image != c.image => {
                         // Another cluster of that name: this one goes first.
                         if r.state != ClusterState::Deleting {
                             drop(self.orchestrator.spawn_delete(r.clone()));
                         }
-                        false
                     }
                     Some(r) => {
-                        c.state == ClusterState::Requested
+                        let applied = self
+                            .store
+                            .cluster_intent(r.id)?
+                            .map_or(0, |i| i.applied_gen);
+                        if c.gen > applied {
+                            if let Err(e) = self.apply_intent(&local, r, c) {
+                                tracing::warn!("cluster {}/{}: {e}", ns.user, c.name);
+                            }
+                        } else if c.state == ClusterState::Requested
                             && !r.state.is_transient()
                             && r.state != ClusterState::Ready
-                    }
-                };
-                if bring_up {
-                    if let Err(e) = self.orchestrator.up(&local, &c.name, &c.image) {
-                        tracing::warn!("cluster {}/{}: {e}", ns.user, c.name);
+                        {
+                            if let Err(e) = self.orchestrator.up(&local, &c.name, &c.image) {
+                                tracing::warn!("cluster {}/{}: {e}", ns.user, c.name);
+                            }
+                        }
                     }
                 }
             }
@@ -427,6 +438,45 @@ impl Runner {
         Ok(())
     }
 
+    /// Act on a new wanted-state generation of a cluster: a reset when `reset_gen` is above the generation
+    /// applied here, else stop or run it to match `want_running`. The generation is noted as applied (in the
+    /// local store: an agent restart does not reset twice) once the orchestrator took the request; a cluster
+    /// busy with something else (booting, stopping) is left for the next round (every poll answer: its next
+    /// state change, or `WORK_WAIT_SECS`).
+    fn apply_intent(
+        &self,
+        ns: &crate::server::store::NamespaceRow,
+        r: &ClusterRow,
+        c: &api::AgentCluster,
+    ) -> anyhow::Result<()> {
+        let applied = self
+            .store
+            .cluster_intent(r.id)?
+            .map_or(0, |i| i.applied_gen);
+        if r.state.is_transient() {
+            return Ok(());
+        }
+        if c.reset_gen > applied {
+            tracing::info!(
+                "cluster {}/{}: reset (generation {})",
+                ns.name,
+                r.name,
+                c.reset_gen
+            );
+            self.orchestrator.reset(r)?;
+        } else if !c.want_running {
+            if r.state == ClusterState::Ready {
+                self.orchestrator.stop(r)?;
+            }
+            // Stopped already, or failed: nothing runs to stop.
+        } else {
+            // Resumes a stopped cluster, repairs a failed one, leaves a healthy one.
+            self.orchestrator.up(ns, &r.name, &r.image)?;
+        }
+        self.store.set_applied_gen(r.id, c.gen)?;
+        Ok(())
+    }
+
     /// What changed since the last report (blocking).
     fn report(&self) -> anyhow::Result<(api::AgentReport, Vec<(i64, Sent)>)> {
         let Some(work) = lock(&self.work).clone() else {
@@ -448,17 +498,32 @@ impl Runner {
                     continue;
                 };
                 let before = sent.get(&c.id).filter(|s| s.local_id == row.id);
-                let after_seq = before.map_or(0, |s| s.last_seq);
+                let after_seq = match sent.get(&c.id) {
+                    Some(s) if s.local_id == row.id => s.last_seq,
+                    Some(_) => 0,
+                    // Nothing sent since this agent started: on from what the control plane has, unless that
+                    // number is past this copy's events (another copy of the cluster reported it).
+                    None if c.reported_seq <= self.store.last_event_seq(row.id)? => c.reported_seq,
+                    None => 0,
+                };
                 let events = self.store.events_after(row.id, after_seq)?;
                 let view = self.orchestrator.view(&local, &row)?;
+                let applied = self
+                    .store
+                    .cluster_intent(row.id)?
+                    .map_or(0, |i| i.applied_gen);
                 let summary = serde_json::to_string(&(
                     &view.state,
                     &view.reason,
                     &view.start_mode,
                     &view.vms,
+                    view.disk_bytes,
+                    applied,
                 ))?;
                 let unchanged = before.is_some_and(|s| s.summary == summary);
-                if unchanged && events.is_empty() && view.state == c.state {
+                // A state the control plane does not have yet is sent again until it has it, unless the
+                // control plane waits for a newer generation (it would not take the state).
+                if unchanged && events.is_empty() && (view.state == c.state || applied < c.gen) {
                     continue;
                 }
                 next.push((
@@ -475,6 +540,9 @@ impl Runner {
                     reason: view.reason,
                     start_mode: view.start_mode,
                     vms: view.vms,
+                    disk_bytes: view.disk_bytes,
+                    applied_gen: Some(applied),
+                    last_seq: events.last().map(|e| e.seq),
                     events: events
                         .into_iter()
                         .map(|e| api::ReportedEvent {

@@ -12,7 +12,7 @@ use crate::names;
 use crate::server::orchestrator::{hostname, OrchestratorError, UpOutcome};
 use crate::server::service::{Service, ServiceError, ServiceResult, MAX_SSH_KEYS};
 use crate::server::store::{
-    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, NamespaceRow, User,
+    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, Intent, NamespaceRow, StoreError, User,
 };
 
 /// The longest an agent's long poll for work is held (`?wait=` is capped at this).
@@ -149,21 +149,14 @@ impl Service {
         };
         let (host, left) = self.place(&ns, Some(&req.image))?;
         if let Some(old) = &left {
-            // The namespace moved: every cluster in it is made again on the new host.
+            // The namespace moved: every cluster in it is made again (running) on the new host.
             for c in store.clusters_in(ns.id)? {
-                self.record(
+                self.request(
                     c.id,
-                    &ClusterMirror {
-                        state: ClusterState::Requested,
-                        reason: None,
-                        start_mode: None,
-                        vms_json: None,
-                    },
-                    &[api::ReportedEvent {
-                        vm: None,
-                        state: ClusterState::Requested.as_str().into(),
-                        message: moved_message(&c.image, &host.name, &old.name),
-                    }],
+                    Intent::Run,
+                    ClusterState::Requested,
+                    &moved_message(&c.image, &host.name, &old.name),
+                    true,
                 )?;
             }
         }
@@ -199,19 +192,12 @@ impl Service {
             Some(c) if c.state.is_transient() => (c, UpOutcome::Resumed),
             Some(c) => {
                 // Failed, stopped, or lost on a host that came back: the agent brings it up again.
-                self.record(
+                self.request(
                     c.id,
-                    &ClusterMirror {
-                        state: ClusterState::Requested,
-                        reason: None,
-                        start_mode: c.start_mode.clone(),
-                        vms_json: store.cluster_report(c.id)?,
-                    },
-                    &[api::ReportedEvent {
-                        vm: None,
-                        state: ClusterState::Requested.as_str().into(),
-                        message: format!("up requested on host {}", host.name),
-                    }],
+                    Intent::Run,
+                    ClusterState::Requested,
+                    &format!("up requested on host {}", host.name),
+                    false,
                 )?;
                 let row = store.cluster_by_id(c.id)?.unwrap_or(c);
                 (row, UpOutcome::Resumed)
@@ -220,6 +206,119 @@ impl Service {
         let mut view = self.stored_view(&ns, &row)?;
         view.event_seq = seq_before;
         Ok((view, outcome))
+    }
+
+    /// Record a request for a cluster's agent (the wanted state, its generation, the state and its event) and
+    /// let the event streams see the event (blocking).
+    fn request(
+        &self,
+        id: i64,
+        intent: Intent,
+        state: ClusterState,
+        message: &str,
+        forget_report: bool,
+    ) -> ServiceResult<()> {
+        let (_, e) = self
+            .store()
+            .request_intent(id, intent, state, message, forget_report)
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => ServiceError::ClusterNotFound(format!("#{id}")),
+                e => e.into(),
+            })?;
+        let _ = self.control_events.send(e);
+        Ok(())
+    }
+
+    /// The live host a cluster runs on: a cluster whose host is lost (or revoked) cannot be reset or stopped
+    /// there; `fcdev up` makes it again elsewhere.
+    fn live_host_of(&self, ns: &NamespaceRow, row: &ClusterRow) -> ServiceResult<HostRow> {
+        let host = self.store().namespace_host(ns.id)?;
+        match host {
+            Some(h) if usable(&h) && row.state != ClusterState::Lost => Ok(h),
+            Some(h) => Err(ServiceError::HostLost {
+                cluster: row.name.clone(),
+                host: h.name.clone(),
+                why: if h.revoked {
+                    "its host token was revoked".to_string()
+                } else {
+                    h.reason
+                        .clone()
+                        .unwrap_or_else(|| format!("it is {}", h.state.as_str()))
+                },
+            }),
+            None => Err(ServiceError::HostLost {
+                cluster: row.name.clone(),
+                host: "(none)".into(),
+                why: "its namespace is on no host".into(),
+            }),
+        }
+    }
+
+    /// `fcdev reset` on a control plane (blocking): a new reset generation in the wanted state; the host's
+    /// agent resets its copy when it sees it (its long poll: at once) and reports the generation applied.
+    /// Answered at once with the `resetting` view, as `--role all` does: the laptop follows the events its
+    /// agent reports.
+    pub(crate) fn control_reset(
+        &self,
+        ns: &NamespaceRow,
+        row: &ClusterRow,
+        seq_before: i64,
+    ) -> ServiceResult<api::Cluster> {
+        let host = self.live_host_of(ns, row)?;
+        if row.state.is_transient() {
+            return Err(OrchestratorError::Busy {
+                name: row.name.clone(),
+                what: format!("it is {}", row.state.as_str()),
+            }
+            .into());
+        }
+        self.request(
+            row.id,
+            Intent::Reset,
+            ClusterState::Resetting,
+            &format!("reset requested on host {}", host.name),
+            false,
+        )?;
+        self.view_now(ns, row, seq_before)
+    }
+
+    /// `fcdev stop` on a control plane (blocking): true when the agent is asked to stop it, false when it
+    /// already is stopped.
+    pub(crate) fn control_stop(
+        &self,
+        ns: &NamespaceRow,
+        row: &ClusterRow,
+        seq_before: i64,
+    ) -> ServiceResult<(api::Cluster, bool)> {
+        let host = self.live_host_of(ns, row)?;
+        if row.state == ClusterState::Stopped {
+            return Ok((self.view_now(ns, row, seq_before)?, false));
+        }
+        crate::server::orchestrator::require_ready(row)?;
+        self.request(
+            row.id,
+            Intent::Stop,
+            ClusterState::Stopping,
+            &format!("stop requested on host {}", host.name),
+            false,
+        )?;
+        Ok((self.view_now(ns, row, seq_before)?, true))
+    }
+
+    /// The cluster's stored view now, with `event_seq` where the request's events start.
+    fn view_now(
+        &self,
+        ns: &NamespaceRow,
+        row: &ClusterRow,
+        seq_before: i64,
+    ) -> ServiceResult<api::Cluster> {
+        let now = self
+            .store()
+            .cluster_by_id(row.id)?
+            .ok_or_else(|| ServiceError::ClusterNotFound(row.name.clone()))?;
+        let mut view = self.stored_view(ns, &now)?;
+        view.event_seq = seq_before;
+        Ok(view)
     }
 
     /// `fcdev down` on a control plane: the cluster is forgotten now; its agent stops its VMs and deletes its
@@ -287,16 +386,25 @@ impl Service {
             let Some(user) = users.iter().find(|u| u.id == ns.user_id) else {
                 continue;
             };
+            let intents: std::collections::HashMap<i64, _> =
+                store.intents_in(ns.id)?.into_iter().collect();
             let clusters = store
                 .clusters_in(ns.id)?
                 .into_iter()
-                .map(|c| api::AgentCluster {
-                    id: c.id,
-                    name: c.name,
-                    image: c.image,
-                    state: c.state,
+                .map(|c| {
+                    let intent = intents.get(&c.id).copied();
+                    Ok(api::AgentCluster {
+                        id: c.id,
+                        name: c.name,
+                        image: c.image,
+                        state: c.state,
+                        gen: intent.map_or(0, |i| i.gen),
+                        reset_gen: intent.map_or(0, |i| i.reset_gen),
+                        want_running: intent.is_none_or(|i| i.want_running),
+                        reported_seq: intent.map_or(0, |i| i.reported_seq),
+                    })
                 })
-                .collect();
+                .collect::<ServiceResult<Vec<_>>>()?;
             let peers = store
                 .peers_in(ns.id)?
                 .into_iter()
@@ -367,6 +475,9 @@ impl Service {
                         reason: c.reason.clone(),
                         start_mode: c.start_mode.clone(),
                         vms_json: Some(vms),
+                        disk_bytes: c.disk_bytes,
+                        applied_gen: c.applied_gen,
+                        reported_seq: c.last_seq,
                     },
                     &c.events,
                 )?;
@@ -397,6 +508,9 @@ impl Service {
                             reason: Some(why.clone()),
                             start_mode: c.start_mode.clone(),
                             vms_json: store.cluster_report(c.id)?,
+                            disk_bytes: c.disk_bytes,
+                            applied_gen: None,
+                            reported_seq: None,
                         },
                         &[api::ReportedEvent {
                             vm: None,

@@ -425,6 +425,12 @@ impl From<ServiceError> for ApiErr {
                      that have the image",
                 )
             }
+            e @ ServiceError::HostLost { .. } => {
+                ApiErr::new(StatusCode::CONFLICT, "host_lost", e.to_string()).hint(
+                    "`fcdev up` re-creates the cluster on another host from its image (everything since \
+                     the onboarding snapshot is gone)",
+                )
+            }
             e @ ServiceError::NotOnControl(_) => {
                 ApiErr::new(StatusCode::NOT_IMPLEMENTED, "not_supported", e.to_string())
                     .hint("run `fcdev server` with `--role all` for this operation")

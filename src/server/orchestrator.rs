@@ -61,7 +61,7 @@ pub enum OrchestratorError {
 }
 
 /// A save or a stop needs a ready cluster: busy while another operation runs, refused in any other state.
-fn require_ready(cluster: &ClusterRow) -> Result<(), OrchestratorError> {
+pub(crate) fn require_ready(cluster: &ClusterRow) -> Result<(), OrchestratorError> {
     match cluster.state {
         ClusterState::Ready => Ok(()),
         state if state.is_transient() => Err(OrchestratorError::Busy {

@@ -66,6 +66,14 @@ pub enum ServiceError {
         "a control plane does not {0} yet: it runs on the cluster's host only with `--role all`"
     )]
     NotOnControl(&'static str),
+    /// A control plane cannot act on a cluster whose host is lost (or revoked): `fcdev up` makes it again on
+    /// another host.
+    #[error("cluster `{cluster}` is on host {host}, which is lost ({why}): it cannot be reset or stopped there")]
+    HostLost {
+        cluster: String,
+        host: String,
+        why: String,
+    },
     /// A heartbeat for another host than the token's.
     #[error("this host token is not host `{0}`'s")]
     WrongHost(String),
@@ -140,7 +148,7 @@ impl Service {
 
     fn local(&self) -> ServiceResult<&Local> {
         self.local.as_ref().ok_or(ServiceError::NotOnControl(
-            "relay reset, stop, start, snapshots, logs or exec to the agents",
+            "relay snapshots, logs or exec to the agents",
         ))
     }
 
@@ -362,6 +370,9 @@ impl Service {
                 return Err(ServiceError::BeingDeleted(name));
             }
             let seq_before = s.store.last_event_seq(row.id)?;
+            if s.local.is_none() {
+                return s.control_reset(&ns, &row, seq_before);
+            }
             s.orchestrator()?.reset(&row)?;
             s.view_after(&ns, row.id, &name, seq_before)
         })
@@ -397,6 +408,9 @@ impl Service {
         self.blocking(move |s| {
             let (ns, row) = s.find_cluster(&user, &name)?;
             let seq_before = s.store.last_event_seq(row.id)?;
+            if s.local.is_none() {
+                return s.control_stop(&ns, &row, seq_before);
+            }
             let stopping = s.orchestrator()?.stop(&row)?;
             Ok((s.view_after(&ns, row.id, &name, seq_before)?, stopping))
         })
@@ -411,6 +425,15 @@ impl Service {
     ) -> ServiceResult<(api::Cluster, UpOutcome)> {
         self.blocking(move |s| {
             let (ns, row) = s.find_cluster(&user, &name)?;
+            if s.local.is_none() {
+                // As `up` of the cluster: the agent resumes it (a lost one is made again on another host).
+                let req = api::CreateCluster {
+                    name: row.name.clone(),
+                    image: row.image.clone(),
+                    ssh_keys: Vec::new(),
+                };
+                return s.control_up(&user, &req);
+            }
             let seq_before = s.store.last_event_seq(row.id)?;
             let (_, outcome) = s.orchestrator()?.up(&ns, &row.name, &row.image)?;
             Ok((s.view_after(&ns, row.id, &name, seq_before)?, outcome))

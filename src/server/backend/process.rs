@@ -4,6 +4,10 @@
 //!
 //! The template's `cmdline` can steer it for fault tests: `test:never-ready` (never listens),
 //! `test:delay-ms=N` (listens after N ms).
+//!
+//! `fcdev stop`/`start` work on it the way they do on qemu, without memory to save: pause is SIGSTOP, resume
+//! SIGCONT, suspend writes a `suspended` file into the run dir and ends the process; the next start finds the
+//! file, starts the process again and reports a resume (the file goes; a reset or delete drops it too).
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -17,6 +21,19 @@ pub const PID_FILE: &str = "vm.pid";
 pub const PORT_FILE: &str = "vm.port";
 pub const LOG_FILE: &str = "vm.log";
 pub const DISK_DIR: &str = "disk";
+/// A stopped VM's "saved state" (`fcdev stop`): its presence makes the next start a resume.
+pub const SUSPENDED_FILE: &str = "suspended";
+
+/// Send `sig` to the VM's process, if it runs.
+fn signal(vm: &VmSpec, sig: libc::c_int) -> BackendResult<()> {
+    let pid =
+        vm_pid(vm).ok_or_else(|| BackendError::msg(format!("VM {} does not run", vm.name)))?;
+    // SAFETY: kill(2) with a pid we own; no memory is touched.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
 
 #[derive(Debug, Default)]
 pub struct ProcessBackend;
@@ -149,6 +166,11 @@ impl Backend for ProcessBackend {
         std::fs::write(vm.run_dir.join(PID_FILE), child.id().to_string())?;
         // Reap it when it exits so a dead VM never lingers as a zombie that looks alive.
         std::thread::spawn(move || child.wait());
+        let suspended = vm.run_dir.join(SUSPENDED_FILE);
+        if suspended.exists() {
+            std::fs::remove_file(&suspended)?;
+            return Ok(StartMode::Resume);
+        }
         let mode = if vm.image.snapshot_dir().is_some() {
             StartMode::Restore
         } else {
@@ -190,10 +212,31 @@ impl Backend for ProcessBackend {
     }
 
     fn discard_disk(&self, vm: &VmSpec) -> BackendResult<()> {
+        match std::fs::remove_file(vm.run_dir.join(SUSPENDED_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         match std::fs::remove_dir_all(vm.run_dir.join(DISK_DIR)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
+    }
+
+    fn pause(&self, vm: &VmSpec) -> BackendResult<()> {
+        signal(vm, libc::SIGSTOP)
+    }
+
+    fn resume(&self, vm: &VmSpec) -> BackendResult<()> {
+        signal(vm, libc::SIGCONT)
+    }
+
+    fn suspend(&self, vm: &VmSpec) -> BackendResult<u64> {
+        let state = format!("test VM {} stopped\n", vm.name);
+        std::fs::write(vm.run_dir.join(SUSPENDED_FILE), &state)?;
+        // Running again, so it takes the SIGTERM of `stop` at once.
+        let _ = signal(vm, libc::SIGCONT);
+        self.stop(vm)?;
+        Ok(state.len() as u64)
     }
 
     fn log_tail(&self, vm: &VmSpec) -> Option<String> {

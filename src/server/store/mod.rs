@@ -189,6 +189,44 @@ pub struct ClusterMirror {
     pub start_mode: Option<String>,
     /// The VMs, JSON of `api::Vm`s; None: forget the last report (the cluster moves to another host).
     pub vms_json: Option<String>,
+    /// Bytes on disk while stopped, as the agent measured them.
+    pub disk_bytes: Option<u64>,
+    /// The wanted-state generation ([`ClusterIntent::gen`]) the agent had applied when it reported: the state,
+    /// reason, start mode and disk bytes are taken only when it is the current one (an older report describes
+    /// the cluster before the request: a stale `ready` must not end a reset); the VMs and events always are.
+    /// None: the control plane's own record, taken as it is.
+    pub applied_gen: Option<i64>,
+    /// The agent's own number of the last event in this report (None: unchanged).
+    pub reported_seq: Option<i64>,
+}
+
+/// What a control plane wants of a cluster (its agent's work), and how far the agent got. One row per
+/// cluster in both engines (schema: SQLite 5–9, PostgreSQL 4); on an agent's own store only `applied_gen` is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterIntent {
+    /// Bumped by every request the agent must act on: `up` of a cluster that is not ready, reset, stop, start.
+    pub gen: i64,
+    /// The `gen` of the last reset (0: none): an agent resets when it is above the `gen` it applied.
+    pub reset_gen: i64,
+    /// Stopped (`fcdev stop`) or running (`up`, `start`, reset).
+    pub want_running: bool,
+    /// The `gen` applied: on an agent, by itself (kept across its restarts, so a reset is never applied
+    /// twice); on a control plane, as its agent last reported.
+    pub applied_gen: i64,
+    /// On a control plane: the agent's own number of the last event it reported, so a restarted agent goes on
+    /// after it instead of sending its events again (0 again when the cluster moves to another host).
+    pub reported_seq: i64,
+}
+
+/// A request recorded by a control plane for a cluster's agent ([`StoreEngine::request_intent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Run (`up` of a cluster that is not ready, `start`).
+    Run,
+    /// Put back to the onboarding snapshot (and run).
+    Reset,
+    /// Stop (memory and disks to disk).
+    Stop,
 }
 
 /// A VM to create with its cluster: name and role from the image template.
@@ -491,6 +529,24 @@ pub trait StoreEngine: Send + Sync {
     ) -> StoreResult<Vec<EventRow>>;
     /// The VMs (JSON) last reported for a cluster; None before the first report.
     fn cluster_report(&self, id: i64) -> StoreResult<Option<String>>;
+    /// A cluster's wanted state and how far its agent got; None when the cluster is gone.
+    fn cluster_intent(&self, id: i64) -> StoreResult<Option<ClusterIntent>>;
+    /// The wanted state of every cluster of a namespace, by cluster id (one query: the agents' work reads it
+    /// every 200 ms while a poll is held).
+    fn intents_in(&self, ns_id: i64) -> StoreResult<Vec<(i64, ClusterIntent)>>;
+    /// A control plane records a request for the cluster's agent, in one transaction: `gen` + 1 (and
+    /// `reset_gen` for a reset), `want_running`, the cluster's state (reason cleared; with `forget_report` its
+    /// reported VMs too: it is made again elsewhere) and its event. `NotFound` when the cluster is gone.
+    fn request_intent(
+        &self,
+        id: i64,
+        intent: Intent,
+        state: ClusterState,
+        message: &str,
+        forget_report: bool,
+    ) -> StoreResult<(ClusterIntent, EventRow)>;
+    /// An agent notes the wanted-state generation it applied to its copy of a cluster.
+    fn set_applied_gen(&self, id: i64, gen: i64) -> StoreResult<()>;
     fn vms_in_namespace(&self, ns_id: i64) -> StoreResult<Vec<(String, VmRow)>>;
     fn set_vm_state(&self, id: i64, state: VmState, detail: Option<&str>) -> StoreResult<()>;
 

@@ -26,8 +26,9 @@ use ::postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Tran
 
 use super::{
     capacity_of, check_claim, hash_token, images_json, mac_for, new_host_token, new_token, to_i64,
-    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm,
-    PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+    ClusterIntent, ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, Intent,
+    NamespaceRow, NewVm, PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User,
+    VmRow,
 };
 use crate::api::{AgentHeartbeat, ClusterState, ReportedEvent, Subnet, VmState};
 use crate::server::alloc;
@@ -168,6 +169,14 @@ CREATE TABLE hosts (
 ALTER TABLE namespaces ADD COLUMN host_id BIGINT;
 ALTER TABLE clusters ADD COLUMN report TEXT;
 CREATE INDEX namespaces_host ON namespaces (host_id);
+"#,
+    // 4: a control plane's wanted state of a cluster and the generation its agent applied (`ClusterIntent`).
+    r#"
+ALTER TABLE clusters ADD COLUMN gen BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE clusters ADD COLUMN reset_gen BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE clusters ADD COLUMN want_running BOOLEAN NOT NULL DEFAULT TRUE;
+ALTER TABLE clusters ADD COLUMN applied_gen BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE clusters ADD COLUMN reported_seq BIGINT NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -665,6 +674,16 @@ fn clusters_of_user(c: &mut impl GenericClient, id: i64) -> StoreResult<i64> {
         &[&id],
     )?
     .try_get(0)?)
+}
+
+fn row_intent(r: &Row) -> StoreResult<ClusterIntent> {
+    Ok(ClusterIntent {
+        gen: r.try_get(0)?,
+        reset_gen: r.try_get(1)?,
+        want_running: r.try_get(2)?,
+        applied_gen: r.try_get(3)?,
+        reported_seq: r.try_get(4)?,
+    })
 }
 
 macro_rules! params {
@@ -1165,10 +1184,21 @@ impl StoreEngine for PgStore {
         let (report, events) = (report.clone(), events.to_vec());
         self.run(move |c| {
             transaction(c, |tx| {
+                // $6: the generation the agent applied (NULL: the control plane's own record). Only a report
+                // at the current generation sets the state.
                 let changed = tx.execute(
                     "UPDATE clusters SET
-                         updated_at = CASE WHEN state = $2 THEN updated_at ELSE fcdev_now() END,
-                         state = $2, reason = $3, start_mode = $4, report = $5
+                         updated_at = CASE WHEN state = $2 OR ($6::BIGINT IS NOT NULL AND gen > $6::BIGINT)
+                                      THEN updated_at ELSE fcdev_now() END,
+                         state = CASE WHEN $6::BIGINT IS NULL OR gen <= $6::BIGINT THEN $2 ELSE state END,
+                         reason = CASE WHEN $6::BIGINT IS NULL OR gen <= $6::BIGINT THEN $3 ELSE reason END,
+                         start_mode = CASE WHEN $6::BIGINT IS NULL OR gen <= $6::BIGINT THEN $4
+                                      ELSE start_mode END,
+                         disk_bytes = CASE WHEN $6::BIGINT IS NULL OR gen <= $6::BIGINT THEN $7::BIGINT
+                                      ELSE disk_bytes END,
+                         applied_gen = GREATEST(applied_gen, COALESCE($6::BIGINT, applied_gen)),
+                         reported_seq = COALESCE($8::BIGINT, reported_seq),
+                         report = $5
                      WHERE id = $1",
                     &[
                         &id,
@@ -1176,6 +1206,9 @@ impl StoreEngine for PgStore {
                         &report.reason,
                         &report.start_mode,
                         &report.vms_json,
+                        &report.applied_gen,
+                        &report.disk_bytes.map(to_i64),
+                        &report.reported_seq,
                     ],
                 )?;
                 if changed == 0 {
@@ -1198,6 +1231,72 @@ impl StoreEngine for PgStore {
                 |r| Ok(r.try_get::<_, Option<String>>(0)?),
             )?
             .flatten())
+    }
+
+    fn cluster_intent(&self, id: i64) -> StoreResult<Option<ClusterIntent>> {
+        self.opt(
+            "SELECT gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters WHERE id = $1".to_string(),
+            params![id],
+            row_intent,
+        )
+    }
+
+    fn intents_in(&self, ns_id: i64) -> StoreResult<Vec<(i64, ClusterIntent)>> {
+        self.all(
+            "SELECT gen, reset_gen, want_running, applied_gen, reported_seq, id FROM clusters
+             WHERE namespace_id = $1 ORDER BY id"
+                .to_string(),
+            params![ns_id],
+            |r| Ok((r.try_get(5)?, row_intent(r)?)),
+        )
+    }
+
+    fn request_intent(
+        &self,
+        id: i64,
+        intent: Intent,
+        state: ClusterState,
+        message: &str,
+        forget_report: bool,
+    ) -> StoreResult<(ClusterIntent, EventRow)> {
+        let message = message.to_string();
+        self.run(move |c| {
+            transaction(c, |tx| {
+                let Some(row) = tx.query_opt(
+                    "UPDATE clusters SET
+                         gen = gen + 1,
+                         reset_gen = CASE WHEN $2 THEN gen + 1 ELSE reset_gen END,
+                         want_running = $3,
+                         state = $4, reason = NULL, disk_bytes = NULL,
+                         report = CASE WHEN $5 THEN NULL ELSE report END,
+                         reported_seq = CASE WHEN $5 THEN 0 ELSE reported_seq END,
+                         updated_at = fcdev_now()
+                     WHERE id = $1
+                     RETURNING gen, reset_gen, want_running, applied_gen, reported_seq",
+                    &[
+                        &id,
+                        &(intent == Intent::Reset),
+                        &(intent != Intent::Stop),
+                        &state.as_str(),
+                        &forget_report,
+                    ],
+                )?
+                else {
+                    return Err(StoreError::NotFound(format!("cluster #{id}")));
+                };
+                let now = row_intent(&row)?;
+                let event = insert_event(tx, id, None, state.as_str(), &message)?;
+                Ok((now, event))
+            })
+        })
+    }
+
+    fn set_applied_gen(&self, id: i64, gen: i64) -> StoreResult<()> {
+        self.exec(
+            "UPDATE clusters SET applied_gen = $2 WHERE id = $1",
+            params![id, gen],
+        )?;
+        Ok(())
     }
 
     fn set_cluster_state_event(

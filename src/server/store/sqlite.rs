@@ -11,8 +11,9 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     capacity_of, check_claim, hash_token, images_json, mac_for, new_host_token, new_token, to_i64,
-    ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, NamespaceRow, NewVm,
-    PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User, VmRow,
+    ClusterIntent, ClusterMirror, ClusterRow, EventRow, HostRow, HostState, HubPeerRow, Intent,
+    NamespaceRow, NewVm, PeerRow, Removal, SnapshotRow, StoreEngine, StoreError, StoreResult, User,
+    VmRow,
 };
 use crate::api::{AgentHeartbeat, ClusterState, ReportedEvent, VmState};
 use crate::server::alloc;
@@ -334,6 +335,14 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE namespaces ADD COLUMN host_id INTEGER",
     // 4: the VMs a control plane's agent last reported for a cluster (JSON).
     "ALTER TABLE clusters ADD COLUMN report TEXT",
+    // 5–8: a control plane's wanted state of a cluster and the generation its agent applied (`ClusterIntent`;
+    // an agent's own copy keeps the generation it applied). One column each: a migration is one statement.
+    "ALTER TABLE clusters ADD COLUMN gen INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE clusters ADD COLUMN reset_gen INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE clusters ADD COLUMN want_running INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE clusters ADD COLUMN applied_gen INTEGER NOT NULL DEFAULT 0",
+    // 9: the agent's number of the last event it reported (`ClusterIntent::reported_seq`).
+    "ALTER TABLE clusters ADD COLUMN reported_seq INTEGER NOT NULL DEFAULT 0",
 ];
 
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
@@ -992,18 +1001,29 @@ impl StoreEngine for SqliteStore {
     ) -> StoreResult<Vec<EventRow>> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // ?6: the generation the agent applied (NULL: the control plane's own record). Only a report at the
+        // current generation sets the state.
         let changed = tx.execute(
             "UPDATE clusters SET
-                 updated_at = CASE WHEN state = ?2 THEN updated_at
+                 updated_at = CASE WHEN state = ?2 OR (?6 IS NOT NULL AND gen > ?6) THEN updated_at
                               ELSE strftime('%Y-%m-%dT%H:%M:%SZ','now') END,
-                 state = ?2, reason = ?3, start_mode = ?4, report = ?5
+                 state = CASE WHEN ?6 IS NULL OR gen <= ?6 THEN ?2 ELSE state END,
+                 reason = CASE WHEN ?6 IS NULL OR gen <= ?6 THEN ?3 ELSE reason END,
+                 start_mode = CASE WHEN ?6 IS NULL OR gen <= ?6 THEN ?4 ELSE start_mode END,
+                 disk_bytes = CASE WHEN ?6 IS NULL OR gen <= ?6 THEN ?7 ELSE disk_bytes END,
+                 applied_gen = MAX(applied_gen, COALESCE(?6, applied_gen)),
+                 reported_seq = COALESCE(?8, reported_seq),
+                 report = ?5
              WHERE id = ?1",
             params![
                 id,
                 report.state.as_str(),
                 report.reason,
                 report.start_mode,
-                report.vms_json
+                report.vms_json,
+                report.applied_gen,
+                report.disk_bytes.map(to_i64),
+                report.reported_seq
             ],
         )?;
         if changed == 0 {
@@ -1031,6 +1051,103 @@ impl StoreEngine for SqliteStore {
             })
             .optional()?
             .flatten())
+    }
+
+    fn cluster_intent(&self, id: i64) -> StoreResult<Option<ClusterIntent>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(ClusterIntent {
+                        gen: r.get(0)?,
+                        reset_gen: r.get(1)?,
+                        want_running: r.get::<_, i64>(2)? != 0,
+                        applied_gen: r.get(3)?,
+                        reported_seq: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn intents_in(&self, ns_id: i64) -> StoreResult<Vec<(i64, ClusterIntent)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters
+             WHERE namespace_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([ns_id], |r| {
+            Ok((
+                r.get(0)?,
+                ClusterIntent {
+                    gen: r.get(1)?,
+                    reset_gen: r.get(2)?,
+                    want_running: r.get::<_, i64>(3)? != 0,
+                    applied_gen: r.get(4)?,
+                    reported_seq: r.get(5)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn request_intent(
+        &self,
+        id: i64,
+        intent: Intent,
+        state: ClusterState,
+        message: &str,
+        forget_report: bool,
+    ) -> StoreResult<(ClusterIntent, EventRow)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE clusters SET
+                 gen = gen + 1,
+                 reset_gen = CASE WHEN ?2 THEN gen + 1 ELSE reset_gen END,
+                 want_running = ?3,
+                 state = ?4, reason = NULL, disk_bytes = NULL,
+                 report = CASE WHEN ?5 THEN NULL ELSE report END,
+                 reported_seq = CASE WHEN ?5 THEN 0 ELSE reported_seq END,
+                 updated_at = strftime('%Y-%m-%dT%H:%M:%SZ','now')
+             WHERE id = ?1",
+            params![
+                id,
+                intent == Intent::Reset,
+                intent != Intent::Stop,
+                state.as_str(),
+                forget_report
+            ],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("cluster #{id}")));
+        }
+        let now = tx.query_row(
+            "SELECT gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(ClusterIntent {
+                    gen: r.get(0)?,
+                    reset_gen: r.get(1)?,
+                    want_running: r.get::<_, i64>(2)? != 0,
+                    applied_gen: r.get(3)?,
+                    reported_seq: r.get(4)?,
+                })
+            },
+        )?;
+        let event = insert_event(&tx, id, None, state.as_str(), message)?;
+        tx.commit()?;
+        Ok((now, event))
+    }
+
+    fn set_applied_gen(&self, id: i64, gen: i64) -> StoreResult<()> {
+        self.conn().execute(
+            "UPDATE clusters SET applied_gen = ?2 WHERE id = ?1",
+            params![id, gen],
+        )?;
+        Ok(())
     }
 
     fn set_cluster_state_event(
