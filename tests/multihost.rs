@@ -779,8 +779,9 @@ impl Drop for NsProc {
 /// socket), the laptop another (`lap`), all on one bridge in a namespace of its own (`lan`). The laptop reaches
 /// a real VM through its host's hub (the peer config names that agent's address, not the control plane's);
 /// the host is killed (SIGKILL): the cluster is `lost` within the lease, `fcdev up` makes it again on the other
-/// host, the running `fcdev tunnel` follows by itself (new hub endpoint and key), and `fcdev status` says the
-/// exported wg-config must be exported again. Every packet stays in the namespaces this test makes.
+/// host, the running `fcdev tunnel`s follow by itself (new hub endpoint and key): the TUN-mode one of the laptop
+/// and the rootless one (proxy mode, a `-L` port forward) of the engineer's second machine; and `fcdev status`
+/// says the exported wg-config must be exported again. Every packet stays in the namespaces this test makes.
 #[test]
 fn a_laptop_follows_its_cluster_to_another_host_after_its_host_dies() {
     netns::require_root_and_tun();
@@ -928,6 +929,38 @@ fn a_laptop_follows_its_cluster_to_another_host_after_its_host_dies() {
         "the laptop did not reach n1 through host {first}'s hub: {page:?}\n{}",
         tunnel.log()
     );
+    // Alice's second machine (its own key and address in the namespace) runs a rootless tunnel: no TUN, a
+    // port forward to n1.
+    let laptop2 = lab::Laptop {
+        ns: nss.name("lap"),
+        cfg: tmp.path().join("alice-2"),
+        nss: &nss,
+        role: "lap",
+    };
+    laptop2.login(&control_url, &alice_token);
+    let mut rootless = NsProc::spawn(
+        &nss.name("lap"),
+        &[
+            "tunnel",
+            "--mode",
+            "proxy",
+            "--name",
+            "alice-second",
+            "--socks",
+            "127.0.0.1:1081",
+            "-L",
+            "8080:n1:80",
+        ],
+        &[("FCDEV_CONFIG_DIR", laptop2.cfg.to_str().unwrap())],
+        tmp.path().join("rootless.log"),
+    );
+    rootless.wait_for("Tunnel up (proxy mode)", Duration::from_secs(30));
+    let page = laptop.curl("http://127.0.0.1:8080/");
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("n1")),
+        "the rootless tunnel's -L 8080:n1:80 did not reach n1 on {first}: {page:?}\n{}",
+        rootless.log()
+    );
     // The VMs run on that host's agent, in its namespace.
     assert_eq!(lab::qemu_count(&data[vi]), 3);
     assert_eq!(lab::qemu_count(&data[1 - vi]), 0);
@@ -987,11 +1020,32 @@ fn a_laptop_follows_its_cluster_to_another_host_after_its_host_dies() {
         "{}",
         tunnel.log()
     );
+    let tun_followed = moved.elapsed();
+    // And so does the rootless one, its port forward on the same local port.
+    let page = netns::eventually(Duration::from_secs(60), || {
+        let o = nss.sh("lap", "curl -s --fail --max-time 3 http://127.0.0.1:8080/");
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    });
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("n1")),
+        "the rootless tunnel did not follow the cluster to {other}: {page:?}\n{}",
+        rootless.log()
+    );
+    assert!(
+        rootless.log().contains("the tunnel follows"),
+        "{}",
+        rootless.log()
+    );
     eprintln!(
-        "lost after {:?}; the tunnel followed {:?} after `up` returned\n--- tunnel ---\n{}",
+        "lost after {:?}; the TUN tunnel followed {:?} and the rootless one {:?} after `up` returned\n\
+         --- tunnel ---\n{}\n--- rootless tunnel ---\n{}",
         lost_after,
+        tun_followed,
         moved.elapsed(),
-        tunnel.log()
+        tunnel.log(),
+        rootless.log()
     );
 
     // An exported wg-config is stale now: status says to export it again.
@@ -1012,6 +1066,7 @@ fn a_laptop_follows_its_cluster_to_another_host_after_its_host_dies() {
     let text = laptop.ok(&["status"]);
     assert!(!text.contains("export it again"), "{text}");
     drop(tunnel);
+    drop(rootless);
     drop(agents);
     drop(control);
 }
