@@ -1153,9 +1153,23 @@ fn up_all(laptops: &[lab::Laptop<'_>]) -> Vec<serde_json::Value> {
                 .expect("spawn fcdev up")
         })
         .collect();
+    // Each in well under a minute even on a loaded machine; a hang fails the test instead of stalling it.
+    let deadline = Instant::now() + Duration::from_secs(120);
     children
         .into_iter()
-        .map(|c| {
+        .map(|mut c| {
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let out = c.wait_with_output().unwrap();
+                    panic!(
+                        "fcdev up did not return within 120 s: {}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
             let out = c.wait_with_output().unwrap();
             assert!(
                 out.status.success(),
@@ -1527,7 +1541,7 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
         );
     }
     eprintln!(
-        "{} clusters lost {:?} after the kill",
+        "{} clusters seen lost (polled one after the other) {:?} after the kill",
         lost.len(),
         killed.elapsed()
     );
