@@ -1120,7 +1120,7 @@ fn api(
     path: &str,
 ) -> serde_json::Value {
     let out = nss.sh(
-        "lap",
+        "xlap",
         &format!(
             "curl -s --max-time 3 -X {method} -H 'Authorization: Bearer {token}' {url}/v1{path}"
         ),
@@ -1221,8 +1221,9 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
         .collect();
     let _reaper = Reaper(data.clone());
 
-    let nss = netns::Namespaces::new(&["lan", "ctl", "h1", "h2", "h3", "lap"]);
-    let lan = nss.name("lan");
+    // Roles of their own (namespace names are per process and role: the other namespace test may run at once).
+    let nss = netns::Namespaces::new(&["xlan", "xctl", "xh1", "xh2", "xh3", "xlap"]);
+    let lan = nss.name("xlan");
     netns::must(&format!(
         "ip -n {lan} link add br0 type bridge && ip -n {lan} link set br0 up"
     ));
@@ -1234,7 +1235,7 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
         _ => format!("{NET}.2"),
     };
     for role in ["ctl", "h1", "h2", "h3", "lap"] {
-        let ns = nss.name(role);
+        let ns = nss.name(&format!("x{role}"));
         netns::must(&format!(
             "ip -n {lan} link add v{role} type veth peer name eth0 netns {ns} && \
              ip -n {lan} link set v{role} master br0 up && \
@@ -1247,7 +1248,7 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
     let listen = format!("{}:7070", addr("ctl"));
     let control_data = tmp.path().join("data-ctl");
     let mut control = spawn_control(
-        &nss.name("ctl"),
+        &nss.name("xctl"),
         &db,
         &listen,
         LEASE,
@@ -1264,7 +1265,7 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
             ("process", &process_images, "none")
         };
         let mut a = NsProc::spawn(
-            &nss.name(h),
+            &nss.name(&format!("x{h}")),
             &[
                 "server",
                 "--role",
@@ -1294,10 +1295,10 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
     // Alice: her cluster on the host with real VMs, her TUN-mode tunnel to its hub.
     let alice_token = add_user(&at, "alice");
     let alice = lab::Laptop {
-        ns: nss.name("lap"),
+        ns: nss.name("xlap"),
         cfg: tmp.path().join("alice"),
         nss: &nss,
-        role: "lap",
+        role: "xlap",
     };
     alice.login(&control_url, &alice_token);
     let up_alice: serde_json::Value = serde_json::from_str(&alice.ok(&["up", "--json"])).unwrap();
@@ -1305,7 +1306,7 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
     assert_eq!(up_alice["host"], "h1", "{up_alice}");
     let n1 = up_alice["vms"][0]["address"].as_str().unwrap().to_string();
     let mut tunnel = NsProc::spawn(
-        &nss.name("lap"),
+        &nss.name("xlap"),
         &["tunnel", "--mode", "tun"],
         &[("FCDEV_CONFIG_DIR", alice.cfg.to_str().unwrap())],
         tmp.path().join("tunnel.log"),
@@ -1324,10 +1325,10 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
         .collect();
     let laptops: Vec<lab::Laptop<'_>> = (0..ENGINEERS)
         .map(|i| lab::Laptop {
-            ns: nss.name("lap"),
+            ns: nss.name("xlap"),
             cfg: tmp.path().join(format!("eng{i}")),
             nss: &nss,
-            role: "lap",
+            role: "xlap",
         })
         .collect();
     for (l, t) in laptops.iter().zip(&tokens) {
@@ -1378,7 +1379,7 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = {
         let stop = stop.clone();
-        let ns = nss.name("lap");
+        let ns = nss.name("xlap");
         let target = format!("http://{n1}/");
         std::thread::spawn(move || {
             let t0 = Instant::now();
@@ -1415,12 +1416,12 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
     let down = Instant::now();
     let health = format!("curl -s --fail --max-time 2 {control_url}/v1/health");
     assert!(
-        !nss.sh("lap", &health).status.success(),
+        !nss.sh("xlap", &health).status.success(),
         "the control plane still answers"
     );
     std::thread::sleep(Duration::from_secs(LEASE + 1));
     control = spawn_control(
-        &nss.name("ctl"),
+        &nss.name("xctl"),
         &db,
         &listen,
         LEASE,
@@ -1557,10 +1558,10 @@ fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restar
         &lost
             .iter()
             .map(|&i| lab::Laptop {
-                ns: nss.name("lap"),
+                ns: nss.name("xlap"),
                 cfg: laptops[i].cfg.clone(),
                 nss: &nss,
-                role: "lap",
+                role: "xlap",
             })
             .collect::<Vec<_>>(),
     );
