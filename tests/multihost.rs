@@ -779,8 +779,9 @@ impl Drop for NsProc {
 /// socket), the laptop another (`lap`), all on one bridge in a namespace of its own (`lan`). The laptop reaches
 /// a real VM through its host's hub (the peer config names that agent's address, not the control plane's);
 /// the host is killed (SIGKILL): the cluster is `lost` within the lease, `fcdev up` makes it again on the other
-/// host, the running `fcdev tunnel` follows by itself (new hub endpoint and key), and `fcdev status` says the
-/// exported wg-config must be exported again. Every packet stays in the namespaces this test makes.
+/// host, the running `fcdev tunnel`s follow by itself (new hub endpoint and key): the TUN-mode one of the laptop
+/// and the rootless one (proxy mode, a `-L` port forward) of the engineer's second machine; and `fcdev status`
+/// says the exported wg-config must be exported again. Every packet stays in the namespaces this test makes.
 #[test]
 fn a_laptop_follows_its_cluster_to_another_host_after_its_host_dies() {
     netns::require_root_and_tun();
@@ -928,6 +929,38 @@ fn a_laptop_follows_its_cluster_to_another_host_after_its_host_dies() {
         "the laptop did not reach n1 through host {first}'s hub: {page:?}\n{}",
         tunnel.log()
     );
+    // Alice's second machine (its own key and address in the namespace) runs a rootless tunnel: no TUN, a
+    // port forward to n1.
+    let laptop2 = lab::Laptop {
+        ns: nss.name("lap"),
+        cfg: tmp.path().join("alice-2"),
+        nss: &nss,
+        role: "lap",
+    };
+    laptop2.login(&control_url, &alice_token);
+    let mut rootless = NsProc::spawn(
+        &nss.name("lap"),
+        &[
+            "tunnel",
+            "--mode",
+            "proxy",
+            "--name",
+            "alice-second",
+            "--socks",
+            "127.0.0.1:1081",
+            "-L",
+            "8080:n1:80",
+        ],
+        &[("FCDEV_CONFIG_DIR", laptop2.cfg.to_str().unwrap())],
+        tmp.path().join("rootless.log"),
+    );
+    rootless.wait_for("Tunnel up (proxy mode)", Duration::from_secs(30));
+    let page = laptop.curl("http://127.0.0.1:8080/");
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("n1")),
+        "the rootless tunnel's -L 8080:n1:80 did not reach n1 on {first}: {page:?}\n{}",
+        rootless.log()
+    );
     // The VMs run on that host's agent, in its namespace.
     assert_eq!(lab::qemu_count(&data[vi]), 3);
     assert_eq!(lab::qemu_count(&data[1 - vi]), 0);
@@ -987,11 +1020,32 @@ fn a_laptop_follows_its_cluster_to_another_host_after_its_host_dies() {
         "{}",
         tunnel.log()
     );
+    let tun_followed = moved.elapsed();
+    // And so does the rootless one, its port forward on the same local port.
+    let page = netns::eventually(Duration::from_secs(60), || {
+        let o = nss.sh("lap", "curl -s --fail --max-time 3 http://127.0.0.1:8080/");
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    });
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("n1")),
+        "the rootless tunnel did not follow the cluster to {other}: {page:?}\n{}",
+        rootless.log()
+    );
+    assert!(
+        rootless.log().contains("the tunnel follows"),
+        "{}",
+        rootless.log()
+    );
     eprintln!(
-        "lost after {:?}; the tunnel followed {:?} after `up` returned\n--- tunnel ---\n{}",
+        "lost after {:?}; the TUN tunnel followed {:?} and the rootless one {:?} after `up` returned\n\
+         --- tunnel ---\n{}\n--- rootless tunnel ---\n{}",
         lost_after,
+        tun_followed,
         moved.elapsed(),
-        tunnel.log()
+        tunnel.log(),
+        rootless.log()
     );
 
     // An exported wg-config is stale now: status says to export it again.
@@ -1011,6 +1065,517 @@ fn a_laptop_follows_its_cluster_to_another_host_after_its_host_dies() {
     laptop.ok(&["tunnel", "--wg-config", conf.to_str().unwrap()]);
     let text = laptop.ok(&["status"]);
     assert!(!text.contains("export it again"), "{text}");
+    drop(tunnel);
+    drop(rootless);
+    drop(agents);
+    drop(control);
+}
+
+// ---- three hosts, twenty engineers, a dead host and a control plane restart, in namespaces ----
+
+/// `fcdev server --role control` in namespace `ns` on PostgreSQL (its unix socket: no network), its log in
+/// `log` (a new file per start, so `listening on` is this start's).
+fn spawn_control(
+    ns: &str,
+    db: &str,
+    listen: &str,
+    lease: u64,
+    data: &Path,
+    log: PathBuf,
+) -> NsProc {
+    let lease = lease.to_string();
+    let mut control = NsProc::spawn(
+        ns,
+        &[
+            "server",
+            "--role",
+            "control",
+            "--database",
+            db,
+            "--listen",
+            listen,
+            "--host-lease",
+            &lease,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+        log,
+    );
+    control.wait_for("listening on", Duration::from_secs(30));
+    control
+}
+
+/// GET `path` of the API as `token`, with curl inside the laptop namespace; Null when it does not answer.
+fn api_get(nss: &netns::Namespaces, url: &str, token: &str, path: &str) -> serde_json::Value {
+    api(nss, "GET", url, token, path)
+}
+
+/// `method` `path` of the API as `token`, with curl inside the laptop namespace; Null when it does not answer.
+fn api(
+    nss: &netns::Namespaces,
+    method: &str,
+    url: &str,
+    token: &str,
+    path: &str,
+) -> serde_json::Value {
+    let out = nss.sh(
+        "xlap",
+        &format!(
+            "curl -s --max-time 3 -X {method} -H 'Authorization: Bearer {token}' {url}/v1{path}"
+        ),
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// The pids in the VM pid files under `DATA/vms` (process backend or qemu), sorted.
+fn vm_pid_files(data: &Path) -> Vec<String> {
+    let mut pids: Vec<String> = ["vm.pid", "qemu.pid"]
+        .iter()
+        .flat_map(|f| common::find_files(&data.join("vms"), f))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// `fcdev up --image ptiny --json` of these engineers at once (each its own laptop config); their clusters.
+fn up_all(laptops: &[lab::Laptop<'_>]) -> Vec<serde_json::Value> {
+    let children: Vec<Child> = laptops
+        .iter()
+        .map(|l| {
+            l.fcdev(&["up", "--image", "ptiny", "--json"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn fcdev up")
+        })
+        .collect();
+    // Each in well under a minute even on a loaded machine; a hang fails the test instead of stalling it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    children
+        .into_iter()
+        .map(|mut c| {
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let out = c.wait_with_output().unwrap();
+                    panic!(
+                        "fcdev up did not return within 120 s: {}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "fcdev up: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            json(&out.stdout)
+        })
+        .collect()
+}
+
+/// The issue's multi-host run at its size, every host a network namespace on one bridge: `h1` an agent with
+/// real VMs (the image `tiny`), `h2` and `h3` agents with the process backend (the image `ptiny`), the control
+/// plane in `ctl` on PostgreSQL, the laptops in `lap`. Alice's cluster runs on h1 and her TUN-mode tunnel goes to
+/// h1's hub; twenty engineers `fcdev up` at once and land on h2 and h3. The control plane is killed (SIGKILL),
+/// stays down longer than a lease and starts again: nothing is lost (host rows, namespaces, peers, clusters and
+/// their hosts, not one VM restarted) and alice's traffic, which never passes through the control plane, flows
+/// the whole time. Then the host of the first engineer's cluster is killed: its clusters go `lost` within the
+/// lease, the others stay `ready`, and `fcdev up` makes them again on the remaining process host.
+#[test]
+fn twenty_engineers_on_three_hosts_keep_everything_across_a_control_plane_restart_and_leave_a_dead_host(
+) {
+    netns::require_root_and_tun();
+    lab::require_vm_tools();
+    const LEASE: u64 = 3;
+    const NET: &str = "192.168.94";
+    const ENGINEERS: usize = 20;
+    const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+    let image = lab::tiny_image();
+    let db = pg::shared().database();
+    let at = ["--database", db.as_str()];
+    let tmp = tempfile::tempdir().unwrap();
+    // h1's catalog: the real tiny image; h2's and h3's: the process-backend template, named `ptiny`.
+    let vm_images = tmp.path().join("images-vm");
+    std::fs::create_dir_all(&vm_images).unwrap();
+    std::os::unix::fs::symlink(&image, vm_images.join("tiny")).unwrap();
+    let process_images = tmp.path().join("images-process");
+    std::fs::create_dir_all(process_images.join("ptiny")).unwrap();
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/process-tiny.toml"),
+    )
+    .unwrap()
+    .replace("name = \"tiny\"", "name = \"ptiny\"");
+    std::fs::write(process_images.join("ptiny/image.toml"), template).unwrap();
+    let data: Vec<PathBuf> = HOSTS
+        .iter()
+        .map(|h| tmp.path().join(format!("data-{h}")))
+        .collect();
+    let _reaper = Reaper(data.clone());
+
+    // Roles of their own (namespace names are per process and role: the other namespace test may run at once).
+    let nss = netns::Namespaces::new(&["xlan", "xctl", "xh1", "xh2", "xh3", "xlap"]);
+    let lan = nss.name("xlan");
+    netns::must(&format!(
+        "ip -n {lan} link add br0 type bridge && ip -n {lan} link set br0 up"
+    ));
+    let addr = |role: &str| match role {
+        "ctl" => format!("{NET}.1"),
+        "h1" => format!("{NET}.11"),
+        "h2" => format!("{NET}.12"),
+        "h3" => format!("{NET}.13"),
+        _ => format!("{NET}.2"),
+    };
+    for role in ["ctl", "h1", "h2", "h3", "lap"] {
+        let ns = nss.name(&format!("x{role}"));
+        netns::must(&format!(
+            "ip -n {lan} link add v{role} type veth peer name eth0 netns {ns} && \
+             ip -n {lan} link set v{role} master br0 up && \
+             ip -n {ns} addr add {}/24 dev eth0 && ip -n {ns} link set eth0 up",
+            addr(role)
+        ));
+    }
+
+    let control_url = format!("http://{}:7070", addr("ctl"));
+    let listen = format!("{}:7070", addr("ctl"));
+    let control_data = tmp.path().join("data-ctl");
+    let mut control = spawn_control(
+        &nss.name("xctl"),
+        &db,
+        &listen,
+        LEASE,
+        &control_data,
+        tmp.path().join("control-1.log"),
+    );
+    let mut agents: Vec<NsProc> = Vec::new();
+    for (i, h) in HOSTS.iter().enumerate() {
+        let token = add_host(&at, h);
+        let hub = format!("{}:51820", addr(h));
+        let (backend, images, tun) = if *h == "h1" {
+            ("qemu", &vm_images, "fcdevhub")
+        } else {
+            ("process", &process_images, "none")
+        };
+        let mut a = NsProc::spawn(
+            &nss.name(&format!("x{h}")),
+            &[
+                "server",
+                "--role",
+                "agent",
+                "--control",
+                &control_url,
+                "--host-name",
+                h,
+                "--hub-listen",
+                &hub,
+                "--hub-tun",
+                tun,
+                "--backend",
+                backend,
+                "--data-dir",
+                data[i].to_str().unwrap(),
+                "--images",
+                images.to_str().unwrap(),
+            ],
+            &[("FCDEV_HOST_TOKEN", token.as_str())],
+            tmp.path().join(format!("agent-{h}.log")),
+        );
+        a.wait_for("registered with", Duration::from_secs(30));
+        agents.push(a);
+    }
+
+    // Alice: her cluster on the host with real VMs, her TUN-mode tunnel to its hub.
+    let alice_token = add_user(&at, "alice");
+    let alice = lab::Laptop {
+        ns: nss.name("xlap"),
+        cfg: tmp.path().join("alice"),
+        nss: &nss,
+        role: "xlap",
+    };
+    alice.login(&control_url, &alice_token);
+    let up_alice: serde_json::Value = serde_json::from_str(&alice.ok(&["up", "--json"])).unwrap();
+    assert_eq!(up_alice["state"], "ready", "{up_alice}");
+    assert_eq!(up_alice["host"], "h1", "{up_alice}");
+    let n1 = up_alice["vms"][0]["address"].as_str().unwrap().to_string();
+    let mut tunnel = NsProc::spawn(
+        &nss.name("xlap"),
+        &["tunnel", "--mode", "tun"],
+        &[("FCDEV_CONFIG_DIR", alice.cfg.to_str().unwrap())],
+        tmp.path().join("tunnel.log"),
+    );
+    tunnel.wait_for("Tunnel up", Duration::from_secs(30));
+    let page = alice.curl(&format!("http://{n1}/"));
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("n1")),
+        "alice did not reach n1 through h1's hub: {page:?}\n{}",
+        tunnel.log()
+    );
+
+    // Twenty engineers, each on a laptop of their own (a config dir), `fcdev up` at once.
+    let tokens: Vec<String> = (0..ENGINEERS)
+        .map(|i| add_user(&at, &format!("eng{i}")))
+        .collect();
+    let laptops: Vec<lab::Laptop<'_>> = (0..ENGINEERS)
+        .map(|i| lab::Laptop {
+            ns: nss.name("xlap"),
+            cfg: tmp.path().join(format!("eng{i}")),
+            nss: &nss,
+            role: "xlap",
+        })
+        .collect();
+    for (l, t) in laptops.iter().zip(&tokens) {
+        l.login(&control_url, t);
+    }
+    let started = Instant::now();
+    let ups = up_all(&laptops);
+    eprintln!(
+        "{ENGINEERS} engineers up at once in {:?}",
+        started.elapsed()
+    );
+    let mut on: Vec<String> = Vec::new();
+    for c in &ups {
+        assert_eq!(c["state"], "ready", "{c}");
+        assert_eq!(c["vms"].as_array().unwrap().len(), 3, "{c}");
+        let h = c["host"].as_str().unwrap().to_string();
+        assert!(h == "h2" || h == "h3", "ptiny placed on {h}: {c}");
+        on.push(h);
+    }
+    let count_on = |h: &str| on.iter().filter(|x| x.as_str() == h).count();
+    assert_eq!(vm_pid_files(&data[1]).len(), 3 * count_on("h2"));
+    assert_eq!(vm_pid_files(&data[2]).len(), 3 * count_on("h3"));
+    assert_eq!(lab::qemu_count(&data[0]), 3);
+
+    // What must survive the control plane's restart.
+    let hosts_before = hosts(&at);
+    let alice_before = alice.status();
+    assert_eq!(
+        alice_before["peers"].as_array().unwrap().len(),
+        1,
+        "{alice_before}"
+    );
+    let clusters_before: Vec<serde_json::Value> = tokens
+        .iter()
+        .map(|t| api_get(&nss, &control_url, t, "/clusters/dev"))
+        .collect();
+    // Their namespaces (`PUT /v1/namespace` returns the engineer's namespace, made at the first `up`).
+    let namespaces_before: Vec<serde_json::Value> = tokens
+        .iter()
+        .map(|t| api(&nss, "PUT", &control_url, t, "/namespace"))
+        .collect();
+    for (ns, h) in namespaces_before.iter().zip(&on) {
+        assert_eq!(ns["hub_endpoint"], format!("{}:51820", addr(h)), "{ns}");
+    }
+    let pids_before: Vec<Vec<String>> = data.iter().map(|d| vm_pid_files(d)).collect();
+
+    // Alice's traffic, all along: a request to n1 every 200 ms.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        let ns = nss.name("xlap");
+        let target = format!("http://{n1}/");
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let o = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &ns,
+                        "curl",
+                        "-s",
+                        "--fail",
+                        "--max-time",
+                        "3",
+                    ])
+                    .arg(&target)
+                    .output()
+                    .unwrap();
+                if o.status.success() && String::from_utf8_lossy(&o.stdout).contains("n1") {
+                    ok += 1;
+                } else {
+                    failed.push(t0.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (ok, failed)
+        })
+    };
+
+    // The control plane dies, stays down longer than a lease, and starts again.
+    std::thread::sleep(Duration::from_secs(1));
+    control.kill9();
+    let down = Instant::now();
+    let health = format!("curl -s --fail --max-time 2 {control_url}/v1/health");
+    assert!(
+        !nss.sh("xlap", &health).status.success(),
+        "the control plane still answers"
+    );
+    std::thread::sleep(Duration::from_secs(LEASE + 1));
+    control = spawn_control(
+        &nss.name("xctl"),
+        &db,
+        &listen,
+        LEASE,
+        &control_data,
+        tmp.path().join("control-2.log"),
+    );
+    let restarted = Instant::now();
+    eprintln!("the control plane was down {:?}", down.elapsed());
+    // Every agent heartbeats to the new one (a heartbeat since it started); its long poll for work gets the same work back.
+    let all_live = netns::eventually(Duration::from_secs(15), || {
+        let list = hosts(&at);
+        HOSTS
+            .iter()
+            .all(|h| {
+                let h = host(&list, h);
+                h["state"] == "live"
+                    && h["heartbeat_age_ms"].as_i64().unwrap_or(i64::MAX)
+                        < restarted.elapsed().as_millis() as i64
+            })
+            .then_some(list)
+    });
+    assert!(
+        all_live.is_some(),
+        "not every agent came back: {}",
+        hosts(&at)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.join().unwrap();
+    assert!(
+        failed.is_empty() && ok >= 10,
+        "alice's traffic stopped while the control plane restarted: {ok} answers, failures at {failed:?}\n{}",
+        tunnel.log()
+    );
+    assert!(!tunnel.log().contains("follows"), "{}", tunnel.log());
+
+    // Nothing lost: hosts, namespaces, peers, clusters, and not one VM restarted.
+    let hosts_after = hosts(&at);
+    for h in HOSTS {
+        for field in ["created_at", "hub_endpoint", "hub_public_key"] {
+            assert_eq!(
+                host(&hosts_after, h)[field],
+                host(&hosts_before, h)[field],
+                "{h} {field}: {hosts_after}"
+            );
+        }
+        assert_eq!(host(&hosts_after, h)["state"], "live", "{hosts_after}");
+    }
+    let alice_after = alice.status();
+    assert_eq!(
+        alice_after["namespace"], alice_before["namespace"],
+        "{alice_after}"
+    );
+    let peer_ids =
+        |s: &serde_json::Value| -> Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> {
+            s["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    (
+                        p["id"].clone(),
+                        p["public_key"].clone(),
+                        p["address"].clone(),
+                    )
+                })
+                .collect()
+        };
+    assert_eq!(
+        peer_ids(&alice_after),
+        peer_ids(&alice_before),
+        "{alice_after}"
+    );
+    assert_eq!(
+        alice_after["clusters"][0]["state"], "ready",
+        "{alice_after}"
+    );
+    assert_eq!(alice_after["clusters"][0]["host"], "h1", "{alice_after}");
+    for ((t, before), ns_before) in tokens.iter().zip(&clusters_before).zip(&namespaces_before) {
+        let c = api_get(&nss, &control_url, t, "/clusters/dev");
+        for field in ["state", "host", "created_at", "image"] {
+            assert_eq!(c[field], before[field], "{field}: {c}");
+        }
+        assert_eq!(c["vms"], before["vms"], "{c}");
+        let ns = api(&nss, "PUT", &control_url, t, "/namespace");
+        assert_eq!(&ns, ns_before);
+    }
+    let pids_after: Vec<Vec<String>> = data.iter().map(|d| vm_pid_files(d)).collect();
+    assert_eq!(pids_after, pids_before, "VMs were restarted");
+
+    // The host of the first engineer's cluster dies (past the new control plane's start-up grace of a lease).
+    std::thread::sleep(Duration::from_secs(LEASE + 1).saturating_sub(restarted.elapsed()));
+    let victim = on[0].clone();
+    let survivor = if victim == "h2" { "h3" } else { "h2" };
+    let vi = HOSTS.iter().position(|h| *h == victim).unwrap();
+    agents[vi].kill9();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_millis(LEASE * 1000 + 3000);
+    let lost: Vec<usize> = (0..ENGINEERS).filter(|i| on[*i] == victim).collect();
+    for &i in &lost {
+        let c = loop {
+            let c = api_get(&nss, &control_url, &tokens[i], "/clusters/dev");
+            if c["state"] == "lost" {
+                break c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "eng{i} not lost within the lease: {c}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            c["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("host {victim} is lost")),
+            "{c}"
+        );
+    }
+    eprintln!(
+        "{} clusters seen lost (polled one after the other) {:?} after the kill",
+        lost.len(),
+        killed.elapsed()
+    );
+    assert_eq!(host(&hosts(&at), &victim)["state"], "lost");
+    for i in (0..ENGINEERS).filter(|i| on[*i] != victim) {
+        let c = api_get(&nss, &control_url, &tokens[i], "/clusters/dev");
+        assert_eq!(c["state"], "ready", "{c}");
+    }
+    assert_eq!(alice.status()["clusters"][0]["state"], "ready");
+
+    // `fcdev up` makes them again, all at once, on the other process host (h1 lacks the image).
+    let again = up_all(
+        &lost
+            .iter()
+            .map(|&i| lab::Laptop {
+                ns: nss.name("xlap"),
+                cfg: laptops[i].cfg.clone(),
+                nss: &nss,
+                role: "xlap",
+            })
+            .collect::<Vec<_>>(),
+    );
+    for c in &again {
+        assert_eq!(c["state"], "ready", "{c}");
+        assert_eq!(c["host"], survivor, "{c}");
+    }
+    let si = HOSTS.iter().position(|h| *h == survivor).unwrap();
+    assert_eq!(vm_pid_files(&data[si]).len(), 3 * ENGINEERS);
+    let page = alice.curl(&format!("http://{n1}/"));
+    assert!(
+        page.as_deref().is_some_and(|p| p.contains("n1")),
+        "{page:?}"
+    );
     drop(tunnel);
     drop(agents);
     drop(control);
