@@ -4,59 +4,21 @@
 
 mod common;
 mod lab;
+#[path = "common/multihost.rs"]
+mod multihost;
 mod netns;
 #[path = "common/pg.rs"]
 mod pg;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{fcdev_bin, json, TestServer, TINY_TOML};
-
-/// `fcdev server host …` with these store arguments (`--data-dir D` or `--database URL`).
-fn host_cmd(at: &[&str], args: &[&str]) -> std::process::Output {
-    Command::new(fcdev_bin())
-        .args(["server", "host"])
-        .args(args)
-        .args(at)
-        .env_remove("FCDEV_DATABASE")
-        .env_remove("FCDEV_DATA_DIR")
-        .output()
-        .expect("run fcdev server host")
-}
-
-fn add_host(at: &[&str], name: &str) -> String {
-    let out = host_cmd(at, &["add", name, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = json(&out.stdout);
-    assert_eq!(v["name"], name);
-    v["token"].as_str().expect("a token").to_string()
-}
-
-fn hosts(at: &[&str]) -> serde_json::Value {
-    let out = host_cmd(at, &["list", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    json(&out.stdout)
-}
-
-fn host<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == name)
-        .unwrap_or_else(|| panic!("no host {name} in {list}"))
-}
+use common::{fcdev_bin, json};
+use multihost::{
+    add_host, add_user, cluster, host, host_cmd, hosts, wait_state, Agent, Control, Reaper,
+};
 
 /// add, list, a second add of the name, revoke, revoke again, revoke of an unknown host.
 fn host_admin_commands_work(at: &[&str]) {
@@ -114,187 +76,6 @@ fn host_add_list_revoke_on_postgres() {
 }
 
 // ---- a control plane and its agents ----
-
-/// A control plane (`--role control`) on a fresh PostgreSQL database, with this lease.
-struct Control {
-    server: TestServer,
-    url: String,
-}
-
-impl Control {
-    fn start(lease_secs: u64) -> Control {
-        let url = pg::shared().database();
-        let lease = lease_secs.to_string();
-        let server = TestServer::start_with(
-            &[],
-            &[
-                "--role",
-                "control",
-                "--database",
-                &url,
-                "--host-lease",
-                &lease,
-            ],
-        );
-        Control { server, url }
-    }
-
-    fn at(&self) -> [&str; 2] {
-        ["--database", &self.url]
-    }
-
-    fn hosts(&self) -> serde_json::Value {
-        hosts(&self.at())
-    }
-
-    fn state_of(&self, name: &str) -> String {
-        host(&self.hosts(), name)["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-}
-
-/// An agent process (`--role agent`); killed when dropped.
-struct Agent {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    registered: mpsc::Receiver<String>,
-    data: PathBuf,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Agent {
-    /// Start an agent for `name` with `token`, its data dir in `data` (a fresh one when None), the tiny image
-    /// in its catalog.
-    fn start(control: &str, name: &str, token: &str, data: Option<&Path>) -> Agent {
-        let (dir, data): (Option<tempfile::TempDir>, PathBuf) = match data {
-            Some(d) => (None, d.to_path_buf()),
-            None => {
-                let t = tempfile::tempdir().unwrap();
-                let p = t.path().to_path_buf();
-                (Some(t), p)
-            }
-        };
-        let images = data.join("images").join("tiny");
-        std::fs::create_dir_all(&images).unwrap();
-        std::fs::write(images.join("image.toml"), TINY_TOML).unwrap();
-        let mut child = Command::new(fcdev_bin())
-            .args([
-                "server",
-                "--role",
-                "agent",
-                "--control",
-                control,
-                "--host-name",
-                name,
-            ])
-            .args(["--hub-listen", "127.0.0.1:0", "--hub-tun", "none"])
-            .args(["--backend", "process"])
-            .arg("--data-dir")
-            .arg(&data)
-            .env("FCDEV_HOST_TOKEN", token)
-            .env_remove("FCDEV_DATABASE")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the agent");
-        let (tx, registered) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("registered with") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Agent {
-            child,
-            stderr,
-            registered,
-            data: data.clone(),
-            _dir: dir,
-        }
-    }
-
-    /// Wait until the agent says it registered; panics with its stderr when it exits first.
-    fn wait_registered(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self
-                .registered
-                .recv_timeout(Duration::from_millis(100))
-                .is_ok()
-            {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the agent exited ({status}): {}", self.stderr());
-            }
-        }
-        panic!("the agent did not register: {}", self.stderr());
-    }
-
-    /// Wait for the agent to exit: its exit status and stderr.
-    fn wait_exit(&mut self, within: Duration) -> (std::process::ExitStatus, String) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                // Let the stderr thread take the last bytes.
-                std::thread::sleep(Duration::from_millis(100));
-                return (status, self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the agent still runs after {within:?}: {}", self.stderr());
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill9();
-        // A data dir of its own is never reused by another agent: its VMs go with it (a killed agent's
-        // process-backend VMs outlive it, as qemu would).
-        if self._dir.is_some() {
-            common::kill_vms(&self.data);
-        }
-    }
-}
-
-/// Kills the VMs left in data dirs shared by successive agents, once the agents are gone (declare it after the
-/// dirs and before the agents: locals drop in reverse order).
-struct Reaper(Vec<PathBuf>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            common::kill_vms(d);
-        }
-    }
-}
 
 #[test]
 fn an_agent_registers_and_reports_its_hub_and_capacity() {
@@ -513,28 +294,6 @@ fn a_control_plane_restart_loses_no_host_rows() {
 
 // ---- placement, work on the agents, host loss ----
 
-/// `fcdev server user add NAME` on the control plane's database: the engineer's token.
-fn add_user(at: &[&str], name: &str) -> String {
-    let out = Command::new(fcdev_bin())
-        .args(["server", "user", "add", name])
-        .args(at)
-        .env_remove("FCDEV_DATABASE")
-        .output()
-        .expect("run fcdev server user add");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn cluster(url: &str, token: &str) -> serde_json::Value {
-    let (code, body) = common::http(url, "GET", "/v1/clusters/dev", Some(token), None);
-    assert_eq!(code, 200, "{body}");
-    json(body.as_bytes())
-}
-
 fn up(url: &str, token: &str) -> serde_json::Value {
     let (code, body) = common::http(
         url,
@@ -545,22 +304,6 @@ fn up(url: &str, token: &str) -> serde_json::Value {
     );
     assert!(code == 202 || code == 200, "{code} {body}");
     json(body.as_bytes())
-}
-
-/// Wait until the engineer's cluster `dev` is in `state`; its view.
-fn wait_state(url: &str, token: &str, state: &str, within: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let c = cluster(url, token);
-        if c["state"] == state {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not {state} after {within:?}: {c}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn vm_pids(data: &Path) -> usize {

@@ -194,6 +194,20 @@ impl Agent {
         panic!("the agent did not register: {}", self.stderr());
     }
 
+    /// Wait for the agent to exit: its exit status and stderr.
+    pub fn wait_exit(&mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the stderr thread take the last bytes.
+                std::thread::sleep(Duration::from_millis(100));
+                return (status, self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the agent still runs after {within:?}: {}", self.stderr());
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
