@@ -233,3 +233,169 @@ fn reset_or_stop_of_a_lost_hosts_cluster_says_up_recreates_it() {
         "lost"
     );
 }
+
+/// `fcdev ARGS` on alice's laptop as a plain process (to read its output while it runs).
+fn spawn_fcdev(control: &Control, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(common::fcdev_bin())
+        .args(args)
+        .env("FCDEV_CONFIG_DIR", control.server.config_dir())
+        .env("FCDEV_DATA_DIR", control.server.data_dir())
+        .env_remove("FCDEV_PROFILE")
+        .env_remove("FCDEV_SERVER")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("fcdev")
+}
+
+/// Whether a process runs (and is not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .and_then(|(_, r)| r.split_whitespace().next().map(|st| st != "Z"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn exec_through_a_control_plane_runs_on_the_agent_streams_and_passes_the_exit_code() {
+    use std::io::Read;
+    let (control, agent, _) = one_host_with_a_cluster(15, None);
+    // A line, a pause, more lines: the first arrives before the command ends. `pwd`: the process backend runs
+    // it in the VM's run dir on the agent's host.
+    let t0 = Instant::now();
+    let mut child = spawn_fcdev(
+        &control,
+        &[
+            "exec",
+            "n1",
+            "--",
+            "echo tick1; sleep 1.5; echo tick2 >&2; pwd; exit 7",
+        ],
+    );
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 6];
+    stdout.read_exact(&mut first).expect("the first line");
+    let first_at = t0.elapsed();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let all_at = t0.elapsed();
+    assert_eq!(&first, b"tick1\n");
+    assert_eq!(status.code(), Some(7), "the command's exit code: {rest}");
+    let mut lines = rest.lines();
+    assert_eq!(lines.next(), Some("tick2"), "{rest}");
+    let pwd = PathBuf::from(lines.next().expect("pwd"));
+    assert!(
+        pwd.starts_with(agent.data.join("vms")) && pwd.ends_with("n1"),
+        "ran in n1's run dir on the agent: {pwd:?}"
+    );
+    assert!(
+        all_at - first_at >= Duration::from_millis(1000),
+        "output streamed: first line at {first_at:?}, end at {all_at:?}"
+    );
+
+    // Success is exit 0; words are quoted for the shell as on one host.
+    let out = control
+        .server
+        .fcdev()
+        .args(["exec", "f1", "--", "printf", "%s|", "it's", "two words"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    assert_eq!(String::from_utf8_lossy(&out), "it's|two words|");
+
+    // An unknown VM: 404 naming the VMs there are, exit 4.
+    control
+        .server
+        .fcdev()
+        .args(["exec", "zz9", "--", "true"])
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains("n1, f1, m1"));
+    let (code, body) = common::http(
+        &control.server.url,
+        "POST",
+        "/v1/clusters/dev/vms/zz9/exec",
+        Some(&control.server.token),
+        Some(r#"{"command": "true"}"#),
+    );
+    assert_eq!(code, 404, "{body}");
+}
+
+#[test]
+fn a_laptop_that_hangs_up_stops_its_command_on_the_agent() {
+    use std::io::{BufRead, BufReader};
+    let (control, _agent, _) = one_host_with_a_cluster(15, None);
+    let mut child = spawn_fcdev(
+        &control,
+        &[
+            "exec",
+            "n1",
+            "--",
+            "echo $$; while :; do echo x; sleep 0.2; done",
+        ],
+    );
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let pid: i32 = line.trim().parse().expect("the shell's pid");
+    assert!(alive(pid));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the command on the agent still runs after its laptop hung up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn exec_on_a_lost_hosts_cluster_says_up_recreates_it() {
+    const LEASE: u64 = 2;
+    let (control, mut agent, _) = one_host_with_a_cluster(LEASE, None);
+    std::thread::sleep(Duration::from_secs(LEASE + 1));
+    agent.kill9();
+    wait_state(
+        &control.server.url,
+        &control.server.token,
+        "lost",
+        Duration::from_secs(LEASE + 3),
+    );
+    let started = Instant::now();
+    control
+        .server
+        .fcdev()
+        .args(["exec", "n1", "--", "true"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("on host h1, which is lost"))
+        .stderr(predicate::str::contains(
+            "`fcdev up` re-creates the cluster on another host",
+        ));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered at once"
+    );
+    let (code, body) = common::http(
+        &control.server.url,
+        "POST",
+        "/v1/clusters/dev/vms/n1/exec",
+        Some(&control.server.token),
+        Some(r#"{"command": "true"}"#),
+    );
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(
+        json(body.as_bytes())["error"]["code"],
+        "host_lost",
+        "{body}"
+    );
+}

@@ -449,3 +449,31 @@ pub struct AgentLease {
     /// Send the next heartbeat after this many milliseconds (a third of the lease).
     pub heartbeat_ms: u64,
 }
+
+/// `GET /v1/agent/execs`: the `fcdev exec` sessions waiting for this agent's host (each is handed out once).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentExecs {
+    pub execs: Vec<AgentExec>,
+}
+
+/// One `fcdev exec` to run on the agent's host: a shell line in a VM of an engineer's cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentExec {
+    /// The session's id (random): the agent posts the output to `/v1/agent/execs/{id}`.
+    pub id: String,
+    /// The engineer (the namespace's name).
+    pub user: String,
+    pub cluster: String,
+    pub vm: String,
+    pub command: String,
+}
+
+/// `POST /v1/agent/execs/{id}`: the next piece of a session's answer, numbered from 0 (a retried piece is taken
+/// once). `{"seq": 4, "out": ""}` is a keepalive: nothing for the laptop, but the answer says whether it is still
+/// there (410 when not).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentExecOutput {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub line: ExecLine,
+}

@@ -180,6 +180,7 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
             r = heartbeats(&opts, &instance, &endpoint, &public_key) => r,
             r = work_loop(&opts, &client, runner.clone()) => r,
             r = report_loop(&opts, &client, runner.clone()) => r,
+            r = exec_loop(&opts, &client, runner.clone()) => r,
             _ = crate::server::run::shutdown_signal() => {
                 eprintln!("fcdev agent: stopped");
                 Ok(())
@@ -638,5 +639,208 @@ async fn report_loop(
         if matches!(&sent, Ok(resp) if resp.status().is_success()) {
             lock(&runner.sent).extend(next);
         }
+    }
+}
+
+// ---- `fcdev exec` sessions (see `server/exec_relay.rs`) ----
+
+/// How long a poll for exec sessions is held at the control plane when none waits.
+const EXEC_WAIT_SECS: u64 = 25;
+/// How long a piece of output is tried again while the control plane cannot be reached.
+const EXEC_POST_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Long-poll the control plane for `fcdev exec` sessions on this host and run each in a task of its own.
+async fn exec_loop(
+    opts: &AgentOptions,
+    client: &reqwest::Client,
+    runner: Arc<Runner>,
+) -> anyhow::Result<()> {
+    let base = format!(
+        "{}{}/agent/execs",
+        opts.control.trim_end_matches('/'),
+        api::API_PREFIX
+    );
+    loop {
+        let answer = client
+            .get(&base)
+            .bearer_auth(&opts.token)
+            .query(&[("wait", EXEC_WAIT_SECS.to_string())])
+            .send()
+            .await;
+        let execs = match answer {
+            Ok(resp) if resp.status().is_success() => resp.json::<api::AgentExecs>().await.ok(),
+            Ok(resp) => {
+                tracing::warn!("exec poll: the control plane answered {}", resp.status());
+                None
+            }
+            Err(e) => {
+                tracing::debug!("exec poll: {e}");
+                None
+            }
+        };
+        let Some(execs) = execs else {
+            tokio::time::sleep(RETRY).await;
+            continue;
+        };
+        for job in execs.execs {
+            let (client, runner) = (client.clone(), runner.clone());
+            let url = format!("{base}/{}", job.id);
+            let token = opts.token.clone();
+            tokio::spawn(async move { run_session(client, url, token, runner, job).await });
+        }
+    }
+}
+
+impl Runner {
+    /// The backend and the VM of a session's command (blocking).
+    fn exec_target(
+        &self,
+        job: &api::AgentExec,
+    ) -> anyhow::Result<(
+        Arc<dyn crate::server::backend::Backend>,
+        crate::server::backend::VmSpec,
+    )> {
+        let user = self
+            .store
+            .list_users()?
+            .into_iter()
+            .find(|u| u.name == job.user)
+            .with_context(|| format!("no namespace of {} on this host", job.user))?;
+        let ns = self
+            .store
+            .namespace_of(user.id)?
+            .with_context(|| format!("no namespace of {} on this host", job.user))?;
+        let row = self
+            .store
+            .cluster(ns.id, &job.cluster)?
+            .with_context(|| format!("no cluster `{}` on this host", job.cluster))?;
+        let spec = self.orchestrator.spec_of(&ns, &row, &job.vm)?;
+        Ok((self.orchestrator.backend().clone(), spec))
+    }
+}
+
+/// Run one session's command with this host's backend, as a single-host server does, and post its output to
+/// the control plane piece by piece (numbered), then the exit code or an error. A 410 (the laptop went away, or
+/// the control plane restarted) or a control plane unreachable for `EXEC_POST_RETRY_FOR` stops the command.
+async fn run_session(
+    client: reqwest::Client,
+    url: String,
+    token: String,
+    runner: Arc<Runner>,
+    job: api::AgentExec,
+) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let j = job.clone();
+    let target = tokio::task::spawn_blocking(move || runner.exec_target(&j)).await;
+    let mut rx = match target {
+        Ok(Ok((backend, spec))) => {
+            crate::server::service::run_exec(backend, spec, job.command.clone())
+        }
+        Ok(Err(e)) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let _ = tx.try_send(crate::server::service::ExecLine::Error(format!("{e:#}")));
+            rx
+        }
+        Err(e) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let _ = tx.try_send(crate::server::service::ExecLine::Error(e.to_string()));
+            rx
+        }
+    };
+    let keepalive = crate::server::exec_relay::AGENT_KEEPALIVE;
+    let mut seq = 0u64;
+    loop {
+        use crate::server::service::ExecLine;
+        let line = match tokio::time::timeout(keepalive, rx.recv()).await {
+            Ok(Some(ExecLine::Out(mut bytes))) => {
+                // What else is already there goes in the same piece (up to 64 KB).
+                while bytes.len() < 64 * 1024 {
+                    match rx.try_recv() {
+                        Ok(ExecLine::Out(more)) => bytes.extend_from_slice(&more),
+                        Ok(other) => {
+                            // The end came too: send the output first, then it.
+                            let piece = api::ExecLine::Out {
+                                out: b64.encode(&bytes),
+                            };
+                            if !post_piece(&client, &url, &token, seq, piece).await {
+                                return;
+                            }
+                            seq += 1;
+                            let last = end_line(other);
+                            let _ = post_piece(&client, &url, &token, seq, last).await;
+                            return;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                api::ExecLine::Out {
+                    out: b64.encode(&bytes),
+                }
+            }
+            Ok(Some(other)) => {
+                let _ = post_piece(&client, &url, &token, seq, end_line(other)).await;
+                return;
+            }
+            Ok(None) => {
+                let last = api::ExecLine::Error {
+                    error: "the command's runner ended without an exit code".into(),
+                };
+                let _ = post_piece(&client, &url, &token, seq, last).await;
+                return;
+            }
+            // Nothing printed for a while: a keepalive, which also learns whether the laptop is still there.
+            Err(_) => api::ExecLine::Out { out: String::new() },
+        };
+        if !post_piece(&client, &url, &token, seq, line).await {
+            // Dropping the receiver stops the command.
+            return;
+        }
+        seq += 1;
+    }
+}
+
+fn end_line(line: crate::server::service::ExecLine) -> api::ExecLine {
+    use crate::server::service::ExecLine;
+    match line {
+        ExecLine::Exit(exit) => api::ExecLine::Exit { exit },
+        ExecLine::Error(error) => api::ExecLine::Error { error },
+        ExecLine::Out(_) => api::ExecLine::Error {
+            error: "output after the end".into(),
+        },
+    }
+}
+
+/// Post one piece; false when the session is over (any answer but success, or no answer for
+/// `EXEC_POST_RETRY_FOR`).
+async fn post_piece(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    seq: u64,
+    line: api::ExecLine,
+) -> bool {
+    let piece = api::AgentExecOutput { seq, line };
+    let started = tokio::time::Instant::now();
+    loop {
+        match client
+            .post(url)
+            .bearer_auth(token)
+            .json(&piece)
+            .send()
+            .await
+        {
+            Ok(resp) if resp.status().is_success() => return true,
+            Ok(resp) if resp.status().is_server_error() => {}
+            Ok(resp) => {
+                tracing::debug!("exec session {url}: {}", resp.status());
+                return false;
+            }
+            Err(e) => tracing::debug!("exec session {url}: {e}"),
+        }
+        if started.elapsed() >= EXEC_POST_RETRY_FOR {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

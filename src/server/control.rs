@@ -231,13 +231,19 @@ impl Service {
 
     /// The live host a cluster runs on: a cluster whose host is lost (or revoked) cannot be reset or stopped
     /// there; `fcdev up` makes it again elsewhere.
-    fn live_host_of(&self, ns: &NamespaceRow, row: &ClusterRow) -> ServiceResult<HostRow> {
+    pub(crate) fn live_host_of(
+        &self,
+        ns: &NamespaceRow,
+        row: &ClusterRow,
+        what: &'static str,
+    ) -> ServiceResult<HostRow> {
         let host = self.store().namespace_host(ns.id)?;
         match host {
             Some(h) if usable(&h) && row.state != ClusterState::Lost => Ok(h),
             Some(h) => Err(ServiceError::HostLost {
                 cluster: row.name.clone(),
                 host: h.name.clone(),
+                what,
                 why: if h.revoked {
                     "its host token was revoked".to_string()
                 } else {
@@ -249,6 +255,7 @@ impl Service {
             None => Err(ServiceError::HostLost {
                 cluster: row.name.clone(),
                 host: "(none)".into(),
+                what,
                 why: "its namespace is on no host".into(),
             }),
         }
@@ -264,7 +271,7 @@ impl Service {
         row: &ClusterRow,
         seq_before: i64,
     ) -> ServiceResult<api::Cluster> {
-        let host = self.live_host_of(ns, row)?;
+        let host = self.live_host_of(ns, row, "it cannot be reset or stopped there")?;
         if row.state.is_transient() {
             return Err(OrchestratorError::Busy {
                 name: row.name.clone(),
@@ -290,7 +297,7 @@ impl Service {
         row: &ClusterRow,
         seq_before: i64,
     ) -> ServiceResult<(api::Cluster, bool)> {
-        let host = self.live_host_of(ns, row)?;
+        let host = self.live_host_of(ns, row, "it cannot be reset or stopped there")?;
         if row.state == ClusterState::Stopped {
             return Ok((self.view_now(ns, row, seq_before)?, false));
         }

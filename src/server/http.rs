@@ -338,7 +338,9 @@ pub fn router(state: AppState) -> Router {
         .route("/peers/{id}", delete(delete_peer))
         .route("/agent/heartbeat", post(agent_heartbeat))
         .route("/agent/jobs", get(agent_jobs))
-        .route("/agent/report", post(agent_report));
+        .route("/agent/report", post(agent_report))
+        .route("/agent/execs", get(agent_execs))
+        .route("/agent/execs/{id}", post(agent_exec_output));
     Router::new()
         .nest(api::API_PREFIX, v1)
         .fallback(|| async {
@@ -434,6 +436,14 @@ impl From<ServiceError> for ApiErr {
             e @ ServiceError::NotOnControl(_) => {
                 ApiErr::new(StatusCode::NOT_IMPLEMENTED, "not_supported", e.to_string())
                     .hint("run `fcdev server` with `--role all` for this operation")
+            }
+            e @ ServiceError::ExecGone(_) => ApiErr::new(StatusCode::GONE, "gone", e.to_string())
+                .hint("the agent stops the command"),
+            e @ ServiceError::NotYourExec(_) => {
+                ApiErr::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+            e @ ServiceError::BadExecOutput => {
+                ApiErr::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
             }
             e @ ServiceError::WrongHost(_) => ApiErr::new(
                 StatusCode::UNAUTHORIZED,
@@ -766,5 +776,32 @@ async fn agent_report(
     JsonBody(report): JsonBody<api::AgentReport>,
 ) -> ApiResult<StatusCode> {
     state.agent_report(host, report).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+struct ExecsQuery {
+    /// Seconds to hold the request while no session waits (at most 30).
+    #[serde(default)]
+    wait: u64,
+}
+
+/// `GET /v1/agent/execs?wait=SECS`: the `fcdev exec` sessions waiting for the agent's host (a long poll).
+async fn agent_execs(
+    State(state): State<AppState>,
+    AgentHost(host): AgentHost,
+    QueryParams(q): QueryParams<ExecsQuery>,
+) -> Json<api::AgentExecs> {
+    Json(state.agent_execs(host, q.wait).await)
+}
+
+/// `POST /v1/agent/execs/{id}`: the next piece of a session's answer (output, then the exit code or an error).
+async fn agent_exec_output(
+    State(state): State<AppState>,
+    AgentHost(host): AgentHost,
+    PathParam(id): PathParam<String>,
+    JsonBody(piece): JsonBody<api::AgentExecOutput>,
+) -> ApiResult<StatusCode> {
+    state.agent_exec_output(host, id, piece).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod backend;
 pub mod console;
 pub mod control;
+pub mod exec_relay;
 pub mod follow;
 pub mod http;
 pub mod hub;

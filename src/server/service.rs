@@ -68,12 +68,22 @@ pub enum ServiceError {
     NotOnControl(&'static str),
     /// A control plane cannot act on a cluster whose host is lost (or revoked): `fcdev up` makes it again on
     /// another host.
-    #[error("cluster `{cluster}` is on host {host}, which is lost ({why}): it cannot be reset or stopped there")]
+    #[error("cluster `{cluster}` is on host {host}, which is lost ({why}): {what}")]
     HostLost {
         cluster: String,
         host: String,
         why: String,
+        /// What cannot happen there ("it cannot be reset or stopped there").
+        what: &'static str,
     },
+    /// An agent's post for an exec session that is over (its laptop left, or the control plane restarted).
+    #[error("exec session {0} is over (its client went away, or the control plane restarted)")]
+    ExecGone(String),
+    /// An agent's post for an exec session of another host.
+    #[error("exec session {0} is not this host's")]
+    NotYourExec(String),
+    #[error("the output must be base64")]
+    BadExecOutput,
     /// A heartbeat for another host than the token's.
     #[error("this host token is not host `{0}`'s")]
     WrongHost(String),
@@ -113,6 +123,8 @@ pub struct Service {
     pub(crate) control_events: tokio::sync::broadcast::Sender<EventRow>,
     /// Seconds a host's heartbeat lease lasts (`fcdev server --host-lease`).
     pub host_lease_secs: u64,
+    /// A control plane's `fcdev exec` sessions, waiting for or running on their agents (memory only).
+    exec_relay: Arc<crate::server::exec_relay::ExecRelay>,
 }
 
 /// One line of a command run in a VM.
@@ -139,6 +151,7 @@ impl Service {
             streams: Arc::new(StreamLimits::default()),
             control_events: tokio::sync::broadcast::channel(1024).0,
             host_lease_secs,
+            exec_relay: Arc::default(),
         }
     }
 
@@ -146,9 +159,13 @@ impl Service {
         &self.store
     }
 
+    pub(crate) fn exec_relay(&self) -> &Arc<crate::server::exec_relay::ExecRelay> {
+        &self.exec_relay
+    }
+
     fn local(&self) -> ServiceResult<&Local> {
         self.local.as_ref().ok_or(ServiceError::NotOnControl(
-            "relay snapshots, logs or exec to the agents",
+            "relay snapshots or console logs to the agents",
         ))
     }
 
@@ -247,7 +264,7 @@ impl Service {
 
     // ---- clusters (blocking helpers, called inside `blocking`) ----
 
-    fn find_cluster(&self, user: &User, name: &str) -> ServiceResult<Found> {
+    pub(crate) fn find_cluster(&self, user: &User, name: &str) -> ServiceResult<Found> {
         check_name("cluster", name)?;
         let ns = self
             .store
@@ -722,13 +739,16 @@ impl Service {
         vm: String,
         command: String,
     ) -> ServiceResult<tokio::sync::mpsc::Receiver<ExecLine>> {
+        check_name("VM", &vm)?;
+        if command.trim().is_empty() {
+            return Err(ServiceError::EmptyCommand);
+        }
+        if self.local.is_none() {
+            return self.control_exec(user, name, vm, command).await;
+        }
         let (spec, command, backend) = self
             .blocking(move |s| {
                 let (ns, row) = s.find_cluster(&user, &name)?;
-                check_name("VM", &vm)?;
-                if command.trim().is_empty() {
-                    return Err(ServiceError::EmptyCommand);
-                }
                 let orch = s.orchestrator()?;
                 Ok((
                     orch.spec_of(&ns, &row, &vm)?,
@@ -737,17 +757,7 @@ impl Service {
                 ))
             })
             .await?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<ExecLine>(64);
-        // Runs as long as the command does: a blocking thread of its own, outside `blocking` (no answer awaited).
-        tokio::task::spawn_blocking(move || {
-            let mut out = |bytes: &[u8]| tx.blocking_send(ExecLine::Out(bytes.to_vec())).is_ok();
-            let last = match backend.exec(&spec, &command, &mut out) {
-                Ok(code) => ExecLine::Exit(code),
-                Err(e) => ExecLine::Error(e.to_string()),
-            };
-            let _ = tx.blocking_send(last);
-        });
-        Ok(rx)
+        Ok(run_exec(backend, spec, command))
     }
 
     // ---- peers ----
@@ -857,6 +867,32 @@ impl Service {
         })
         .await
     }
+}
+
+/// Run a command with a backend on a blocking thread of its own (it runs as long as the command does); the
+/// output comes as it is printed, then the exit code or an error. Dropping the receiver stops the command (at
+/// its next output, or the backend's next empty `out` call, which asks whether it is still wanted). Used by a
+/// single-host server and by an agent for its control plane's sessions.
+pub fn run_exec(
+    backend: Arc<dyn crate::server::backend::Backend>,
+    spec: crate::server::backend::VmSpec,
+    command: String,
+) -> tokio::sync::mpsc::Receiver<ExecLine> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<ExecLine>(64);
+    tokio::task::spawn_blocking(move || {
+        let mut out = |bytes: &[u8]| {
+            if bytes.is_empty() {
+                return !tx.is_closed();
+            }
+            tx.blocking_send(ExecLine::Out(bytes.to_vec())).is_ok()
+        };
+        let last = match backend.exec(&spec, &command, &mut out) {
+            Ok(code) => ExecLine::Exit(code),
+            Err(e) => ExecLine::Error(e.to_string()),
+        };
+        let _ = tx.blocking_send(last);
+    });
+    rx
 }
 
 // ---- hosts (agents) ----

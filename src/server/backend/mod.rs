@@ -188,7 +188,8 @@ pub trait Backend: Send + Sync {
     fn console_log(&self, vm: &VmSpec) -> Option<PathBuf>;
 
     /// Run `command` in the VM, handing its output to `out` as it comes (`out` returning false stops it);
-    /// returns its exit code. Blocks until the command ends.
+    /// returns its exit code. Blocks until the command ends. A backend may call `out(&[])` now and then while
+    /// the command prints nothing: it only asks whether the command is still wanted (false: stop it).
     fn exec(
         &self,
         _vm: &VmSpec,

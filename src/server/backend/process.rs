@@ -8,6 +8,11 @@
 //! `fcdev stop`/`start` work on it the way they do on qemu, without memory to save: pause is SIGSTOP, resume
 //! SIGCONT, suspend writes a `suspended` file into the run dir and ends the process; the next start finds the
 //! file, starts the process again and reports a resume (the file goes; a reset or delete drops it too).
+//!
+//! `fcdev exec` runs the command with `sh -c` as a host process in the VM's run dir: this backend's "VMs" are
+//! host processes, so a host shell beside one is as far inside it as a command gets. It is a test backend's
+//! exec (the protocol around it — the server's stream, a control plane's relay, the exit code, stopping the
+//! command when the client leaves — is what it exercises), not a guest.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -248,6 +253,75 @@ impl Backend for ProcessBackend {
 
     fn console_log(&self, vm: &VmSpec) -> Option<std::path::PathBuf> {
         Some(vm.run_dir.join(LOG_FILE))
+    }
+
+    /// `sh -c COMMAND` in the VM's run dir (stdout and stderr together, no stdin), in a process group of its
+    /// own: `out` returning false (also asked every 200 ms while the command is silent) ends the group.
+    fn exec(
+        &self,
+        vm: &VmSpec,
+        command: &str,
+        out: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> BackendResult<i32> {
+        use std::io::Read;
+        use std::os::unix::process::ExitStatusExt;
+        if !self.is_running(vm) {
+            return Err(BackendError::msg(format!("VM {} is not running", vm.name)));
+        }
+        let (mut reader, writer) = std::io::pipe()?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .current_dir(&vm.run_dir)
+            .stdin(Stdio::null())
+            .stdout(writer.try_clone()?)
+            .stderr(writer)
+            .process_group(0)
+            .spawn()?;
+        let pgid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        // The pipe's read end is read on a thread of its own, so silence can be checked on.
+        let pump = std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let wanted = loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(bytes) => {
+                    if !out(&bytes) {
+                        break false;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if !out(&[]) {
+                        break false;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break true,
+            }
+        };
+        if !wanted {
+            // SAFETY: killpg(2) on the group we made; no memory is touched.
+            unsafe { libc::killpg(pgid, libc::SIGKILL) };
+        }
+        let status = child.wait()?;
+        if !wanted {
+            drop(rx);
+            return Ok(130);
+        }
+        let _ = pump.join();
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
     }
 }
 
