@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::json;
-use multihost::{add_host, cluster, live_vms, wait_state, Agent, Control, Reaper};
+use multihost::{add_host, add_user, cluster, live_vms, wait_state, Agent, Control, Reaper};
 use predicates::prelude::*;
 
 /// A control plane with one agent `h1` (its data dir in `data`, a fresh one when None) and alice logged in
@@ -398,4 +398,56 @@ fn exec_on_a_lost_hosts_cluster_says_up_recreates_it() {
         "host_lost",
         "{body}"
     );
+}
+
+#[test]
+fn a_rush_of_ups_within_one_heartbeat_interval_spreads_over_the_hosts() {
+    // Lease 60 s: heartbeats every 20 s, so the hosts' stored figures stay the same during the rush.
+    let control = Control::start(60);
+    let mut agents = Vec::new();
+    for h in ["h1", "h2"] {
+        let token = add_host(&control.at(), h);
+        let mut agent = Agent::start(&control.server.url, h, &token, None);
+        agent.wait_registered();
+        agents.push(agent);
+    }
+    let tokens: Vec<String> = (0..4)
+        .map(|i| add_user(&control.at(), &format!("e{i}")))
+        .collect();
+    let rush: Vec<_> = tokens
+        .iter()
+        .map(|token| {
+            let url = control.server.url.clone();
+            let token = token.clone();
+            std::thread::spawn(move || {
+                let (code, body) = common::http(
+                    &url,
+                    "POST",
+                    "/v1/clusters",
+                    Some(&token),
+                    Some(r#"{"name": "dev", "image": "tiny"}"#),
+                );
+                assert!(code == 202 || code == 200, "{code} {body}");
+            })
+        })
+        .collect();
+    for t in rush {
+        t.join().expect("an up of the rush");
+    }
+    let placed: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            cluster(&control.server.url, t)["host"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    for h in ["h1", "h2"] {
+        assert!(
+            placed.iter().any(|p| p == h),
+            "four namespaces placed within one heartbeat interval all went to one host: {placed:?}"
+        );
+    }
+    drop(agents);
 }

@@ -20,9 +20,27 @@ pub const MAX_WORK_WAIT_SECS: u64 = 30;
 /// How often a held long poll looks for a change in the store.
 const WORK_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// A namespace placed on a host since that host's last heartbeat counts as this much less free memory there,
+/// until the host's next heartbeat reports what it really has free. Heartbeats come every lease/3: without it,
+/// every `up` of a morning rush within one interval would go to the same host.
+pub const PLACED_RESERVE_MB: u64 = 1024;
+
+/// The placements made since each host's last heartbeat: (host id, when, on the control plane's clock). Memory
+/// only: a restarted control plane forgets them, and the hosts' next heartbeats report their real free memory.
+/// Its lock is held from reading the hosts to recording the choice, so two placements never both see the old
+/// figures.
+#[derive(Default)]
+pub struct Placements(std::sync::Mutex<Vec<(i64, i64)>>);
+
 /// The host for a new namespace: a live host (not revoked) whose agent has the image, with the most free memory
-/// (ties: the first by name). `image` None: any live host (a peer registered before any cluster).
-pub fn pick_host<'a>(hosts: &'a [HostRow], image: Option<&str>) -> Option<&'a HostRow> {
+/// once `reserved` (MB promised to namespaces placed there since its last heartbeat) is taken off (ties: the
+/// first by name). `image` None: any live host (a peer registered before any cluster).
+pub fn pick_host<'a>(
+    hosts: &'a [HostRow],
+    image: Option<&str>,
+    reserved: &dyn Fn(&HostRow) -> u64,
+) -> Option<&'a HostRow> {
+    let free = |h: &HostRow| free_mb(h) as i128 - reserved(h) as i128;
     hosts
         .iter()
         .filter(|h| usable(h))
@@ -34,7 +52,7 @@ pub fn pick_host<'a>(hosts: &'a [HostRow], image: Option<&str>) -> Option<&'a Ho
             })
         })
         .fold(None, |best: Option<&HostRow>, h| match best {
-            Some(b) if free_mb(b) >= free_mb(h) => Some(b),
+            Some(b) if free(b) >= free(h) => Some(b),
             _ => Some(h),
         })
 }
@@ -69,8 +87,22 @@ impl Service {
         if let Some(h) = current.as_ref().filter(|h| usable(h)) {
             return Ok((h.clone(), None));
         }
+        let mut placed = self
+            .placements
+            .0
+            .lock()
+            .map_err(|_| ServiceError::Internal("placements lock poisoned".into()))?;
         let hosts = store.hosts()?;
-        let pick = pick_host(&hosts, image).ok_or_else(|| ServiceError::NoLiveHost {
+        // A host's heartbeat after a placement reports it (or the host is gone): forget it.
+        placed.retain(|(host, at)| {
+            hosts
+                .iter()
+                .any(|h| h.id == *host && h.heartbeat_ms.is_none_or(|beat| beat < *at))
+        });
+        let reserved = |h: &HostRow| {
+            placed.iter().filter(|(host, _)| *host == h.id).count() as u64 * PLACED_RESERVE_MB
+        };
+        let pick = pick_host(&hosts, image, &reserved).ok_or_else(|| ServiceError::NoLiveHost {
             image: image.map(str::to_string),
         })?;
         let now = store
@@ -80,6 +112,8 @@ impl Service {
             // Another request placed it a moment ago: its choice stands.
             return Ok((now, None));
         }
+        placed.push((now.id, super::service::now_ms()));
+        drop(placed);
         tracing::info!(
             "namespace {} placed on host {}{}",
             ns.name,
@@ -559,6 +593,10 @@ mod tests {
         }
     }
 
+    fn none(_: &HostRow) -> u64 {
+        0
+    }
+
     #[test]
     fn placement_takes_the_live_host_with_the_image_and_the_most_free_memory() {
         let hosts = vec![
@@ -568,16 +606,17 @@ mod tests {
             host("d", HostState::Lost, 20000, &["tiny"]),
             host("e", HostState::New, 20000, &["tiny"]),
         ];
-        assert_eq!(pick_host(&hosts, Some("tiny")).unwrap().name, "c");
-        assert_eq!(pick_host(&hosts, Some("debian")).unwrap().name, "b");
-        assert_eq!(pick_host(&hosts, None).unwrap().name, "b");
-        assert!(pick_host(&hosts, Some("other")).is_none());
+        assert_eq!(pick_host(&hosts, Some("tiny"), &none).unwrap().name, "c");
+        assert_eq!(pick_host(&hosts, Some("debian"), &none).unwrap().name, "b");
+        assert_eq!(pick_host(&hosts, None, &none).unwrap().name, "b");
+        assert!(pick_host(&hosts, Some("other"), &none).is_none());
         let mut revoked = host("f", HostState::Live, 30000, &["tiny"]);
         revoked.revoked = true;
         assert_eq!(
             pick_host(
                 &[revoked, host("g", HostState::Live, 1, &["tiny"])],
-                Some("tiny")
+                Some("tiny"),
+                &none
             )
             .unwrap()
             .name,
@@ -588,6 +627,31 @@ mod tests {
             host("a", HostState::Live, 100, &["tiny"]),
             host("b", HostState::Live, 100, &["tiny"]),
         ];
-        assert_eq!(pick_host(&tie, Some("tiny")).unwrap().name, "a");
+        assert_eq!(pick_host(&tie, Some("tiny"), &none).unwrap().name, "a");
+    }
+
+    #[test]
+    fn placements_since_a_hosts_heartbeat_count_against_its_free_memory() {
+        let hosts = vec![
+            host("a", HostState::Live, 5000, &["tiny"]),
+            host("b", HostState::Live, 4800, &["tiny"]),
+        ];
+        // Two namespaces just placed on a, none on b: b has more free memory until a's next heartbeat.
+        let two_on_a = |h: &HostRow| {
+            if h.name == "a" {
+                2 * PLACED_RESERVE_MB
+            } else {
+                0
+            }
+        };
+        assert_eq!(
+            pick_host(&hosts, Some("tiny"), &two_on_a).unwrap().name,
+            "b"
+        );
+        let one_each = |_: &HostRow| PLACED_RESERVE_MB;
+        assert_eq!(
+            pick_host(&hosts, Some("tiny"), &one_each).unwrap().name,
+            "a"
+        );
     }
 }

@@ -125,6 +125,8 @@ pub struct Service {
     pub host_lease_secs: u64,
     /// A control plane's `fcdev exec` sessions, waiting for or running on their agents (memory only).
     exec_relay: Arc<crate::server::exec_relay::ExecRelay>,
+    /// A control plane's placements since each host's last heartbeat (memory only).
+    pub(crate) placements: Arc<crate::server::control::Placements>,
 }
 
 /// One line of a command run in a VM.
@@ -152,6 +154,7 @@ impl Service {
             control_events: tokio::sync::broadcast::channel(1024).0,
             host_lease_secs,
             exec_relay: Arc::default(),
+            placements: Arc::default(),
         }
     }
 
@@ -898,7 +901,7 @@ pub fn run_exec(
 // ---- hosts (agents) ----
 
 /// Unix milliseconds now: the control plane's clock, the only one leases are measured on.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
