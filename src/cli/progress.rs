@@ -80,7 +80,14 @@ pub async fn follow(
             Err(_) => break,
         };
         if finished {
-            break;
+            // An ending event may be a late one of an earlier request (a control plane records its agents'
+            // reports after the fact): the cluster's own state says whether this one is over.
+            let now: api::Cluster = client.get(&format!("/clusters/{}", start.name)).await?;
+            if !now.state.is_transient() {
+                break;
+            }
+            finished = false;
+            continue;
         }
         match result {
             Ok(()) => {}
