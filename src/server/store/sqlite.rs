@@ -1056,19 +1056,7 @@ impl StoreEngine for SqliteStore {
     fn cluster_intent(&self, id: i64) -> StoreResult<Option<ClusterIntent>> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(ClusterIntent {
-                        gen: r.get(0)?,
-                        reset_gen: r.get(1)?,
-                        want_running: r.get::<_, i64>(2)? != 0,
-                        applied_gen: r.get(3)?,
-                        reported_seq: r.get(4)?,
-                    })
-                },
-            )
+            .query_row(INTENT_BY_ID, [id], intent_row)
             .optional()?)
     }
 
@@ -1124,19 +1112,7 @@ impl StoreEngine for SqliteStore {
         if changed == 0 {
             return Err(StoreError::NotFound(format!("cluster #{id}")));
         }
-        let now = tx.query_row(
-            "SELECT gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters WHERE id = ?1",
-            [id],
-            |r| {
-                Ok(ClusterIntent {
-                    gen: r.get(0)?,
-                    reset_gen: r.get(1)?,
-                    want_running: r.get::<_, i64>(2)? != 0,
-                    applied_gen: r.get(3)?,
-                    reported_seq: r.get(4)?,
-                })
-            },
-        )?;
+        let now = tx.query_row(INTENT_BY_ID, [id], intent_row)?;
         let event = insert_event(&tx, id, None, state.as_str(), message)?;
         tx.commit()?;
         Ok((now, event))
@@ -1500,6 +1476,20 @@ impl StoreEngine for SqliteStore {
             |r| r.get(0),
         )?)
     }
+}
+
+/// A cluster's wanted state, by id: the columns `intent_row` reads.
+const INTENT_BY_ID: &str =
+    "SELECT gen, reset_gen, want_running, applied_gen, reported_seq FROM clusters WHERE id = ?1";
+
+fn intent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClusterIntent> {
+    Ok(ClusterIntent {
+        gen: r.get(0)?,
+        reset_gen: r.get(1)?,
+        want_running: r.get::<_, i64>(2)? != 0,
+        applied_gen: r.get(3)?,
+        reported_seq: r.get(4)?,
+    })
 }
 
 #[cfg(test)]
